@@ -1,0 +1,261 @@
+"""The QoS checkpoint container (``model.pt``), safe by construction (DESIGN.md "Formats").
+
+On disk it is an ordinary ``torch.save`` zip archive of exactly this structure::
+
+    {"format": "qos-nets-checkpoint", "version": 1,
+     "meta_json": "<JSON text>", "tensors": {name: torch.Tensor, ...}}
+
+Only tensors, str and int: every part is a type ``torch.load(weights_only=True)``
+accepts, so loading never needs (and never uses) unrestricted unpickling. Everything
+that is not a tensor (architecture, assignment, names, hashes, provenance) goes into
+``meta_json``. What the tensors and meta keys mean is up to the writer (the search
+and fine-tuning code); this module only guarantees a safe, atomic, well-formed file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import pickletools
+import tempfile
+import warnings
+import zipfile
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+
+from .errors import QosError
+from .multipliers import table_sha256, validate_table
+
+__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "verify_tables"]
+
+FORMAT = "qos-nets-checkpoint"
+VERSION = 1
+
+_ZIP_MAGIC = b"PK\x03\x04"
+# Pickle opcodes that import or call something: a QoS checkpoint's pickle has them only
+# for torch's own tensor rebuild functions, which weights_only allows.
+_OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+_REFUSED = "refusing to load {path}: the file contains code/objects that a QoS checkpoint never has"
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    """The informative line of a (possibly multi-paragraph) exception message, shortened."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    # torch's weights-only errors bury the reason under generic advice; prefer the reason.
+    keys = ("GLOBAL", "Unsupported", "unsupported", "failed finding", "failed reading")
+    line = next((ln for ln in lines if any(k in ln for k in keys)), lines[0] if lines else "")
+    return line.split(". ")[0][:limit]  # first sentence: the rest is generic advice
+
+
+# ----------------------------------------------------------------------------- save
+def _plain_tensors(tensors: Any) -> dict[str, Any]:
+    import torch
+
+    if not isinstance(tensors, dict):
+        raise QosError(f"checkpoint tensors must be a dict of name -> tensor, got {type(tensors).__name__}")
+    out: dict[str, Any] = {}
+    for key, t in tensors.items():
+        if not isinstance(key, str):
+            raise QosError(f"checkpoint tensor names must be strings, got {key!r}")
+        if not isinstance(t, torch.Tensor):
+            raise QosError(f"checkpoint entry {key!r} is a {type(t).__name__}, not a torch.Tensor")
+        # A plain CPU tensor without autograd history; clone so a view of a large storage
+        # does not drag the whole storage into the file.
+        out[key] = t.detach().to("cpu").clone()
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Write a QoS checkpoint atomically: a temporary file in the same folder, then os.replace.
+
+    ``meta`` must be JSON-serialisable (no NaN/inf). An existing file at ``path`` is
+    untouched unless the new file was written completely.
+    """
+    import torch
+
+    if not isinstance(meta, dict):
+        raise QosError(f"checkpoint meta must be a dict, got {type(meta).__name__}")
+    try:
+        meta_json = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise QosError(f"checkpoint meta is not JSON-serialisable: {_one_line(str(e))}") from None
+    payload = {"format": FORMAT, "version": VERSION, "meta_json": meta_json, "tensors": _plain_tensors(tensors)}
+
+    target = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise QosError(f"cannot write {path}: folder {folder} does not exist")
+    if os.path.isdir(target):
+        raise QosError(f"cannot write {path}: it is a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
+    except OSError as e:
+        raise QosError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file 0600; give the result the old file's mode or a normal one.
+        mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o644
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise QosError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    try:  # make the rename durable; best effort (not every filesystem allows it)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- load
+def _pickle_streams_reference_objects(f: BinaryIO, max_streams: int = 4) -> bool:
+    """True when the leading pickle stream(s) of ``f`` import or call something.
+
+    Uses ``pickletools.genops``, which only parses opcodes and never executes them. A
+    legacy (non-zip) torch file is several pickles back to back, hence ``max_streams``.
+    """
+    try:
+        for _ in range(max_streams):
+            seen_any = False
+            for op, _arg, _pos in pickletools.genops(f):
+                seen_any = True
+                if op.name in _OBJECT_OPCODES:
+                    return True
+            if not seen_any:
+                return False
+    except Exception:  # not (or no longer) a parseable pickle: judge by what was seen
+        return False
+    return False
+
+
+def _zip_pickle_references_objects(path: str) -> bool:
+    """True when a pickle inside the zip archive imports or calls something (parsed only)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if name.endswith(".pkl"):
+                    with z.open(name) as f:
+                        if _pickle_streams_reference_objects(f, max_streams=1):
+                            return True
+    except Exception:
+        return False
+    return False
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a QoS checkpoint: ``(tensors, meta)``. Never executes code from the file.
+
+    Uses ``torch.load(..., map_location="cpu", weights_only=True)`` only. Any problem is
+    a one-line QosError: missing/empty file, not a torch file, truncated or corrupt
+    archive, a pickle with code/objects (refused, never run), not a QoS checkpoint,
+    unsupported version, bad meta JSON.
+    """
+    import torch
+
+    p = os.fspath(path)
+    if not os.path.isfile(p):
+        raise QosError(f"{p}: no such file" if not os.path.exists(p) else f"{p}: not a file")
+    if os.path.getsize(p) == 0:
+        raise QosError(f"{p}: empty file, not a QoS checkpoint")
+    is_zip = False
+    try:
+        with open(p, "rb") as f:
+            is_zip = f.read(4) == _ZIP_MAGIC
+            f.seek(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols etc.
+                # An open file (not the path) so no path-based dispatch (e.g. *.safetensors)
+                # applies; weights_only=True given explicitly, so no environment variable
+                # (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD) can turn the restricted unpickler off.
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = _one_line(str(e))
+        # Inside a readable zip archive only the restricted unpickler can object, i.e. the
+        # pickle names something outside the allow-list. Outside one, tell a pickle with
+        # objects (refuse) from garbage (not a torch file) by parsing, never executing, it.
+        if is_zip or "GLOBAL" in str(e) or _file_references_objects(p):
+            raise QosError(_REFUSED.format(path=p) + f" ({reason})") from None
+        raise QosError(f"{p}: not a PyTorch checkpoint file ({reason})") from None
+    except Exception as e:  # the loader raises many types on garbage; all mean "unreadable"
+        reason = _one_line(str(e)) or type(e).__name__
+        if "TorchScript" in str(e):
+            raise QosError(f"{p}: a TorchScript archive, not a QoS checkpoint") from None
+        if is_zip:
+            raise QosError(f"{p}: truncated or corrupt checkpoint archive ({reason})") from None
+        raise QosError(f"{p}: not a PyTorch checkpoint file ({type(e).__name__}: {reason})") from None
+    return _unpack(p, obj)
+
+
+def _file_references_objects(p: str) -> bool:
+    if zipfile.is_zipfile(p):
+        return _zip_pickle_references_objects(p)
+    with open(p, "rb") as f:
+        return _pickle_streams_reference_objects(f)
+
+
+def _unpack(p: str, obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    import torch
+
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise QosError(f"{p}: a PyTorch file but not a QoS checkpoint (no format '{FORMAT}')")
+    version = obj.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise QosError(f"{p}: QoS checkpoint without a valid version number")
+    if version != VERSION:
+        raise QosError(f"{p}: unsupported QoS checkpoint version {version} (this qos-compile reads {VERSION})")
+    meta_json = obj.get("meta_json")
+    if not isinstance(meta_json, str):
+        raise QosError(f"{p}: QoS checkpoint without meta_json text")
+    try:
+        meta = json.loads(meta_json)
+    except ValueError as e:  # json.JSONDecodeError, also recursion/UTF problems
+        raise QosError(f"{p}: QoS checkpoint meta_json is not valid JSON ({_one_line(str(e))})") from None
+    except RecursionError:
+        raise QosError(f"{p}: QoS checkpoint meta_json is nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise QosError(f"{p}: QoS checkpoint meta_json must hold a JSON object")
+    tensors = obj.get("tensors")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise QosError(f"{p}: QoS checkpoint 'tensors' must map names to tensors")
+    return tensors, meta
+
+
+# ----------------------------------------------------------------------------- tables
+def verify_tables(luts: Any, sha256s: Sequence[str], names: Sequence[str] | None = None) -> None:
+    """Check every stored multiplier table against its recorded SHA-256.
+
+    ``luts`` (M, 256, 256) integer tensor/array; ``sha256s`` and ``names`` one per table.
+    The hash is :func:`qos_compile.multipliers.table_sha256` (little-endian int32,
+    row-major), the same as ``Multiplier.sha256``. Raises QosError naming the first
+    circuit whose table does not match (a corrupted or edited checkpoint).
+    """
+    if hasattr(luts, "detach"):
+        luts = luts.detach().cpu().numpy()
+    arr = np.asarray(luts)
+    if arr.ndim != 3 or arr.shape[1:] != (256, 256):
+        raise QosError(f"multiplier tables must have shape (M, 256, 256), got {arr.shape}")
+    m = arr.shape[0]
+    if len(sha256s) != m or (names is not None and len(names) != m):
+        raise QosError(f"{m} multiplier tables but {len(sha256s)} hashes"
+                       + ("" if names is None else f" and {len(names)} names"))
+    for i in range(m):
+        name = names[i] if names is not None else f"#{i}"
+        table = validate_table(arr[i], f"table of circuit {name}")
+        if table_sha256(table) != str(sha256s[i]).lower():
+            raise QosError(
+                f"table of circuit {name} does not match its recorded SHA-256 (corrupted or edited checkpoint)"
+            )
