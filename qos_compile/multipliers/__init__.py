@@ -1,6 +1,10 @@
 """Approximate 8x8 multiplier circuits: tables, metrics, importers and the bundled EvoApprox library."""
+from .families import family
+from .importers import import_multiplier
 from .library import Library, bundled, get
+from .metrics import Metrics, compute_metrics
 from .multiplier import Multiplier, code_offset, code_range, exact_table, table_sha256, validate_table
+from .user_library import load_library
 
-__all__ = ["Library", "Multiplier", "bundled", "get", "code_offset", "code_range", "exact_table",
-           "table_sha256", "validate_table"]
+__all__ = ["Library", "Metrics", "Multiplier", "bundled", "code_offset", "code_range", "compute_metrics",
+           "exact_table", "family", "get", "import_multiplier", "load_library", "table_sha256", "validate_table"]

@@ -42,15 +42,23 @@ class Library:
         for other in self._items:
             if other == m:
                 raise QosError(f"{m.name}: the same table is already in the library as {other.name}")
-        for key in (m.name, *m.aliases):
+        for key in (m.name, *(a.partition(":")[2] or a for a in m.aliases)):
             taken = self._names[""].get(key)
             if taken and not allow_ambiguous:
                 raise QosError(f"name {key!r} is already taken by {taken[0].name}")
         self._items.append(m)
-        for key in (m.name, *m.aliases):
+        # a qualified alias ("v2022:X") still registers its bare name, so that lookup of X reports the clash
+        for key in (m.name, *(a.partition(":")[2] or a for a in m.aliases)):
             self._names[""].setdefault(key, []).append(m)
         for naming, key in (namings or {}).items():
             self._names[naming].setdefault(key, []).append(m)
+
+    def copy(self) -> "Library":
+        """A new library with the same circuits and names; adding to the copy leaves this one unchanged."""
+        new = Library()
+        new._items = list(self._items)
+        new._names = {naming: {key: list(ms) for key, ms in names.items()} for naming, names in self._names.items()}
+        return new
 
     # lookup -------------------------------------------------------------------
     def get(self, name: str) -> Multiplier:
@@ -110,6 +118,7 @@ def bundled() -> Library:
         errors = dict(np.load(path))
     rows = list(csv.DictReader((pkg / "evoapprox8.csv").read_text().splitlines()))
     lib = Library()
+    master_names = {r["name"] for r in rows if r["source_branch"] == "master"}
     for row in rows:
         name, signed = row["name"], row["signedness"] == "signed"
         v2022 = row["name_in_v2022"]
@@ -121,7 +130,9 @@ def bundled() -> Library:
             name=name,
             signed=signed,
             lut=lut,
-            aliases=(v2022,) if v2022 and v2022 != name else (),
+            # a v2022 name that is another circuit's master name is shown qualified
+            aliases=() if not v2022 or v2022 == name else
+            (f"v2022:{v2022}",) if v2022 in master_names else (v2022,),
             power_mw=_float_or_none(row["power_mW"]),
             area_um2=_float_or_none(row["area_um2"]),
             delay_ns=_float_or_none(row["delay_ns"]),
