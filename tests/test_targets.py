@@ -1,0 +1,140 @@
+"""The target table: every targets/*.toml loads, aliases resolve, clear errors."""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import pytest
+
+from qos_compile.errors import QosError
+from qos_compile.targets import (REPO_TARGETS_DIR, Target, get_target, host_arch, host_target,
+                                 load_targets)
+
+REQUIRED = {"x86_64", "aarch64", "aarch64-cortex-a53", "aarch64-cortex-a72", "aarch64-cortex-a76"}
+
+
+def test_every_file_loads_into_the_table():
+    files = sorted(p.stem for p in REPO_TARGETS_DIR.glob("*.toml"))
+    table = load_targets()
+    assert REQUIRED <= set(files)
+    assert set(files) <= set(table)
+    for name, t in table.items():
+        assert isinstance(t, Target) and t.name == name
+        assert t.description and t.package and t.cc
+        assert t.tvm["kind"] == "llvm" and t.tvm["mtriple"].startswith(t.arch)
+        assert t.tvm.get("mcpu") != "native"                   # resolved at load time
+        assert isinstance(t.emulator, (list, type(None)))
+        assert all(isinstance(f, str) for f in t.features)
+
+
+def test_tvm_targets_build():
+    for t in load_targets().values():
+        tt = t.tvm_target()
+        assert str(tt.attrs["mtriple"]) == t.tvm["mtriple"]
+
+
+def test_arm_variants_and_features():
+    a = get_target("aarch64")
+    assert "neon" in a.features and a.arch == "aarch64"
+    assert a.emulator and a.emulator[0] == "qemu-aarch64-static"
+    assert a.package == "gcc-aarch64-linux-gnu"
+    a76 = get_target("aarch64-cortex-a76")
+    assert a76.has("dotprod") and "+dotprod" in a76.tvm["mattr"] and a76.tvm["mcpu"] == "cortex-a76"
+    for cpu in ("a53", "a72"):
+        t = get_target(f"aarch64-cortex-{cpu}")
+        assert t.tvm["mcpu"] == f"cortex-{cpu}" and not t.has("dotprod")
+
+
+@pytest.mark.parametrize("alias,name", [("arm", "aarch64"), ("arm64", "aarch64"), ("aarch64", "aarch64"),
+                                        ("cortex-a76", "aarch64-cortex-a76"), ("host", "x86_64")])
+def test_aliases_resolve(alias, name):
+    assert get_target(alias).name == name
+    assert get_target(get_target(alias)) is get_target(alias)
+
+
+def test_host_target_is_native():
+    t = host_target()
+    assert t.is_host and t.arch == host_arch()
+    if host_arch() == "x86_64":
+        assert t.name == "x86_64"
+        assert t.tvm["mcpu"] not in ("native", "")
+        flags = open("/proc/cpuinfo").read()
+        if " avx2" in flags:
+            assert t.has("avx2")
+        assert not get_target("aarch64").is_host
+        assert get_target("aarch64").run_prefix()[0] == "qemu-aarch64-static"
+        assert t.run_prefix() == []
+
+
+def test_unknown_target_lists_valid_names():
+    with pytest.raises(QosError) as e:
+        get_target("riscv-nonexistent")
+    msg = str(e.value)
+    assert "riscv-nonexistent" in msg
+    for name in load_targets():
+        assert name in msg
+    assert "arm" in msg and "\n" not in msg
+
+
+def test_missing_compiler_names_the_package():
+    t = dataclasses.replace(get_target("aarch64"), cc="aarch64-qos-missing-gcc")
+    with pytest.raises(QosError) as e:
+        t.check_toolchain()
+    assert "gcc-aarch64-linux-gnu" in str(e.value) and "aarch64-qos-missing-gcc" in str(e.value)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="cross compiler not installed")
+def test_present_compiler_is_found():
+    assert get_target("arm").check_toolchain().endswith("aarch64-linux-gnu-gcc")
+
+
+def test_missing_emulator_names_the_package():
+    t = dataclasses.replace(get_target("aarch64"), emulator=["qemu-qos-missing"])
+    if t.is_host:
+        pytest.skip("aarch64 host")
+    with pytest.raises(QosError, match="qemu-user-static"):
+        t.run_prefix()
+
+
+def _write(d, name, text):
+    (d / f"{name}.toml").write_text(text)
+
+
+BOARD = """
+name = "myboard"
+arch = "aarch64"
+aliases = ["board"]
+description = "a user board"
+package = "gcc-aarch64-linux-gnu"
+features = ["neon"]
+[tvm]
+kind = "llvm"
+mtriple = "aarch64-linux-gnu"
+mattr = ["+neon"]
+[toolchain]
+cc = "aarch64-linux-gnu-gcc"
+"""
+
+
+def test_user_target_folder(tmp_path, monkeypatch):
+    _write(tmp_path, "myboard", BOARD)
+    monkeypatch.setenv("QOS_TARGETS_PATH", str(tmp_path))
+    t = get_target("board")
+    assert t.name == "myboard" and t.emulator is None and t.cflags == ()
+    assert "aarch64" in load_targets()          # the repository's targets are still there
+
+
+@pytest.mark.parametrize("text,match", [
+    (BOARD.replace('name = "myboard"', 'name = "other"'), "must equal the file name"),
+    (BOARD.replace('arch = "aarch64"', 'arch = "aarch64"\nbogus = 1'), "unknown keys"),
+    (BOARD.replace('cc = "aarch64-linux-gnu-gcc"', 'cc = ""'), "cc"),
+    (BOARD.replace('features = ["neon"]', 'features = "neon"'), "features"),
+    (BOARD.replace('mtriple = "aarch64-linux-gnu"', ''), "mtriple"),
+    ("name = [", "cannot read"),
+    (BOARD.replace('aliases = ["board"]', 'aliases = ["arm"]'), "used by both"),
+])
+def test_malformed_target_file(tmp_path, monkeypatch, text, match):
+    _write(tmp_path, "myboard", text)
+    monkeypatch.setenv("QOS_TARGETS_PATH", str(tmp_path))
+    with pytest.raises(QosError, match=match):
+        load_targets()
