@@ -90,7 +90,7 @@ int main(int argc, char** argv) {
   TVMFFIAny args[MAX_ARGS], ret;
   int i, a = 1, nargs = 0, ntensors = 0, repeat = 0, rc;
   const char* fname;
-  qos_packed_fn fn;
+  qos_shim_packed_fn fn;
 
   while (a < argc && argv[a][0] == '-') {
     if (strcmp(argv[a], "-l") == 0) {

@@ -50,7 +50,7 @@ void* qos_shim_lookup_symbol(const char* name) {
   return NULL;
 }
 
-qos_packed_fn qos_shim_get_function(const char* name) {
+qos_shim_packed_fn qos_shim_get_function(const char* name) {
   char buf[512];
   void* p = NULL;
   if (strncmp(name, "__tvm_ffi_", 10) != 0 && strlen(name) + 11 <= sizeof(buf)) {
@@ -59,7 +59,7 @@ qos_packed_fn qos_shim_get_function(const char* name) {
   }
   if (p == NULL) p = qos_shim_lookup_symbol(name);
   /* data pointer -> function pointer: the registry stores both kinds (POSIX allows this) */
-  return p ? *(qos_packed_fn*)&p : NULL;
+  return p ? *(qos_shim_packed_fn*)&p : NULL;
 }
 
 int qos_shim_num_symbols(void) { return g_num_symbols; }

@@ -28,13 +28,13 @@ extern "C" {
 #endif
 
 /* The packed calling convention of every generated kernel. */
-typedef int (*qos_packed_fn)(void* self, const TVMFFIAny* args, int32_t num_args, TVMFFIAny* ret);
+typedef int (*qos_shim_packed_fn)(void* self, const TVMFFIAny* args, int32_t num_args, TVMFFIAny* ret);
 
 /* Raw registry: the pointer registered under exactly `name`, or NULL. */
 void* qos_shim_lookup_symbol(const char* name);
 
 /* The kernel whose global symbol is `name` ("foo" or "__tvm_ffi_foo"), or NULL. */
-qos_packed_fn qos_shim_get_function(const char* name);
+qos_shim_packed_fn qos_shim_get_function(const char* name);
 
 /* Registered symbols, for listing: count and the i-th name (NULL when out of range). */
 int qos_shim_num_symbols(void);

@@ -1,0 +1,156 @@
+/* qos_run_main.c -- `qos-run`: run a manifest from the command line (the on-device driver).
+ *
+ *   qos-run MODEL.qosm [--op N|NAME] [--input IN.bin] [--output OUT.bin] [--repeat N] [--info]
+ *
+ * IN.bin holds the raw bytes of the model's single input (exactly its nbytes);
+ * OUT.bin receives the raw bytes of its single output. --repeat N runs N times
+ * and prints the mean time per inference. --info prints the OPs and I/O.
+ *
+ * Kernels come from whatever is linked with this file: it calls
+ *     qos_packed_fn qos_linked_kernel_lookup(const char* name, void* user);
+ * which the kernel side provides (the test kernels, or a shim over TVM's
+ * system-lib registry). Exit status: 0 ok, 1 runtime error, 2 usage.
+ */
+#if !defined(_POSIX_C_SOURCE) || _POSIX_C_SOURCE < 200809L
+#undef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "qos_runtime.h"
+
+qos_packed_fn qos_linked_kernel_lookup(const char* name, void* user);
+
+static unsigned char* read_all(const char* path, size_t* len) {
+  FILE* f = fopen(path, "rb");
+  unsigned char* buf;
+  long n;
+  if (!f) return NULL;
+  if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+    fclose(f);
+    return NULL;
+  }
+  buf = (unsigned char*)malloc(n ? (size_t)n : 1);
+  if (buf && n && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+    free(buf);
+    buf = NULL;
+  }
+  fclose(f);
+  *len = (size_t)n;
+  return buf;
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void usage(void) {
+  fprintf(stderr, "usage: qos-run MODEL.qosm [--op N|NAME] [--input IN.bin] [--output OUT.bin] [--repeat N] [--info]\n");
+}
+
+int main(int argc, char** argv) {
+  const char *model_path = NULL, *op_arg = NULL, *in_path = NULL, *out_path = NULL;
+  long repeat = 1;
+  int info = 0, rc, i;
+  char err[QOS_ERROR_MAX];
+  qos_model* m = NULL;
+  qos_tensor_info ii, oi;
+  unsigned char *in = NULL, *out = NULL;
+  size_t in_len = 0;
+
+  for (i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--op") && i + 1 < argc) op_arg = argv[++i];
+    else if (!strcmp(argv[i], "--input") && i + 1 < argc) in_path = argv[++i];
+    else if (!strcmp(argv[i], "--output") && i + 1 < argc) out_path = argv[++i];
+    else if (!strcmp(argv[i], "--repeat") && i + 1 < argc) repeat = strtol(argv[++i], NULL, 10);
+    else if (!strcmp(argv[i], "--info")) info = 1;
+    else if (argv[i][0] != '-' && !model_path) model_path = argv[i];
+    else {
+      usage();
+      return 2;
+    }
+  }
+  if (!model_path || repeat < 1) {
+    usage();
+    return 2;
+  }
+  rc = qos_open_file(model_path, qos_linked_kernel_lookup, NULL, &m, err, sizeof err);
+  if (rc != QOS_OK) {
+    fprintf(stderr, "qos-run: %s: %s (%s)\n", model_path, err, qos_strerror(rc));
+    return 1;
+  }
+  if (info) {
+    uint32_t k;
+    size_t mlen;
+    qos_metadata(m, &mlen);
+    printf("operating points: %u\n", qos_num_ops(m));
+    for (k = 0; k < qos_num_ops(m); k++) printf("  %u %s\n", k, qos_op_name(m, k));
+    for (k = 0; k < qos_num_inputs(m); k++) {
+      qos_input_info(m, k, &ii);
+      printf("input %u %s %s nbytes %lu\n", k, ii.name, qos_dtype_name(ii.dtype), (unsigned long)ii.nbytes);
+    }
+    for (k = 0; k < qos_num_outputs(m); k++) {
+      qos_output_info(m, k, &oi);
+      printf("output %u %s %s nbytes %lu\n", k, oi.name, qos_dtype_name(oi.dtype), (unsigned long)oi.nbytes);
+    }
+    printf("arena bytes: %llu, file bytes: %llu, metadata bytes: %lu\n", (unsigned long long)qos_arena_bytes(m),
+           (unsigned long long)qos_file_bytes(m), (unsigned long)mlen);
+  }
+  if (op_arg) {
+    char* end;
+    long op = strtol(op_arg, &end, 10);
+    if (*end) op = qos_find_op(m, op_arg);
+    if (op < 0 || qos_select(m, (uint32_t)op) != QOS_OK) {
+      fprintf(stderr, "qos-run: no operating point '%s'\n", op_arg);
+      qos_close(m);
+      return 2;
+    }
+  }
+  if (in_path) {
+    double t0, t1;
+    long r;
+    if (qos_num_inputs(m) != 1 || qos_num_outputs(m) != 1) {
+      fprintf(stderr, "qos-run: the model has %u inputs and %u outputs; qos-run handles 1 and 1\n",
+              qos_num_inputs(m), qos_num_outputs(m));
+      qos_close(m);
+      return 1;
+    }
+    qos_input_info(m, 0, &ii);
+    qos_output_info(m, 0, &oi);
+    in = read_all(in_path, &in_len);
+    out = (unsigned char*)malloc(oi.nbytes ? oi.nbytes : 1);
+    if (!in || !out) {
+      fprintf(stderr, "qos-run: cannot read %s\n", in_path);
+      free(in), free(out), qos_close(m);
+      return 1;
+    }
+    t0 = now_s();
+    for (r = 0; r < repeat; r++) {
+      rc = qos_run(m, in, in_len, out, oi.nbytes);
+      if (rc != QOS_OK) {
+        fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
+        free(in), free(out), qos_close(m);
+        return 1;
+      }
+    }
+    t1 = now_s();
+    if (repeat > 1) printf("mean time per inference: %.3f us over %ld runs\n", 1e6 * (t1 - t0) / (double)repeat, repeat);
+    if (out_path) {
+      FILE* f = fopen(out_path, "wb");
+      if (!f || fwrite(out, 1, oi.nbytes, f) != oi.nbytes || fclose(f) != 0) {
+        fprintf(stderr, "qos-run: cannot write %s\n", out_path);
+        free(in), free(out), qos_close(m);
+        return 1;
+      }
+    }
+  }
+  free(in);
+  free(out);
+  qos_close(m);
+  return 0;
+}
