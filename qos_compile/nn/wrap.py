@@ -1,0 +1,203 @@
+"""Turn a float model into a QoS-Net: approximate layers, per-OP BatchNorm, a multiplier bank."""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import QosError
+from ..multipliers import Multiplier, bundled
+from ..multipliers import get as get_multiplier
+from .bank import MultiplierBank
+from .layers import ApproxConv2d, ApproxLinear
+from .multibn import MultiBatchNorm2d, op_index
+from .quant import Mode, QuantConfig, as_mode
+
+ApproxLayer = ApproxConv2d | ApproxLinear
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One approximate layer: dotted name inside the converted model, module, kind
+    ("conv"/"linear") and multiply-accumulates per sample (None until the layer has seen
+    an input, or ``input_shape`` was given to ``wrap_model``)."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    macs: int | None
+
+
+def approx_layers(model: nn.Module) -> list[LayerInfo]:
+    """The approximate layers of a QoSNet or of a converted module, in ``named_modules`` order."""
+    net = model.net if isinstance(model, QoSNet) else model
+    out = []
+    for name, mod in net.named_modules():
+        if isinstance(mod, (ApproxConv2d, ApproxLinear)):
+            macs = mod.macs() if mod.input_shape is not None else None
+            out.append(LayerInfo(name, mod, "conv" if isinstance(mod, ApproxConv2d) else "linear", macs))
+    return out
+
+
+def _convert(module: nn.Module, qconfig: QuantConfig, num_ops: int, sigma_init: float) -> nn.Module:
+    """The replacement of one module (converted itself, or its children converted in place)."""
+    if isinstance(module, (ApproxConv2d, ApproxLinear, MultiBatchNorm2d)):
+        raise QosError("the model is already converted to approximate layers")
+    if isinstance(module, nn.Conv2d):
+        return ApproxConv2d.from_float(module, qconfig, num_ops, sigma_init)
+    if isinstance(module, nn.Linear):
+        return ApproxLinear.from_float(module, qconfig, num_ops, sigma_init)
+    if isinstance(module, nn.BatchNorm2d):
+        return MultiBatchNorm2d.from_bn(module, num_ops)
+    if isinstance(module, nn.MultiheadAttention):
+        return module  # reads its projection weights directly, never calls their forward
+    for name, child in list(module.named_children()):
+        new = _convert(child, qconfig, num_ops, sigma_init)
+        if new is not child:
+            setattr(module, name, new)
+    return module
+
+
+def _as_multipliers(multipliers: Iterable[Multiplier | str] | None, qconfig: QuantConfig | None) -> list[Multiplier]:
+    if multipliers is None:
+        return [bundled().exact(qconfig.signed if qconfig is not None else False)]
+    if isinstance(multipliers, (str, Multiplier)):
+        raise QosError("multipliers must be a list of circuits (or names)")
+    return [get_multiplier(m) if isinstance(m, str) else m for m in multipliers]
+
+
+class QoSNet(nn.Module):
+    """A converted model (``net``), its MultiplierBank (``bank``) and the per-OP assignment.
+
+    ``state_dict`` holds everything per OP: every BatchNorm copy, every bias row, the
+    ``assign`` buffers, observers, AGN sigmas and the bank (tables + names/SHA-256).
+    """
+
+    def __init__(self, net: nn.Module, bank: MultiplierBank, num_ops: int, qconfig: QuantConfig) -> None:
+        super().__init__()
+        self.net = net
+        self.bank = bank
+        self.num_ops = num_ops
+        self.qconfig = qconfig
+        self._op = 0
+        self._mode = Mode.FLOAT
+        for info in approx_layers(self):
+            info.module.attach_bank(bank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the converted model."""
+        return self.net(x)
+
+    def approx_layers(self) -> list[LayerInfo]:
+        """Approximate layers in assignment order (see ``approx_layers``)."""
+        return approx_layers(self)
+
+    def _layers(self) -> list[ApproxLayer]:
+        return [info.module for info in approx_layers(self)]  # type: ignore[misc]
+
+    # --- modes and operating points ----------------------------------------------------
+    @property
+    def mode(self) -> Mode:
+        """The numerics last set with ``set_mode``."""
+        return self._mode
+
+    def set_mode(self, mode: Mode | str) -> None:
+        """Set FLOAT / QUANT / APPROX / NOISE on every approximate layer."""
+        m = as_mode(mode)
+        for layer in self._layers():
+            layer.set_mode(m)
+        self._mode = m
+
+    @property
+    def operating_point(self) -> int:
+        """The active operating point."""
+        return self._op
+
+    def set_operating_point(self, op: int) -> None:
+        """Select OP ``op`` in every approximate layer and every per-OP BatchNorm."""
+        op = op_index(op, self.num_ops)
+        for mod in self.net.modules():
+            if isinstance(mod, (ApproxConv2d, ApproxLinear, MultiBatchNorm2d)):
+                mod.set_operating_point(op)
+        self._op = op
+
+    # --- assignment ----------------------------------------------------------------------
+    def set_assignment(self, assign: Sequence[Sequence[int | str]]) -> None:
+        """``assign[op][layer]`` = bank index (or circuit name) of every layer for every OP,
+        layers in ``approx_layers()`` order."""
+        layers = self._layers()
+        if isinstance(assign, (str, bytes)) or len(assign) != self.num_ops:
+            raise QosError(f"assignment must list {self.num_ops} operating point(s)")
+        table = []
+        for op, row in enumerate(assign):
+            if isinstance(row, (str, bytes)) or len(row) != len(layers):
+                raise QosError(f"assignment of OP {op} must list {len(layers)} layer(s)")
+            idx = []
+            for entry in row:
+                if isinstance(entry, str):
+                    idx.append(self.bank.index(entry))
+                    continue
+                try:
+                    if isinstance(entry, bool):
+                        raise TypeError
+                    i = operator.index(entry)
+                except TypeError:
+                    raise QosError(f"assignment entries must be bank indices or names, got {entry!r}") from None
+                if not 0 <= i < len(self.bank):
+                    raise QosError(f"assignment index {i} out of range 0..{len(self.bank) - 1} (OP {op})")
+                idx.append(i)
+            table.append(idx)
+        for j, layer in enumerate(layers):
+            layer.assign.copy_(torch.tensor([table[op][j] for op in range(self.num_ops)], dtype=torch.int64))
+
+    def assignment(self) -> list[list[int]]:
+        """``assign[op][layer]`` as bank indices."""
+        layers = self._layers()
+        return [[int(layer.assign[op]) for layer in layers] for op in range(self.num_ops)]
+
+    # --- training helpers ----------------------------------------------------------------
+    def freeze_observers(self, frozen: bool = True) -> None:
+        """Stop (or resume) every observer's updates."""
+        for layer in self._layers():
+            layer.freeze_observers(frozen)
+
+    def sigmas(self) -> list[nn.Parameter]:
+        """The AGN noise scales, one per approximate layer, in layer order."""
+        return [layer.sigma for layer in self._layers()]
+
+    def extra_repr(self) -> str:
+        return f"num_ops={self.num_ops}, mode={self._mode.value}, op={self._op}"
+
+
+def wrap_model(model: nn.Module, multipliers: Iterable[Multiplier | str] | None = None, num_ops: int = 1,
+               qconfig: QuantConfig | None = None, *, input_shape: Sequence[int] | None = None,
+               sigma_init: float = 0.01) -> QoSNet:
+    """Convert ``model`` in place (Conv2d -> ApproxConv2d, Linear -> ApproxLinear, BatchNorm2d ->
+    MultiBatchNorm2d) and wrap it with its MultiplierBank.
+
+    ``multipliers``: circuits (or bundled names) of one signedness, which sets
+    ``QuantConfig.signed``; default: the exact circuit of the qconfig's signedness.
+    Every layer starts on bank entry 0 for every OP, in FLOAT mode, at OP 0.
+    ``input_shape`` (per sample, e.g. (3, 32, 32)): run one float forward pass (eval,
+    no grad; observers untouched) so layer MAC counts are known at once; otherwise they
+    are recorded on the first forward. ``sigma_init``: initial AGN sigma of every layer.
+    """
+    if not isinstance(num_ops, int) or isinstance(num_ops, bool) or num_ops < 1:
+        raise QosError(f"num_ops must be a positive integer, got {num_ops!r}")
+    bank = MultiplierBank(_as_multipliers(multipliers, qconfig))
+    qcfg = dataclasses.replace(qconfig or QuantConfig(), signed=bank.signed)
+    net = _convert(model, qcfg, num_ops, sigma_init)
+    qnet = QoSNet(net, bank, num_ops, qcfg)
+    if not qnet.approx_layers():
+        raise QosError("the model has no Conv2d or Linear layer to approximate")
+    if input_shape is not None:
+        was_training = qnet.training
+        qnet.eval()
+        with torch.no_grad():
+            qnet(torch.zeros((1, *input_shape)))
+        qnet.train(was_training)
+    return qnet
