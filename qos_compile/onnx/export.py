@@ -1,0 +1,960 @@
+"""QoSNet -> ONNX: the whole network for all operating points (docs/onnx_ops.md).
+
+The converted model (``qnet.net``) is traced with ``torch.fx`` (ApproxConv2d,
+ApproxLinear and MultiBatchNorm2d are leaves), shapes are propagated once with a
+float forward pass, and every fx node is mapped to ONNX nodes by hand with
+``onnx.helper``. Per approximate layer the graph computes
+
+    codes = Cast(Clip(Round(x * (1/s_x)) + z_x, qmin, qmax))       (== PyTorch's codes)
+    lut   = Gather(luts, Gather(assign_l, operating_point))         (or the input slot.<l>.lut)
+    acc   = ai.qosnets.ApproxConv / ApproxGemm(codes, weight_codes, lut)      int32
+    q     = acc - z_x*sum(w)[o] - z_w[o]*sum_rf(x - z_x)                       int32, exact
+    y     = Cast(q, float) * scale[op, o] + shift[op, o]
+
+``scale``/``shift`` fold dequantization, the layer's per-OP bias and, when a
+MultiBatchNorm2d directly follows the layer, that OP's BatchNorm (eval statistics).
+"""
+from __future__ import annotations
+
+import json
+import operator
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import QosError
+from ..nn.layers import ApproxConv2d, ApproxLinear
+from ..nn.multibn import MultiBatchNorm2d
+from ..nn.quant import Mode
+from ..nn.wrap import QoSNet
+from . import ops
+
+__all__ = ["export_onnx", "OnnxExport", "LayerExport", "DEFAULT_OPSET", "FORMAT_NAME", "FORMAT_VERSION"]
+
+DEFAULT_OPSET = 18
+FORMAT_NAME = "qos-compile.onnx"
+FORMAT_VERSION = 1
+INPUT_NAME = "input"
+OP_INPUT_NAME = "operating_point"
+OUTPUT_NAME = "output"
+_TRACE_BATCH = 2  # batch used for shape propagation (tells the batch axis from size-1 axes)
+_F32_EXACT = 2**24
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """One approximate layer as exported.
+
+    ``attrs``: the ApproxConv attributes (empty for ApproxGemm); ``x_scale``/``x_zero_point``:
+    activation quantization; ``w_scale``/``w_zero_point``: weight quantization, shape ()
+    per tensor or (O,) per channel; ``folded_bn``: name of the MultiBatchNorm2d folded
+    into ``scale``/``shift`` (None if none); ``assign``: bank index per OP; shapes are per
+    sample (no batch axis); ``terms``: products per accumulator (K).
+    """
+
+    name: str
+    kind: str
+    attrs: dict[str, Any]
+    x_scale: float
+    x_zero_point: int
+    w_scale: np.ndarray
+    w_zero_point: np.ndarray
+    signed: bool
+    folded_bn: str | None
+    assign: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    terms: int
+
+
+@dataclass
+class OnnxExport:
+    """Result of ``export_onnx``.
+
+    ``model``: the ModelProto; ``path``: where it was written (None if not written);
+    ``slots``: slots variant only, ``{input name: [value for OP 0, OP 1, ...]}`` for every
+    per-OP graph input (``slot.<name>.lut|scale|shift``), empty otherwise; ``layers``: the
+    approximate layers in ``QoSNet.approx_layers()`` order; ``num_ops``; ``slotted``;
+    ``debug``: whether ``<layer>.codes``/``<layer>.acc`` are extra graph outputs.
+    """
+
+    model: onnx.ModelProto
+    path: Path | None
+    slots: dict[str, list[np.ndarray]]
+    layers: list[LayerExport]
+    num_ops: int
+    slotted: bool = False
+    debug: bool = False
+    input_shape: tuple[int, ...] = ()
+    circuits: list[str] = field(default_factory=list)
+
+    def slot_feed(self, op: int) -> dict[str, np.ndarray]:
+        """The slot inputs of operating point ``op`` (slots variant), ready for a session's feed."""
+        if not self.slotted:
+            raise QosError("this export has no slots (export with slots=True)")
+        if isinstance(op, bool) or not isinstance(op, (int, np.integer)) or not 0 <= int(op) < self.num_ops:
+            raise QosError(f"operating point {op!r} out of range 0..{self.num_ops - 1}")
+        return {name: values[int(op)] for name, values in self.slots.items()}
+
+
+# --- graph builder ----------------------------------------------------------------------------
+
+class _Graph:
+    """Nodes, initializers and names of the graph under construction."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._tensor_names: set[str] = set()
+        self._node_names: set[str] = set()
+        self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+
+    def fresh(self, name: str) -> str:
+        """``name``, or ``name_2``, ``name_3``... if taken (tensor namespace)."""
+        out, k = name, 1
+        while out in self._tensor_names:
+            k += 1
+            out = f"{name}_{k}"
+        self._tensor_names.add(out)
+        return out
+
+    def init(self, name: str, value: np.ndarray) -> str:
+        name = self.fresh(name)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def const(self, value: Any, dtype: Any) -> str:
+        """A shared small constant initializer (deduplicated by value)."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.tobytes(), arr.shape)
+        if key not in self._consts:
+            if arr.size <= 4:
+                text = "_".join("end" if v == 2**63 - 1 else str(v) for v in arr.reshape(-1).tolist())
+            else:
+                text = f"{arr.size}values_{zlib.crc32(arr.tobytes()):08x}"
+            self._consts[key] = self.init(f"const.{arr.dtype.name}.{text}".replace("-", "m"), arr)
+        return self._consts[key]
+
+    def node(self, op: str, inputs: Sequence[str], name: str, out: str | None = None, domain: str | None = None,
+             **attrs: Any) -> str:
+        nname, k = name, 1
+        while nname in self._node_names:
+            k += 1
+            nname = f"{name}_{k}"
+        self._node_names.add(nname)
+        oname = self.fresh(out or nname)
+        self.nodes.append(helper.make_node(op, list(inputs), [oname], name=nname, domain=domain, **attrs))
+        return oname
+
+
+def _vi(name: str, elem: int, shape: Sequence[Any]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, list(shape))
+
+
+def _batched(shape: Sequence[int]) -> list[Any]:
+    return ["batch", *[int(v) for v in shape[1:]]]
+
+
+# --- tracing ----------------------------------------------------------------------------------
+
+_LEAVES = (ApproxConv2d, ApproxLinear, MultiBatchNorm2d)
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def _type_name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    mod = cls.__module__ or ""
+    if mod.startswith("torch.nn.modules") or mod.startswith("torch.ao.nn"):
+        return f"nn.{cls.__name__}"
+    return f"{mod}.{cls.__qualname__}" if mod and mod != "builtins" else cls.__qualname__
+
+
+def _function_name(fn: Any) -> str:
+    name = getattr(fn, "__name__", None) or repr(fn)
+    mod = getattr(fn, "__module__", None) or ""
+    if fn in (torch.flatten, torch.add, torch.cat):  # builtins report torch._C._VariableFunctions
+        mod = "torch"
+    if mod in ("_operator", "operator"):
+        mod = "operator"
+    elif mod.startswith("torch.nn.functional") or mod == "torch._C._nn":
+        mod = "F"
+    elif mod.startswith("torch") or mod == "":
+        mod = "torch"
+    return f"{mod}.{name}"
+
+
+def _scope(node: fx.Node) -> str:
+    """Qualified name (inside ``qnet.net``) of the module a node belongs to ('' at top level)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, value in reversed(list(stack.items())):
+        qual = value[0] if isinstance(value, tuple) else key
+        return str(qual)
+    return ""
+
+
+def _where(node: fx.Node) -> str:
+    s = _scope(node)
+    return f"net.{s}" if s else "net"
+
+
+_MODULES = (ApproxConv2d, ApproxLinear, MultiBatchNorm2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh,
+            nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten,
+            nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_BINARY = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", operator.sub: "Sub", torch.sub: "Sub",
+           operator.mul: "Mul", torch.mul: "Mul", operator.imul: "Mul", operator.truediv: "Div", torch.div: "Div"}
+_UNARY = {F.relu: "Relu", torch.relu: "Relu", torch.sigmoid: "Sigmoid", torch.tanh: "Tanh", F.sigmoid: "Sigmoid",
+          F.tanh: "Tanh"}
+_FUNCTIONS = set(_BINARY) | set(_UNARY) | {F.relu6, F.hardtanh, F.dropout, F.dropout2d, torch.flatten,
+                                           F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.pad,
+                                           operator.getitem, torch.cat}
+_METHODS = {"size", "view", "reshape", "flatten", "contiguous", "clone", "relu", "sigmoid", "tanh", "add", "mul",
+            "sub", "div", "relu_", "add_", "mul_", "mean"}
+
+
+def _check_supported(gm: fx.GraphModule) -> None:
+    """QosError naming the first module / function / method the exporter cannot map."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = modules[str(node.target)]
+            if not isinstance(mod, _MODULES):
+                raise QosError(f"unsupported layer {_type_name(mod)} at net.{node.target}")
+        elif node.op == "call_function" and node.target not in _FUNCTIONS:
+            raise QosError(f"unsupported function {_function_name(node.target)} at {_where(node)}")
+        elif node.op == "call_method" and node.target not in _METHODS:
+            raise QosError(f"unsupported method Tensor.{node.target} at {_where(node)}")
+
+
+def _trace(qnet: QoSNet, input_shape: tuple[int, ...]) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(qnet.net)
+    except QosError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, ...)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QosError(f"cannot trace the model for ONNX export ({type(exc).__name__}: {msg})") from None
+    gm = fx.GraphModule(qnet.net, graph)
+    _check_supported(gm)
+    # shape propagation with a float forward pass: eval mode, FLOAT numerics (touches no observer)
+    modes = {m: m.mode for m in qnet.net.modules() if isinstance(m, (ApproxConv2d, ApproxLinear))}
+    training = {m: m.training for m in qnet.net.modules()}
+    try:
+        for m in modes:
+            m.set_mode(Mode.FLOAT)
+        qnet.net.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros((_TRACE_BATCH, *input_shape)))
+    except QosError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise QosError(f"the model does not run on input shape {tuple(input_shape)} ({type(exc).__name__}: "
+                       f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    finally:
+        for m, mode in modes.items():
+            m.set_mode(mode)
+        for m, flag in training.items():
+            m.train(flag)
+    return gm
+
+
+def _shape(node: Any) -> tuple[int, ...]:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    if meta is None or not hasattr(meta, "shape"):
+        raise QosError(f"no tensor shape known for {getattr(node, 'name', node)!r} (not a single tensor)")
+    return tuple(int(v) for v in meta.shape)
+
+
+# --- numerics of approximate layers --------------------------------------------------------------
+
+def _bn_affine(bn: nn.BatchNorm2d, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) float64 with bn(y) = a*y + b per channel (eval statistics)."""
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        raise QosError(f"BatchNorm at {where} has no running statistics (track_running_stats=False); "
+                       "only eval-mode BatchNorm can be exported")
+    mean = bn.running_mean.detach().double().cpu().numpy()
+    var = bn.running_var.detach().double().cpu().numpy()
+    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else np.ones_like(mean)
+    beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else np.zeros_like(mean)
+    a = gamma / np.sqrt(var + float(bn.eps))
+    return a, beta - mean * a
+
+
+@dataclass
+class _Ctx:
+    qnet: QoSNet
+    g: _Graph
+    slots: bool
+    debug: bool
+    quantize: str
+    opset: int
+    num_ops: int
+    op_input: str | None
+    slot_values: dict[str, list[np.ndarray]]
+    layers: list[LayerExport]
+    luts_name: str | None = None
+
+
+def _per_op(ctx: _Ctx, name: str, kind: str, values: list[np.ndarray], node_name: str) -> str:
+    """A per-OP tensor: the input ``slot.<name>.<kind>`` (slots) or ``Gather(stacked, operating_point)``."""
+    if ctx.slots:
+        input_name = ctx.g.fresh(f"slot.{name}.{kind}")
+        elem = helper.np_dtype_to_tensor_dtype(values[0].dtype)
+        ctx.g.inputs.append(_vi(input_name, elem, values[0].shape))
+        ctx.slot_values[input_name] = [np.ascontiguousarray(v) for v in values]
+        return input_name
+    stacked = ctx.g.init(f"{name}.{kind}_per_op", np.stack(values))
+    return ctx.g.node("Gather", [stacked, ctx.op_input], node_name, out=f"{name}.{kind}", axis=0)
+
+
+def _emit_quantize(ctx: _Ctx, name: str, x: str, layer: ApproxConv2d | ApproxLinear) -> tuple[str, float, int]:
+    g, qc = ctx.g, layer.qconfig
+    s_x, z_x = layer.act_qparams()
+    z = int(z_x)
+    code_type = TensorProto.INT8 if qc.signed else TensorProto.UINT8
+    if ctx.quantize == "QuantizeLinear":
+        zp = g.init(f"{name}.x_zero_point", np.array(z, np.int8 if qc.signed else np.uint8))
+        sc = g.init(f"{name}.x_scale", np.array(float(s_x), np.float32))
+        codes = g.node("QuantizeLinear", [x, sc, zp], f"{name}/quantize", out=f"{name}.codes")
+        return codes, float(s_x), z
+    # PyTorch's formula: clamp(round(x * (1/s)) + z) with the float32 reciprocal, half to even
+    inv = (1.0 / s_x).to(torch.float32).reshape(()).numpy()
+    inv_name = g.init(f"{name}.x_inv_scale", np.array(inv, np.float32))
+    t = g.node("Mul", [x, inv_name], f"{name}/quantize/mul")
+    t = g.node("Round", [t], f"{name}/quantize/round")
+    t = g.node("Add", [t, g.init(f"{name}.x_zero_point", np.array(float(z), np.float32))],
+               f"{name}/quantize/add_zero_point")
+    t = g.node("Clip", [t, g.const(qc.qmin, np.float32), g.const(qc.qmax, np.float32)], f"{name}/quantize/clip")
+    codes = g.node("Cast", [t], f"{name}/quantize/cast", out=f"{name}.codes", to=code_type)
+    return codes, float(s_x), z
+
+
+def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x: str,
+                 bn: tuple[str, MultiBatchNorm2d] | None) -> str:
+    g, qnet = ctx.g, ctx.qnet
+    name = str(node.target)
+    where = f"net.{name}"
+    qc = layer.qconfig
+    if layer.bank is not qnet.bank:
+        raise QosError(f"layer {where} uses another multiplier bank than the QoSNet")
+    if not bool(layer.act_observed):
+        raise QosError(f"layer {where} has no calibrated activation range: run calibration forward passes "
+                       "(e.g. QUANT mode, train()) before exporting")
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    conv = isinstance(layer, ApproxConv2d)
+    if not conv and len(in_shape) != 2:
+        raise QosError(f"layer {where}: ApproxLinear export needs a 2-D input (N, K), got rank {len(in_shape)}")
+    codes, s_x, z_x = _emit_quantize(ctx, name, x, layer)
+
+    # weights: the layer's own codes, scale and zero point
+    w_codes_t, s_w_t, z_w_t = layer.weight_codes()
+    w_codes = w_codes_t.detach().cpu().numpy()
+    s_w = s_w_t.detach().float().cpu().numpy()
+    z_w = z_w_t.detach().cpu().numpy().astype(np.int64)
+    out_ch = w_codes.shape[0]
+    w_name = g.init(f"{name}.weight_codes", w_codes)
+
+    assign = tuple(int(v) for v in layer.assign.detach().cpu().tolist())
+    if len(assign) != ctx.num_ops:
+        raise QosError(f"layer {where} has {len(assign)} assignment entries for {ctx.num_ops} operating points")
+    luts = qnet.bank.luts.detach().cpu().numpy().astype(np.int32)
+    if ctx.slots:
+        lut = _per_op(ctx, name, "lut", [luts[a] for a in assign], f"{name}/lut")
+    else:
+        assign_name = g.init(f"{name}.assign", np.array(assign, np.int64))
+        idx = g.node("Gather", [assign_name, ctx.op_input], f"{name}/lut_index", out=f"{name}.lut_index", axis=0)
+        lut = g.node("Gather", [ctx.luts_name, idx], f"{name}/lut", out=f"{name}.lut", axis=0)
+
+    if conv:
+        kh, kw = layer.kernel_size
+        groups = int(layer.groups)
+        attrs = {"kernel_shape": [int(kh), int(kw)], "strides": [int(v) for v in layer.stride],
+                 "pads": [int(v) for v in layer.pads()], "dilations": [int(v) for v in layer.dilation],
+                 "group": groups, "pad_value": z_x}
+        acc = g.node(ops.APPROX_CONV, [codes, w_name, lut], f"{name}/ApproxConv", out=f"{name}.acc",
+                     domain=ops.DOMAIN, **attrs)
+        bshape: tuple[int, ...] = (1, out_ch, 1, 1)
+        terms = int(np.prod(w_codes.shape[1:]))
+    else:
+        attrs, groups = {}, 1
+        acc = g.node(ops.APPROX_GEMM, [codes, w_name, lut], f"{name}/ApproxGemm", out=f"{name}.acc",
+                     domain=ops.DOMAIN)
+        bshape = (1, out_ch)
+        terms = int(w_codes.shape[1])
+
+    # exact zero-point correction in int32: acc - z_x*sum(w) - z_w*sum_rf(x - z_x)
+    w_int = w_codes.astype(np.int64).reshape(out_ch, -1)
+    bound_x = 255 * terms
+    lut_max = int(np.abs(luts[list(set(assign))]).max())
+    if lut_max * terms + 255 * int(np.abs(w_int).sum(1).max()) + 255 * bound_x > _INT32_MAX:
+        raise QosError(f"layer {where}: {terms} products per output may overflow the int32 accumulator")
+    sum_w = w_int.sum(1)
+    q = acc
+    zw_term = bool(np.any(z_w != 0))
+    if z_x != 0 and np.any(sum_w != 0):
+        corr = g.init(f"{name}.zx_sum_w", (z_x * sum_w).astype(np.int32).reshape(bshape))
+        q = g.node("Sub", [q, corr], f"{name}/zero_point/sub_zx_sum_w", out=None if zw_term else f"{name}.q")
+    if zw_term:
+        z_w_vec = np.broadcast_to(z_w, (out_ch,)).astype(np.int32)
+        xc = g.node("Cast", [codes], f"{name}/zero_point/codes_int", to=TensorProto.INT32)
+        if z_x != 0:
+            xc = g.node("Sub", [xc, g.const(z_x, np.int32)], f"{name}/zero_point/center")
+        if conv:
+            if bound_x >= _F32_EXACT:
+                raise QosError(f"layer {where}: {terms} products per output are too many for the exact "
+                               "float32 window sum of the zero-point correction")
+            xf = g.node("Cast", [xc], f"{name}/zero_point/codes_float", to=TensorProto.FLOAT)
+            og = out_ch // groups
+            cg = w_codes.shape[1]
+            if og == 1 or groups == 1:  # one window sum per group, broadcast to the group's channels
+                ones = np.ones((groups, cg, kh, kw), np.float32)
+            else:
+                ones = np.ones((out_ch, cg, kh, kw), np.float32)
+            sx = g.node("Conv", [xf, g.init(f"{name}.window_ones", ones)], f"{name}/zero_point/window_sum",
+                        kernel_shape=[int(kh), int(kw)], strides=attrs["strides"], pads=attrs["pads"],
+                        dilations=attrs["dilations"], group=groups)
+            sx = g.node("Cast", [sx], f"{name}/zero_point/window_sum_int", to=TensorProto.INT32)
+        else:
+            sx = g.node("ReduceSum", [xc, g.const([1], np.int64)], f"{name}/zero_point/row_sum", keepdims=1)
+        zw = g.init(f"{name}.w_zero_point", z_w_vec.reshape(bshape))
+        t = g.node("Mul", [sx, zw], f"{name}/zero_point/zw_sum_x")
+        q = g.node("Sub", [q, t], f"{name}/zero_point/sub_zw_sum_x", out=f"{name}.q")
+
+    # one per-OP affine: dequantization, per-OP bias and (if folded) the per-OP BatchNorm
+    deq = np.float64(s_x) * np.broadcast_to(s_w.astype(np.float64), (out_ch,))
+    bias = layer.bias_per_op.detach().double().cpu().numpy() if layer.bias_per_op is not None else None
+    scales, shifts = [], []
+    for op in range(ctx.num_ops):
+        scale = deq.copy()
+        shift = bias[op].copy() if bias is not None else np.zeros(out_ch)
+        if bn is not None:
+            a, b = _bn_affine(bn[1].bns[op], f"net.{bn[0]}")
+            scale, shift = scale * a, shift * a + b
+        scales.append(scale.astype(np.float32).reshape(bshape[1:]))
+        shifts.append(shift.astype(np.float32).reshape(bshape[1:]))
+    sc = _per_op(ctx, name, "scale", scales, f"{name}/scale")
+    sh = _per_op(ctx, name, "shift", shifts, f"{name}/shift")
+    y = g.node("Cast", [q], f"{name}/to_float", to=TensorProto.FLOAT)
+    y = g.node("Mul", [y, sc], f"{name}/affine/mul")
+    y = g.node("Add", [y, sh], f"{name}/affine/add", out=f"{name}.out" if bn is None else f"{bn[0]}.out")
+
+    if ctx.debug:
+        g.outputs.append(_vi(codes, TensorProto.INT8 if qc.signed else TensorProto.UINT8, _batched(in_shape)))
+        g.outputs.append(_vi(acc, TensorProto.INT32, _batched(out_shape)))
+    ctx.layers.append(LayerExport(
+        name=name, kind="conv" if conv else "linear", attrs=attrs, x_scale=s_x, x_zero_point=z_x,
+        w_scale=s_w.copy(), w_zero_point=z_w.copy(), signed=bool(qc.signed),
+        folded_bn=None if bn is None else bn[0], assign=assign, input_shape=in_shape[1:],
+        output_shape=out_shape[1:], terms=terms))
+    return y
+
+
+def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm2d, rank: int) -> str:
+    """A standalone per-OP BatchNorm as ``x * scale[op] + shift[op]``."""
+    shape = (bn.num_features,) + (1,) * (rank - 2)
+    scales, shifts = [], []
+    for op in range(ctx.num_ops):
+        a, b = _bn_affine(bn.bns[op], f"net.{name}")
+        scales.append(a.astype(np.float32).reshape(shape))
+        shifts.append(b.astype(np.float32).reshape(shape))
+    if bn.num_ops != ctx.num_ops:
+        raise QosError(f"MultiBatchNorm2d at net.{name} has {bn.num_ops} OPs, the QoSNet {ctx.num_ops}")
+    sc = _per_op(ctx, name, "scale", scales, f"{name}/scale")
+    sh = _per_op(ctx, name, "shift", shifts, f"{name}/shift")
+    y = ctx.g.node("Mul", [x, sc], f"{name}/affine/mul")
+    return ctx.g.node("Add", [y, sh], f"{name}/affine/add", out=f"{name}.out")
+
+
+# --- float ops ----------------------------------------------------------------------------------
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
+
+
+def _pool_pads(padding: Any) -> list[int]:
+    p = _pair(padding)
+    return [p[0], p[1], p[0], p[1]]
+
+
+class _Emitter:
+    """Maps fx nodes to ONNX nodes."""
+
+    def __init__(self, ctx: _Ctx, gm: fx.GraphModule) -> None:
+        self.ctx, self.gm, self.g = ctx, gm, ctx.g
+        self.env: dict[fx.Node, Any] = {}
+        self.skip: set[fx.Node] = set()
+        self.modules = dict(gm.named_modules())
+
+    # values ---------------------------------------------------------------------------------
+    def val(self, a: Any, where: str) -> str:
+        if isinstance(a, fx.Node):
+            v = self.env.get(a)
+            if not isinstance(v, str):
+                raise QosError(f"unsupported use of a non-tensor value {a.name!r} at {where}")
+            return v
+        if isinstance(a, bool) or not isinstance(a, (int, float)):
+            raise QosError(f"unsupported constant argument {a!r} at {where}")
+        return self.g.const(float(a), np.float32)
+
+    # entry ----------------------------------------------------------------------------------
+    def run(self) -> str:
+        out: str | None = None
+        if sum(1 for n in self.gm.graph.nodes if n.op == "placeholder") != 1:
+            raise QosError("the model's forward must take exactly one input tensor for ONNX export")
+        for node in self.gm.graph.nodes:
+            if node in self.skip:
+                continue
+            if node.op == "placeholder":
+                self.env[node] = INPUT_NAME
+            elif node.op == "output":
+                res = node.args[0]
+                if not isinstance(res, fx.Node):
+                    raise QosError("the model must return one tensor (got a tuple or a structure)")
+                out = self.val(res, "net (output)")
+            elif node.op == "call_module":
+                self.env[node] = self.module(node)
+            elif node.op == "call_function":
+                self.env[node] = self.function(node, node.target, list(node.args), dict(node.kwargs))
+            elif node.op == "call_method":
+                self.env[node] = self.method(node)
+            elif node.op == "get_attr":
+                self.env[node] = self.get_attr(node)
+            else:  # pragma: no cover - fx has no other kinds
+                raise QosError(f"unsupported fx node kind {node.op} at {_where(node)}")
+        if out is None:
+            raise QosError("the model has no output")
+        return out
+
+    def get_attr(self, node: fx.Node) -> str:
+        obj: Any = self.gm
+        for part in str(node.target).split("."):
+            obj = getattr(obj, part)
+        if not isinstance(obj, torch.Tensor) or not obj.is_floating_point():
+            raise QosError(f"unsupported attribute {node.target} at {_where(node)} (not a float tensor)")
+        return self.g.init(str(node.target), obj.detach().float().cpu().numpy())
+
+    # modules --------------------------------------------------------------------------------
+    def module(self, node: fx.Node) -> str:
+        name = str(node.target)
+        mod = self.modules[name]
+        where = f"net.{name}"
+        g = self.g
+        if isinstance(mod, (ApproxConv2d, ApproxLinear)):
+            if any(layer.name == name for layer in self.ctx.layers):
+                raise QosError(f"layer {where} is called more than once in the forward pass; export needs "
+                               "one call per approximate layer")
+            if node.kwargs or len(node.args) != 1:
+                raise QosError(f"unsupported call of {_type_name(mod)} at {where} (one tensor argument expected)")
+            x = self.val(node.args[0], where)
+            bn = self._following_bn(node)
+            y = _emit_approx(self.ctx, node, mod, x, bn)
+            if bn is not None:
+                bn_node = next(iter(node.users))
+                self.env[bn_node] = y
+                self.skip.add(bn_node)
+            return y
+        args = [self.val(a, where) for a in node.args]
+        if node.kwargs:
+            raise QosError(f"unsupported keyword arguments in the call of {_type_name(mod)} at {where}")
+        if len(args) != 1:
+            raise QosError(f"unsupported call of {_type_name(mod)} at {where} ({len(args)} arguments)")
+        x = args[0]
+        rank = len(_shape(node.args[0]))
+        if isinstance(mod, MultiBatchNorm2d):
+            return _emit_multibn(self.ctx, name, x, mod, rank)
+        if isinstance(mod, nn.BatchNorm2d):
+            a, b = _bn_affine(mod, where)
+            shape = (-1,) + (1,) * (rank - 2)
+            y = g.node("Mul", [x, g.init(f"{name}.scale", a.astype(np.float32).reshape(shape))], f"{name}/mul")
+            return g.node("Add", [y, g.init(f"{name}.shift", b.astype(np.float32).reshape(shape))], f"{name}/add",
+                          out=f"{name}.out")
+        if isinstance(mod, nn.ReLU):
+            return g.node("Relu", [x], name)
+        if isinstance(mod, nn.ReLU6):
+            return g.node("Clip", [x, g.const(0.0, np.float32), g.const(6.0, np.float32)], name)
+        if isinstance(mod, nn.Hardtanh):
+            return g.node("Clip", [x, g.const(mod.min_val, np.float32), g.const(mod.max_val, np.float32)], name)
+        if isinstance(mod, nn.LeakyReLU):
+            return g.node("LeakyRelu", [x], name, alpha=float(mod.negative_slope))
+        if isinstance(mod, nn.Sigmoid):
+            return g.node("Sigmoid", [x], name)
+        if isinstance(mod, nn.Tanh):
+            return g.node("Tanh", [x], name)
+        if isinstance(mod, nn.Softmax):
+            dim = mod.dim if mod.dim is not None else rank - 1
+            return g.node("Softmax", [x], name, axis=int(dim) % rank)
+        if isinstance(mod, (nn.Identity, nn.Dropout, nn.Dropout2d)):
+            return x
+        if isinstance(mod, nn.Flatten):
+            return self.reshape_like(node, x, name)
+        if isinstance(mod, nn.MaxPool2d):
+            if mod.return_indices:
+                raise QosError(f"unsupported layer nn.MaxPool2d(return_indices=True) at {where}")
+            stride = mod.stride if mod.stride is not None else mod.kernel_size
+            return g.node("MaxPool", [x], name, kernel_shape=_pair(mod.kernel_size), strides=_pair(stride),
+                          pads=_pool_pads(mod.padding), dilations=_pair(mod.dilation), ceil_mode=int(mod.ceil_mode))
+        if isinstance(mod, nn.AvgPool2d):
+            return self.avg_pool(name, x, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+                                 mod.count_include_pad, mod.divisor_override, where)
+        if isinstance(mod, nn.AdaptiveAvgPool2d):
+            return self.adaptive_avg(node, x, mod.output_size, name, where)
+        raise QosError(f"unsupported layer {_type_name(mod)} at {where}")
+
+    def _following_bn(self, node: fx.Node) -> tuple[str, MultiBatchNorm2d] | None:
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None
+        mod = self.modules.get(str(users[0].target))
+        if not isinstance(mod, MultiBatchNorm2d) or users[0].args != (node,) or users[0].kwargs:
+            return None
+        if mod.num_ops != self.ctx.num_ops:
+            raise QosError(f"MultiBatchNorm2d at net.{users[0].target} has {mod.num_ops} OPs, "
+                           f"the QoSNet {self.ctx.num_ops}")
+        if len(_shape(node)) != 4:
+            return None
+        return str(users[0].target), mod
+
+    def avg_pool(self, name: str, x: str, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+                 count_include_pad: bool, divisor_override: Any, where: str) -> str:
+        if divisor_override is not None:
+            raise QosError(f"unsupported avg_pool2d(divisor_override=...) at {where}")
+        stride = stride if stride not in (None, []) else kernel
+        return self.g.node("AveragePool", [x], name, kernel_shape=_pair(kernel), strides=_pair(stride),
+                           pads=_pool_pads(padding), ceil_mode=int(bool(ceil_mode)),
+                           count_include_pad=int(bool(count_include_pad)))
+
+    def adaptive_avg(self, node: fx.Node, x: str, output_size: Any, name: str, where: str) -> str:
+        in_shape = _shape(node.args[0])
+        h, w = in_shape[-2:]
+        oh, ow = _pair(output_size) if not isinstance(output_size, int) else (output_size, output_size)
+        oh, ow = (h if oh is None else oh), (w if ow is None else ow)
+        if (oh, ow) == (1, 1):
+            return self.g.node("GlobalAveragePool", [x], name)
+        if h % oh or w % ow:
+            raise QosError(f"unsupported adaptive average pooling {h}x{w} -> {oh}x{ow} at {where} "
+                           "(input size must be a multiple of the output size)")
+        k = [h // oh, w // ow]
+        return self.g.node("AveragePool", [x], name, kernel_shape=k, strides=k)
+
+    def reshape_like(self, node: fx.Node, x: str, name: str) -> str:
+        """Reshape to the propagated output shape, keeping the (symbolic) batch axis."""
+        src = node.args[0] if node.args else node.kwargs.get("input")
+        in_shape, out_shape = _shape(src), _shape(node)
+        if not out_shape or out_shape[0] != _TRACE_BATCH or in_shape[0] != _TRACE_BATCH:
+            raise QosError(f"unsupported reshape across the batch axis at {_where(node)} ({in_shape} -> "
+                           f"{out_shape})")
+        if in_shape == out_shape:
+            return x
+        target = self.g.const([0, *out_shape[1:]], np.int64)
+        return self.g.node("Reshape", [x, target], name)
+
+    # functions ------------------------------------------------------------------------------
+    def function(self, node: fx.Node, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        where = _where(node)
+        name = f"{_scope(node)}/{node.name}" if _scope(node) else node.name
+        g = self.g
+        binary, unary = _BINARY, _UNARY
+        if fn in binary:
+            if kwargs.get("alpha", 1) != 1 or kwargs.get("rounding_mode") is not None or len(args) != 2:
+                raise QosError(f"unsupported call of {_function_name(fn)} at {where}")
+            if not any(isinstance(a, fx.Node) for a in args):
+                raise QosError(f"unsupported constant expression at {where}")
+            return g.node(binary[fn], [self.val(args[0], where), self.val(args[1], where)], name)
+        if fn in unary:
+            if kwargs.get("inplace"):
+                kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+            if kwargs or len(args) != 1 and not (len(args) == 2 and isinstance(args[1], bool)):
+                raise QosError(f"unsupported call of {_function_name(fn)} at {where}")
+            return g.node(unary[fn], [self.val(args[0], where)], name)
+        if fn in (F.relu6, F.hardtanh):
+            lo, hi = (0.0, 6.0) if fn is F.relu6 else (kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
+                                                       kwargs.get("max_val", args[2] if len(args) > 2 else 1.0))
+            return g.node("Clip", [self.val(args[0], where), g.const(lo, np.float32), g.const(hi, np.float32)], name)
+        if fn in (F.dropout, F.dropout2d):
+            return self.val(args[0], where)
+        if fn is torch.flatten:
+            return self.reshape_like(node, self.val(args[0], where), name)
+        if fn is F.adaptive_avg_pool2d:
+            size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+            return self.adaptive_avg(node, self.val(args[0], where), size, name, where)
+        if fn is F.avg_pool2d:
+            p = self._bind(["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                            "divisor_override"], args, kwargs, {"stride": None, "padding": 0, "ceil_mode": False,
+                                                                 "count_include_pad": True,
+                                                                 "divisor_override": None}, where)
+            return self.avg_pool(name, self.val(p["input"], where), p["kernel_size"], p["stride"], p["padding"],
+                                 p["ceil_mode"], p["count_include_pad"], p["divisor_override"], where)
+        if fn is F.max_pool2d:
+            p = self._bind(["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
+                           args, kwargs, {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False,
+                                          "return_indices": False}, where)
+            if p["return_indices"]:
+                raise QosError(f"unsupported max_pool2d(return_indices=True) at {where}")
+            stride = p["stride"] if p["stride"] not in (None, []) else p["kernel_size"]
+            return g.node("MaxPool", [self.val(p["input"], where)], name, kernel_shape=_pair(p["kernel_size"]),
+                          strides=_pair(stride), pads=_pool_pads(p["padding"]), dilations=_pair(p["dilation"]),
+                          ceil_mode=int(bool(p["ceil_mode"])))
+        if fn is F.pad:
+            return self.pad(node, args, kwargs, name, where)
+        if fn is operator.getitem:
+            return self.getitem(node, args, name, where)
+        if fn is torch.cat:
+            tensors = args[0] if args else kwargs["tensors"]
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            rank = len(_shape(node))
+            return g.node("Concat", [self.val(t, where) for t in tensors], name, axis=int(dim) % rank)
+        raise QosError(f"unsupported function {_function_name(fn)} at {where}")
+
+    @staticmethod
+    def _bind(names: list[str], args: list[Any], kwargs: dict[str, Any], defaults: dict[str, Any],
+              where: str) -> dict[str, Any]:
+        out = dict(defaults)
+        out.update(dict(zip(names, args)))
+        for k, v in kwargs.items():
+            if k not in names:
+                raise QosError(f"unsupported argument {k!r} at {where}")
+            out[k] = v
+        return out
+
+    def pad(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any], name: str, where: str) -> str:
+        p = self._bind(["input", "pad", "mode", "value"], args, kwargs, {"mode": "constant", "value": None}, where)
+        if p["mode"] != "constant":
+            raise QosError(f"unsupported F.pad(mode={p['mode']!r}) at {where}")
+        rank = len(_shape(p["input"]))
+        pads = [int(v) for v in p["pad"]]
+        begin, end = [0] * rank, [0] * rank
+        for i in range(len(pads) // 2):
+            dim = rank - 1 - i
+            begin[dim], end[dim] = pads[2 * i], pads[2 * i + 1]
+        value = 0.0 if p["value"] is None else float(p["value"])
+        return self.g.node("Pad", [self.val(p["input"], where), self.g.const(begin + end, np.int64),
+                                   self.g.const(value, np.float32)], name, mode="constant")
+
+    def getitem(self, node: fx.Node, args: list[Any], name: str, where: str) -> str:
+        src, index = args
+        if not isinstance(src, fx.Node) or not isinstance(self.env.get(src), str):
+            raise QosError(f"unsupported indexing at {where} (only tensors can be sliced)")
+        rank = len(_shape(src))
+        items = list(index) if isinstance(index, tuple) else [index]
+        if sum(1 for it in items if it is Ellipsis) > 1:
+            raise QosError(f"unsupported indexing at {where}")
+        if Ellipsis in items:
+            k = items.index(Ellipsis)
+            fill = rank - (len(items) - 1 - sum(1 for it in items if it is None))
+            items = items[:k] + [slice(None)] * fill + items[k + 1:]
+        x = self.val(src, where)
+        starts, ends, axes, steps, squeeze, unsqueeze = [], [], [], [], [], []
+        dim = 0
+        for it in items:
+            if it is None:
+                unsqueeze.append(dim + len(unsqueeze) - len(squeeze))
+                continue
+            if isinstance(it, slice):
+                if any(isinstance(v, fx.Node) for v in (it.start, it.stop, it.step)):
+                    raise QosError(f"unsupported data-dependent slice at {where}")
+                step = 1 if it.step is None else int(it.step)
+                if step < 1:
+                    raise QosError(f"unsupported slice step {step} at {where}")
+                if it != slice(None) and not (it.start in (None, 0) and it.stop is None and step == 1):
+                    starts.append(0 if it.start is None else int(it.start))
+                    ends.append(2**63 - 1 if it.stop is None else int(it.stop))
+                    axes.append(dim)
+                    steps.append(step)
+            elif isinstance(it, int) and not isinstance(it, bool):
+                starts.append(int(it))
+                ends.append(int(it) + 1 if it != -1 else 2**63 - 1)
+                axes.append(dim)
+                steps.append(1)
+                squeeze.append(dim)
+            else:
+                raise QosError(f"unsupported index {it!r} at {where}")
+            dim += 1
+        g = self.g
+        if axes:
+            x = g.node("Slice", [x, g.const(starts, np.int64), g.const(ends, np.int64), g.const(axes, np.int64),
+                                 g.const(steps, np.int64)], name)
+        if squeeze:
+            x = g.node("Squeeze", [x, g.const(squeeze, np.int64)], f"{name}/squeeze")
+        if unsqueeze:
+            x = g.node("Unsqueeze", [x, g.const(unsqueeze, np.int64)], f"{name}/unsqueeze")
+        return x
+
+    # methods --------------------------------------------------------------------------------
+    def method(self, node: fx.Node) -> Any:
+        where = _where(node)
+        meth = str(node.target)
+        name = f"{_scope(node)}/{node.name}" if _scope(node) else node.name
+        args, kwargs = list(node.args), dict(node.kwargs)
+        if meth == "size":
+            if all(u.op == "call_method" and u.target in ("view", "reshape") for u in node.users):
+                return None  # shapes come from shape propagation
+            raise QosError(f"unsupported use of Tensor.size at {where}")
+        if meth in ("view", "reshape", "flatten"):
+            return self.reshape_like(node, self.val(args[0], where), name)
+        if meth in ("contiguous", "clone"):
+            return self.val(args[0], where)
+        table = {"relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "add": torch.add, "mul": torch.mul,
+                 "sub": torch.sub, "div": torch.div, "relu_": F.relu, "add_": torch.add, "mul_": torch.mul}
+        if meth in table:
+            return self.function(node, table[meth], args, kwargs)
+        if meth == "mean":
+            dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            keep = bool(kwargs.get("keepdim", args[2] if len(args) > 2 else False))
+            if dims is None:
+                raise QosError(f"unsupported Tensor.mean over all axes at {where}")
+            rank = len(_shape(args[0]))
+            dims = [int(d) % rank for d in ([dims] if isinstance(dims, int) else dims)]
+            if 0 in dims:
+                raise QosError(f"unsupported mean over the batch axis at {where}")
+            return self.g.node("ReduceMean", [self.val(args[0], where), self.g.const(dims, np.int64)], name,
+                               keepdims=int(keep))
+        raise QosError(f"unsupported method Tensor.{meth} at {where}")
+
+
+# --- public API ---------------------------------------------------------------------------------
+
+def _resolve_input_shape(qnet: QoSNet, input_shape: Sequence[int] | None) -> tuple[int, ...]:
+    if input_shape is None:
+        arch = getattr(qnet.net, "qos_arch", None)
+        if isinstance(arch, dict) and "in_channels" in arch and "input_size" in arch:
+            input_shape = (int(arch["in_channels"]), int(arch["input_size"]), int(arch["input_size"]))
+        else:
+            first = qnet.approx_layers()[0].module
+            if isinstance(first, ApproxConv2d) and first.input_shape is not None and len(first.input_shape) == 3:
+                input_shape = first.input_shape
+    if input_shape is None:
+        raise QosError("input shape unknown: pass input_shape=(C, H, W)")
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) < 1 or any(v < 1 for v in shape):
+        raise QosError(f"input_shape must be positive sizes per sample, e.g. (3, 32, 32), got {input_shape!r}")
+    return shape
+
+
+def _metadata(qnet: QoSNet, ex: OnnxExport, variant: str, extra: dict[str, Any] | None) -> dict[str, str]:
+    bank = qnet.bank
+    meta: dict[str, Any] = {
+        "qos.format": FORMAT_NAME,
+        "qos.format_version": FORMAT_VERSION,
+        "qos.variant": variant,
+        "qos.num_ops": qnet.num_ops,
+        "qos.circuits": list(bank.names),
+        "qos.circuit_sha256": list(bank.sha256),
+        "qos.signed": bool(bank.signed),
+        "qos.per_channel": bool(qnet.qconfig.per_channel),
+        "qos.assignment": qnet.assignment(),
+        "qos.layers": [layer.name for layer in ex.layers],
+        "qos.input_shape": list(ex.input_shape),
+        "qos.port_order": "lut[weight_index, activation_index]",
+    }
+    arch = getattr(qnet.net, "qos_arch", None)
+    if isinstance(arch, dict):
+        meta["qos.arch"] = arch
+    for key, value in (extra or {}).items():
+        meta[key if key.startswith("qos.") else f"qos.{key}"] = value
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+
+
+def _write_atomic(model: onnx.ModelProto, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def export_onnx(qnet: QoSNet, path: str | Path | None = None, *, input_shape: Sequence[int] | None = None,
+                slots: bool = False, opset: int = DEFAULT_OPSET, debug: bool = False,
+                quantize: str = "exact", metadata: dict[str, Any] | None = None) -> OnnxExport:
+    """Export a calibrated QoSNet with every operating point to ONNX (docs/onnx_ops.md).
+
+    ``input_shape``: per-sample input (C, H, W); default from the model zoo's ``qos_arch``.
+    ``slots=False``: inputs ``input`` and ``operating_point`` (int64 scalar), per-OP tensors
+    stacked and gathered. ``slots=True``: no ``operating_point``; every per-OP tensor is a
+    graph input ``slot.<layer>.lut|scale|shift`` (values in ``OnnxExport.slots``).
+    ``debug``: also output every layer's input codes ``<layer>.codes`` and int32
+    accumulators ``<layer>.acc``. ``quantize``: ``"exact"`` (Mul by the float32 reciprocal,
+    Round, Add, Clip, Cast: PyTorch's codes bit for bit) or ``"QuantizeLinear"`` (the
+    standard op, which divides by the scale and can differ by one code at rounding ties).
+    ``metadata``: extra ``metadata_props`` (e.g. ``{"normalization": {"mean": ..., "std": ...}}``).
+    The file is written atomically (temporary file + rename). Layers must have observed
+    activations (calibration); the model must be traceable by torch.fx.
+    """
+    if not isinstance(qnet, QoSNet):
+        raise QosError(f"export_onnx needs a QoSNet (from wrap_model or load_qos_model), got {type(qnet).__name__}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not ops.MIN_OPSET <= opset <= 21:
+        raise QosError(f"opset must be an integer in {ops.MIN_OPSET}..21, got {opset!r}")
+    if quantize not in ("exact", "QuantizeLinear"):
+        raise QosError(f"quantize must be 'exact' or 'QuantizeLinear', got {quantize!r}")
+    shape = _resolve_input_shape(qnet, input_shape)
+    gm = _trace(qnet, shape)
+
+    g = _Graph()
+    g.fresh(INPUT_NAME)
+    g.inputs.append(_vi(INPUT_NAME, TensorProto.FLOAT, ["batch", *shape]))
+    op_input = None
+    if not slots:
+        op_input = g.fresh(OP_INPUT_NAME)
+        g.inputs.append(_vi(op_input, TensorProto.INT64, []))
+    ctx = _Ctx(qnet=qnet, g=g, slots=bool(slots), debug=bool(debug), quantize=quantize, opset=opset,
+               num_ops=qnet.num_ops, op_input=op_input, slot_values={}, layers=[])
+    if not slots:
+        ctx.luts_name = g.init("luts", qnet.bank.luts.detach().cpu().numpy().astype(np.int32))
+    out = _Emitter(ctx, gm).run()
+    # the network output under a fixed name
+    out_shape = _shape(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+    g.nodes.append(helper.make_node("Identity", [out], [OUTPUT_NAME], name="output"))
+    g.outputs.insert(0, _vi(OUTPUT_NAME, TensorProto.FLOAT, _batched(out_shape)))
+
+    order = {info.name: i for i, info in enumerate(qnet.approx_layers())}
+    ctx.layers.sort(key=lambda layer: order.get(layer.name, len(order)))
+    if len(ctx.layers) != len(order):
+        missing = sorted(set(order) - {layer.name for layer in ctx.layers})
+        raise QosError(f"approximate layers not reached by the traced forward: {', '.join(missing)}")
+
+    variant = "slots" if slots else "operating_point"
+    graph = helper.make_graph(g.nodes, "qosnet", g.inputs, g.outputs, g.inits)
+    model = helper.make_model(graph, opset_imports=ops.opset_imports(opset), functions=ops.function_protos(opset),
+                              producer_name="qos-compile", producer_version=str(FORMAT_VERSION))
+    model.ir_version = ops.ir_version_for(opset)
+    result = OnnxExport(model=model, path=None, slots=ctx.slot_values, layers=ctx.layers, num_ops=qnet.num_ops,
+                        slotted=bool(slots), debug=bool(debug), input_shape=shape, circuits=list(qnet.bank.names))
+    meta = _metadata(qnet, result, variant, metadata)
+    onnx.helper.set_model_props(model, meta)
+    model.doc_string = (
+        f"QoS-Net exported by qos-compile ({variant} variant): {qnet.num_ops} operating point(s), "
+        f"{len(ctx.layers)} approximate layer(s), {'signed' if qnet.bank.signed else 'unsigned'} circuits "
+        f"{', '.join(qnet.bank.names)}. Custom ops {ops.DOMAIN} v{ops.DOMAIN_VERSION} (ApproxConv, ApproxGemm) are "
+        "defined by model-local functions. See metadata_props qos.* and docs/onnx_ops.md.")
+    if path is not None:
+        result.path = Path(path)
+        _write_atomic(model, result.path)
+    return result
