@@ -6,7 +6,11 @@ import sys
 from typing import Sequence
 
 from . import run_cli
+from . import bench as bench_cmd
+from . import evaluate as evaluate_cmd
 from . import multipliers as multipliers_cmd
+from . import pipeline as pipeline_cmd
+from . import stages as stages_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qos-nets", description="QoS-Nets tools: multiplier library, training, search, evaluation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     multipliers_cmd.add_parser(sub)
+    pipeline_cmd.add_parser(sub)
+    stages_cmd.add_parser(sub)
+    evaluate_cmd.add_parser(sub)
+    bench_cmd.add_parser(sub)
     return parser
 
 

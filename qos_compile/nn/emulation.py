@@ -28,7 +28,7 @@ import math
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -207,22 +207,27 @@ def _analyse(table: np.ndarray, signed: bool, sha: str, max_terms: int) -> Emula
     if k is not None:
         return EmulationPlan("masked", rank=rank, wterms=_ro((codes & ~((1 << k) - 1))[None]),
                              xterms=_ro(codes[None]), denom=1, main_term=True, mask_bits=k, **common)
-    # candidates: exact product + factors of the error table, or factors of the table itself
-    candidates = []
-    if rank + 1 <= max_terms:
-        for f, g, d in _factorizations(err, rank):
-            candidates.append((np.concatenate([d * codes[None], f]), np.concatenate([codes[None], g]), d, True))
-    lut_rank = _rank(lut)
-    if 0 < lut_rank <= min(rank, max_terms):
-        # prefer a basis whose first activation factor is the code itself: a main term
-        # absorbs weight centring for free (see functional)
-        if _rank(np.vstack([lut, codes[None]])) == lut_rank:
-            candidates.extend((f, g, d, True) for f, g, d in _factorizations(lut, lut_rank, lead=codes))
-        candidates.extend((f, g, d, False) for f, g, d in _factorizations(lut, lut_rank))
+    # Candidate classes in order of preference (fewest terms, then a code term first):
+    # factors of the table led by the code, plain factors of the table, and the exact
+    # product plus factors of the error table. The first class with an acceptable
+    # candidate wins; within it the smallest partial-sum bound.
     limit = MAX_BOUND_RATIO * 255 * 255
-    good = [c for c in candidates if _cost(c[0], c[1]) <= limit]
-    if good:
-        wt, xt, d, main = min(good, key=lambda c: (c[0].shape[0], not c[3], _cost(c[0], c[1])))
+    lut_rank = _rank(lut)
+    classes: list[tuple[int, Callable[[], Iterator[tuple[np.ndarray, np.ndarray, int, bool]]]]] = []
+    if 0 < lut_rank <= rank:
+        if _rank(np.vstack([lut, codes[None]])) == lut_rank:
+            classes.append((lut_rank, lambda: ((f, g, d, True) for f, g, d in _factorizations(lut, lut_rank,
+                                                                                            lead=codes))))
+        classes.append((lut_rank, lambda: ((f, g, d, False) for f, g, d in _factorizations(lut, lut_rank))))
+    classes.append((rank + 1, lambda: ((np.concatenate([d * codes[None], f]), np.concatenate([codes[None], g]), d,
+                                        True) for f, g, d in _factorizations(err, rank))))
+    for terms, candidates in classes:
+        if terms > max_terms:
+            continue
+        good = [c for c in candidates() if _cost(c[0], c[1]) <= limit]
+        if not good:
+            continue
+        wt, xt, d, main = min(good, key=lambda c: _cost(c[0], c[1]))
         # the verification the module doc promises: every entry, integer arithmetic
         if np.array_equal(wt.T @ xt, d * lut):
             return EmulationPlan("lowrank", rank=rank, wterms=_ro(wt), xterms=_ro(xt), denom=d, main_term=main,
@@ -233,6 +238,16 @@ def _analyse(table: np.ndarray, signed: bool, sha: str, max_terms: int) -> Emula
 
 
 _PLANS: dict[tuple[str, bool, int], EmulationPlan] = {}  # by (table SHA-256, signed, max_terms)
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """Single-threaded BLAS for the small (256 x 256) linear algebra of the analysis: extra
+    BLAS threads gain nothing there and, on shared cores, spin-wait for ~100x longer."""
+    try:
+        from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def plan_for(lut: Multiplier | np.ndarray | torch.Tensor, signed: bool | None = None,
@@ -257,7 +272,8 @@ def plan_for(lut: Multiplier | np.ndarray | torch.Tensor, signed: bool | None = 
     key = (sha, bool(signed), max_lowrank_terms() if max_terms is None else int(max_terms))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _analyse(table, key[1], sha, key[2])
+        with _one_blas_thread():
+            plan = _PLANS[key] = _analyse(table, key[1], sha, key[2])
     return plan
 
 

@@ -1,0 +1,89 @@
+"""Accuracy against relative multiplication power, one point per operating point (PNG)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import QosError
+
+__all__ = ["plot_operating_points"]
+
+
+def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
+                          baseline: dict[str, Any] | None = None, title: str = "Operating points",
+                          series: Sequence[tuple[str, Sequence[float | None]]] = (),
+                          metric: str = "top1", label: str = "operating points (this model)") -> Path:
+    """Write a PNG: ``metric`` (``top1``/``top5``, %) of every OP row (keys ``op``,
+    ``relative_power``, ``savings_pct``, ``scale``, ``circuits``) against its relative power,
+    the exact baseline (``baseline['top1']`` at relative power 1) as a star, and optional
+    extra ``series`` (label, one accuracy per row; e.g. before fine-tuning); ``label``: legend of
+    the rows' own accuracies. Atomic write."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise QosError("nothing to plot: no operating points")
+    target = Path(path)
+    if not target.resolve().parent.is_dir():
+        raise QosError(f"cannot write {target}: folder {target.resolve().parent} does not exist")
+    xs = [100.0 * r["relative_power"] for r in rows]
+    ys = [r.get(metric) for r in rows]
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
+    try:
+        markers = ["s", "^", "v", "D", "x"]
+        for k, (label, vals) in enumerate(series):
+            pts = [(x, v) for x, v in zip(xs, vals) if v is not None]
+            if pts:
+                # hollow and larger than the main markers, so coinciding points stay visible
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=":", marker=markers[k % len(markers)],
+                        markersize=11, markerfacecolor="none", markeredgewidth=1.5, color=f"C{k + 2}",
+                        label=label, zorder=2)
+        ax.plot(xs, ys, "-o", color="C0", markersize=6, label=label, zorder=3)
+        for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+            if y is None:
+                continue
+            scale = r.get("scale")
+            name = f"OP{r['op']}" + (f" (s={scale:g})" if scale is not None else "")
+            up = i % 2 == 0  # alternate above/below: neighbouring OPs are often close in power
+            ax.annotate(f"{name}: {r['savings_pct']:.1f}% saved", (x, y), textcoords="offset points",
+                        xytext=(0, 14 if up else -16), ha="center", va="bottom" if up else "top", fontsize=8,
+                        color="C0", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
+                        zorder=5)
+        if baseline and baseline.get(metric) is not None:
+            ax.plot([100.0], [baseline[metric]], marker="*", markersize=15, color="C3", linestyle="none",
+                    label="exact multiplier (QAT baseline)", zorder=4)
+            ax.annotate("exact", (100.0, baseline[metric]), textcoords="offset points", xytext=(0, -14),
+                        fontsize=8, color="C3", ha="center", va="top")
+        vals = [v for v in ys if v is not None] + [v for _, s in series for v in s if v is not None]
+        if baseline and baseline.get(metric) is not None:
+            vals.append(baseline[metric])
+        if vals:
+            lo, hi = min(vals), max(vals)
+            pad = max(1.5, 0.15 * (hi - lo))
+            ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlim(min(xs + [100.0]) - 12, 106)
+        ax.set_xlabel("relative multiplication power (% of the exact 8x8 multiplier)")
+        ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".png")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    finally:
+        plt.close(fig)
+    return target

@@ -1,0 +1,220 @@
+"""ONNX (with the ``ai.qosnets`` ops) -> TVM Relax.
+
+The stock importer ``tvm.relax.frontend.onnx.from_onnx`` has no hook for custom ops and
+ignores node domains; it looks every converter up through the module-level
+``_get_convert_map()`` (DESIGN.md, "Apache TVM 0.27"). ``from_onnx`` here extends that
+map, for the duration of one import (under a lock), with two converters:
+
+* ``ApproxConv(X, W, LUT)`` (Conv attributes + ``pad_value``) ->
+  ``bb.call_te(kernels.approx_conv2d, ...)``: int32 accumulators;
+* ``ApproxGemm(X, W, LUT)`` -> ``bb.call_te(kernels.approx_dense, ...)``.
+
+Every other node goes through the stock converters. Graph inputs (the network input and,
+in the exporter's *slots* variant, every per-OP tensor ``slot.<layer>.lut|scale|shift``)
+stay parameters of ``main`` in graph-input order; initializers (weights, quantization
+constants) become Relax constants, so ``FoldConstant`` can pre-compute weight-only
+expressions (zero-point corrections) at compile time.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
+
+import onnx  # noqa: E402
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+from tvm.relax.frontend.onnx import onnx_frontend as _frontend  # noqa: E402
+
+from ..errors import QosError  # noqa: E402
+from . import kernels  # noqa: E402
+
+__all__ = ["CUSTOM_DOMAIN", "CUSTOM_OPS", "ImportedModel", "from_onnx", "custom_converters"]
+
+CUSTOM_DOMAIN = "ai.qosnets"
+CUSTOM_OPS = ("ApproxConv", "ApproxGemm")
+_STANDARD_DOMAINS = ("", "ai.onnx")
+_LOCK = threading.RLock()
+
+
+def _static_shape(expr: Any, what: str) -> tuple[int, ...]:
+    ty = expr.ty
+    shape = getattr(ty, "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None:
+        raise QosError(f"{what}: shape must be static, got {ty}")
+    try:
+        return tuple(int(v) for v in values)
+    except TypeError:
+        raise QosError(f"{what}: shape must be static, got {ty}") from None
+
+
+def _dtype(expr: Any) -> str:
+    return str(expr.ty.dtype)
+
+
+def _ints(attr: dict, key: str, default: tuple[int, ...], n: int, op: str) -> tuple[int, ...]:
+    v = attr.get(key, default)
+    t = tuple(int(x) for x in (v if isinstance(v, (tuple, list)) else (v,)))
+    if len(t) != n:
+        raise QosError(f"{op}: attribute {key} must have {n} values, got {t}")
+    return t
+
+
+def _check_operands(op: str, x: Any, w: Any, lut: Any, x_rank: int) -> None:
+    if x is None or w is None or lut is None:
+        raise QosError(f"{op} needs three inputs (X codes, W codes, LUT)")
+    xs, ws, ls = (_static_shape(x, f"{op} X"), _static_shape(w, f"{op} W"), _static_shape(lut, f"{op} LUT"))
+    if len(xs) != x_rank or len(ws) != x_rank:
+        raise QosError(f"{op}: X and W must have rank {x_rank}, got {xs} and {ws}")
+    if {_dtype(x), _dtype(w)} not in ({"uint8"}, {"int8"}):
+        raise QosError(f"{op}: X and W must both be uint8 (unsigned circuits) or both int8 (signed), "
+                       f"got {_dtype(x)} and {_dtype(w)}")
+    if ls != (256, 256) or _dtype(lut) != "int32":
+        raise QosError(f"{op}: LUT must be int32 (256, 256), got {_dtype(lut)} {ls}")
+
+
+class ApproxConvConverter(_frontend.OnnxOpConverter):
+    """``ai.qosnets::ApproxConv`` v1 -> the TIR LUT convolution (int32 accumulators, NCHW)."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Any, attr: dict, params: Any) -> relax.Expr:
+        x, w, lut = inputs[0], inputs[1], inputs[2]
+        _check_operands("ApproxConv", x, w, lut, 4)
+        ws = _static_shape(w, "ApproxConv W")
+        auto_pad = attr.get("auto_pad", b"NOTSET")
+        if isinstance(auto_pad, bytes):
+            auto_pad = auto_pad.decode()
+        if auto_pad not in ("NOTSET", ""):
+            raise QosError(f"ApproxConv: auto_pad={auto_pad!r} is not supported (the exporter writes explicit pads)")
+        kshape = _ints(attr, "kernel_shape", ws[2:], 2, "ApproxConv")
+        if kshape != ws[2:]:
+            raise QosError(f"ApproxConv: kernel_shape {kshape} does not match W {ws}")
+        signed = _dtype(x) == "int8"
+        pad_code = int(attr.get("pad_value", 0))
+        lo, hi = (-128, 127) if signed else (0, 255)
+        if not lo <= pad_code <= hi:
+            raise QosError(f"ApproxConv: pad_value {pad_code} is not a {_dtype(x)} code")
+        return bb.call_te(
+            kernels.approx_conv2d, x, w, lut,
+            stride=_ints(attr, "strides", (1, 1), 2, "ApproxConv"),
+            padding=_ints(attr, "pads", (0, 0, 0, 0), 4, "ApproxConv"),
+            dilation=_ints(attr, "dilations", (1, 1), 2, "ApproxConv"),
+            groups=int(attr.get("group", 1)), pad_code=pad_code, signed=signed,
+            primfunc_name_hint="approx_conv2d")
+
+
+class ApproxGemmConverter(_frontend.OnnxOpConverter):
+    """``ai.qosnets::ApproxGemm`` v1 (X (N, K), W (O, K)) -> the TIR LUT dense (int32 (N, O))."""
+
+    @classmethod
+    def _impl_v1(cls, bb: relax.BlockBuilder, inputs: Any, attr: dict, params: Any) -> relax.Expr:
+        x, w, lut = inputs[0], inputs[1], inputs[2]
+        _check_operands("ApproxGemm", x, w, lut, 2)
+        xs, ws = _static_shape(x, "ApproxGemm X"), _static_shape(w, "ApproxGemm W")
+        if xs[1] != ws[1]:
+            raise QosError(f"ApproxGemm: X {xs} and W {ws} disagree in K")
+        return bb.call_te(kernels.approx_dense, x, w, lut, signed=_dtype(x) == "int8",
+                          primfunc_name_hint="approx_dense")
+
+
+def custom_converters() -> dict[str, type]:
+    """The converters this module adds to the stock map (op type -> converter class)."""
+    return {"ApproxConv": ApproxConvConverter, "ApproxGemm": ApproxGemmConverter}
+
+
+@contextlib.contextmanager
+def _extended_convert_map() -> Iterator[None]:
+    """Temporarily make the stock importer see the ai.qosnets converters."""
+    with _LOCK:
+        original = _frontend._get_convert_map
+
+        def extended() -> dict:
+            table = dict(original())
+            table.update(custom_converters())
+            return table
+
+        _frontend._get_convert_map = extended
+        try:
+            yield
+        finally:
+            _frontend._get_convert_map = original
+
+
+@dataclass
+class ImportedModel:
+    """A Relax module with ``main(*inputs)``; ``input_names``/``output_names`` are the ONNX
+    graph's (non-initializer inputs, in the order of main's parameters)."""
+
+    mod: tvm.IRModule
+    input_names: list[str]
+    output_names: list[str]
+    opset: int
+
+
+def _check_domains(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
+        dom = node.domain or ""
+        if dom == CUSTOM_DOMAIN:
+            if node.op_type not in CUSTOM_OPS:
+                raise QosError(f"unknown {CUSTOM_DOMAIN} operator {node.op_type!r} (node {node.name!r}); "
+                               f"known: {', '.join(CUSTOM_OPS)}")
+        elif dom not in _STANDARD_DOMAINS:
+            raise QosError(f"node {node.name!r}: operator {dom}::{node.op_type} is not supported by the TVM importer")
+        elif node.op_type in CUSTOM_OPS:
+            raise QosError(f"node {node.name!r}: {node.op_type} must be in domain {CUSTOM_DOMAIN!r}")
+
+
+def _discard_blocks(bb: relax.BlockBuilder) -> None:
+    """Close what a failed import left open (else TVM warns when the builder is destroyed)."""
+    try:
+        bb._end_block()
+        bb.end_scope()
+    except Exception:  # noqa: BLE001 - nothing left to close
+        pass
+
+
+def from_onnx(model: "onnx.ModelProto | str | os.PathLike", shape_dict: dict[str, list[int]] | None = None) -> ImportedModel:
+    """Import an ONNX model (a ModelProto or a path) into Relax.
+
+    QosError for an unsupported operator or a malformed ApproxConv/ApproxGemm.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(str(Path(model)))
+        except Exception as e:  # noqa: BLE001 - protobuf/IO errors
+            raise QosError(f"cannot read ONNX model {model}: {e}") from None
+    _check_domains(model)
+    inits = {t.name for t in model.graph.initializer}
+    input_names = [i.name for i in model.graph.input if i.name not in inits]
+    output_names = [o.name for o in model.graph.output]
+    opset = next((o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS), 1)
+    if model.ir_version < 3:
+        raise QosError(f"ONNX IR version {model.ir_version} is too old (TVM needs >= 3)")
+    importer = _frontend.ONNXGraphImporter(dict(shape_dict or {}), "float32", keep_params_in_input=False,
+                                           sanitize=False)
+    # the stock importer prints a line to stdout before re-raising a converter error
+    with _extended_convert_map(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            mod = importer.from_onnx(model.graph, opset)
+        except Exception as e:  # noqa: BLE001 - importer errors of every kind
+            _discard_blocks(importer.bb)
+            if isinstance(e, QosError):
+                raise
+            if isinstance(e, tvm.error.OpNotImplemented):
+                raise QosError(f"TVM cannot import the ONNX model: {str(e).strip().splitlines()[-1]}") from None
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            raise QosError(f"TVM cannot import the ONNX model: {type(e).__name__}: "
+                           f"{lines[-1] if lines else ''}") from None
+    params = [p.name for p in mod["main"].params]
+    if params != input_names:
+        raise QosError(f"the imported function's parameters {params} differ from the ONNX inputs {input_names}")
+    return ImportedModel(mod=mod, input_names=input_names, output_names=output_names, opset=int(opset))
