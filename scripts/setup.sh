@@ -28,6 +28,7 @@ fi
 stamp=$(cat pyproject.toml | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.qos-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "setup: installing Python packages into .venv (torch==2.13.0 CPU, apache-tvm==0.27.0.post1, ...)"
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  # (pip warns about every missing extra-index folder of this machine's pip.conf: drop those lines)
+  .venv/bin/python -m pip install -q -e '.[dev]' 2>&1 | { grep -v '^WARNING: Location' || true; }
   echo "$stamp" > .venv/.qos-stamp
 fi

@@ -131,3 +131,28 @@ def test_model_errors(tmp_path):
     if HAVE_ARM:
         with pytest.raises(QosError, match="compiled for aarch64"):
             Model(arm().outs["aarch64"])
+
+
+def test_stream_switches_ops_mid_stream_and_benchmarks(tmp_path):
+    """--op-sequence switches OP between the inputs of one stream (one process, qos_select between
+    inferences): item i equals a separate run at OP seq[i]; --switch-bench and --bench report numbers."""
+    a = x86()
+    out = a.outs["x86_64"]
+    per_op = [_qos_run(out, a.x, op, tmp_path, tag="s") for op in range(3)]
+    stream, res = tmp_path / "stream.bin", tmp_path / "stream_out.bin"
+    np.concatenate([a.x, a.x, a.x]).astype(np.float32).tofile(stream)
+    proc = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--input", str(stream), "--op-sequence",
+                           "2,0,op1", "--output", str(res)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    y = np.fromfile(res, dtype=np.float32).reshape(3, len(a.x), -1)
+    for item, op in enumerate((2, 0, 1)):
+        assert np.array_equal(y[item], per_op[op]), f"stream item {item} != OP {op}"
+    sw = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--switch-bench", "100000"],
+                        capture_output=True, text=True, timeout=60)
+    assert sw.returncode == 0 and float(sw.stdout.split("qos_select: ")[1].split(" ns")[0]) > 0
+    b = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--bench", "3"], capture_output=True,
+                       text=True, timeout=600)
+    assert b.returncode == 0 and b.stdout.count("bench op ") == 3, b.stdout + b.stderr
+    bad = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--op-sequence", "0,7"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad --op-sequence" in bad.stderr

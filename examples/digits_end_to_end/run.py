@@ -114,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  OP{r['op']}: {', '.join(r['circuits'])}; saves {r['savings_pct']:.1f}% multiplication power; "
               f"top-1 {r['top1']:.2f}%; latency {r['latency_ratio_vs_op0']:.2f}x OP0{emu}")
     sw = bench["switch_cost"]
-    print("  switch cost: " + (f"{sw['median_us']:.2f} us" if sw.get("median_us") is not None else
-                               f"not measured by qos-run ({a.target}); switching is an O(1) pointer swap in "
-                               "qos_select") + f"; mid-stream switches: {stream['switches']}")
+    print(f"  switch cost: {sw['ns_per_select']:.1f} ns per qos_select"
+          + (" (emulated)" if sw.get("emulated") else "") + f"; mid-stream switches: {stream['switches']}")
     print(f"  table: {out / 'bench.md'}, JSON: {out / 'bench.json'}, plots: {', '.join(bench['plots'])}")
     return 0
 
@@ -128,40 +127,33 @@ def _sha(path: Path) -> str:
 
 
 def _stream(cdir: Path, target, x: np.ndarray, y: np.ndarray, batch: int, num_ops: int, every: int) -> dict:
-    """Feed x batch by batch to qos-run, OP = (batch index // every) % num_ops.
+    """Feed x as ONE stream to one qos-run process, OP = (batch index // every) % num_ops.
 
-    qos-run runs one OP per process (--op N on one input file), so the stream is a sequence of
-    qos-run calls with the OP chosen per batch: the switch between batches is what a device would
-    do with qos_select between inferences."""
+    qos-run's --op-sequence calls qos_select between the inferences of the stream, as a device
+    would when its power budget changes mid-stream."""
     prefix = target.run_prefix()
-    per_op: dict[int, dict[str, int]] = {}
-    correct = switches = 0
-    prev = None
+    nb = -(-len(x) // batch)
+    ops = [(b // every) % num_ops for b in range(nb)]
+    xs = np.zeros((nb * batch, *x.shape[1:]), np.float32)
+    xs[:len(x)] = x
     tmp = cdir / "stream"
     tmp.mkdir(exist_ok=True)
-    nb = -(-len(x) // batch)
-    for b in range(nb):
-        op = (b // every) % num_ops
-        switches += prev is not None and op != prev
-        prev = op
-        xb = x[b * batch:(b + 1) * batch]
-        k = len(xb)
-        if k < batch:
-            xb = np.concatenate([xb, np.zeros((batch - k, *x.shape[1:]), np.float32)])
-        np.ascontiguousarray(xb).tofile(tmp / "in.bin")
-        p = subprocess.run([*prefix, str(cdir / "qos-run"), str(cdir / "model.qosm"), "--op", str(op), "--input",
-                            str(tmp / "in.bin"), "--output", str(tmp / "out.bin")], capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"qos-run failed: {p.stderr.strip()}")
-        pred = np.fromfile(tmp / "out.bin", np.float32).reshape(batch, -1)[:k].argmax(1)
-        c = int((pred == y[b * batch:b * batch + k]).sum())
-        correct += c
-        s = per_op.setdefault(op, {"correct": 0, "count": 0})
-        s["correct"] += c
-        s["count"] += k
+    xs.tofile(tmp / "in.bin")
+    p = subprocess.run([*prefix, str(cdir / "qos-run"), str(cdir / "model.qosm"), "--input", str(tmp / "in.bin"),
+                        "--op-sequence", ",".join(map(str, ops)), "--output", str(tmp / "out.bin")],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"qos-run failed: {p.stderr.strip()}")
+    pred = np.fromfile(tmp / "out.bin", np.float32).reshape(nb * batch, -1)[:len(x)].argmax(1)
     shutil.rmtree(tmp, ignore_errors=True)
+    per_op: dict[int, dict[str, int]] = {}
+    for b, op in enumerate(ops):
+        s = per_op.setdefault(op, {"correct": 0, "count": 0})
+        s["correct"] += int((pred[b * batch:(b + 1) * batch] == y[b * batch:(b + 1) * batch]).sum())
+        s["count"] += len(y[b * batch:(b + 1) * batch])
+    switches = sum(a != b for a, b in zip(ops, ops[1:]))
     return {"batches": nb, "batch": batch, "switch_every_batches": every, "switches": int(switches),
-            "top1": 100.0 * correct / len(x), "per_op": per_op}
+            "top1": 100.0 * float((pred == y).mean()), "per_op": per_op}
 
 
 if __name__ == "__main__":

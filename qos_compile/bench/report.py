@@ -8,8 +8,8 @@ quartiles over repeats) and the cost of ``qos_select``.
 
 Emulated targets (aarch64 under qemu): every time is labelled *emulated*; only ratios between OPs
 are reported, never a device latency, and the host-native baselines are not divided by emulated
-times. ``qos-run`` has no switch benchmark, so ``qos_select`` is timed through the Python binding
-(host targets only; it includes the ctypes call overhead, i.e. it is an upper bound).
+times. ``qos_select`` is timed by ``qos-run --switch-bench`` in C on the target (emulated under
+qemu for aarch64, labelled so).
 """
 from __future__ import annotations
 
@@ -267,11 +267,8 @@ def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int |
                                    for row in rows}})
 
         # ---- qos_select cost
-        switch = _switch_cost(model, num_ops, max(200, 50 * repeats)) if host else {
-            "median_us": None, "reason": "qos-run has no switch benchmark; qos_select is timed through the "
-                                         "Python binding, which cannot load an emulated target's library"}
-        log("qos_select: " + (f"{switch['median_us']:.2f} us per switch (Python binding, ctypes included)"
-                              if switch.get("median_us") is not None else switch["reason"]))
+        switch = _switch_cost(out, prefix, emulated)
+        log(f"qos_select: {switch['ns_per_select']:.1f} ns per switch" + (" (emulated)" if emulated else ""))
     finally:
         if model is not None:
             model.close()
@@ -294,18 +291,15 @@ def _timing_json(t: Timing) -> dict[str, Any]:
             "max_ms": t.max_ms, "n": t.n, "emulated": t.emulated}
 
 
-def _switch_cost(model: Any, num_ops: int, n: int) -> dict[str, Any]:
-    per: list[float] = []
-    for _ in range(20):
-        t0 = time.perf_counter_ns()
-        for i in range(n):
-            model.select(i % num_ops)
-        per.append((time.perf_counter_ns() - t0) / 1e3 / n)
-    model.select(0)
-    a = np.asarray(per)
-    return {"median_us": float(np.median(a)), "p25_us": float(np.percentile(a, 25)),
-            "p75_us": float(np.percentile(a, 75)), "switches": 20 * n,
-            "method": "Model.select through the Python binding (includes ctypes overhead: an upper bound)"}
+def _switch_cost(out: Path, prefix: Sequence[str], emulated: bool, calls: int = 1_000_000) -> dict[str, Any]:
+    """ns per ``qos_select``, timed in C by ``qos-run --switch-bench`` (under the emulator if any)."""
+    p = subprocess.run([*prefix, str(out / "qos-run"), str(out / "model.qosm"), "--switch-bench", str(calls)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode != 0 or "qos_select: " not in p.stdout:
+        raise QosError(f"qos-run --switch-bench failed: {(p.stderr or p.stdout).strip()[:200]}")
+    ns = float(p.stdout.split("qos_select: ")[1].split(" ns")[0])
+    return {"ns_per_select": ns, "calls": calls, "emulated": emulated,
+            "method": "qos-run --switch-bench (C, cycling through the OPs)"}
 
 
 def _rpc_tvm(net: Any, shape: tuple[int, ...], tracker: str, key: str, target: str, repeats: int,
@@ -360,9 +354,8 @@ def bench_markdown(res: dict[str, Any]) -> str:
                      f"{cell} | {_f(r['latency_ratio_vs_op0'], '.2f')}{' emulated' if emu else ''} |")
     sw = res["switch_cost"]
     lines.append("")
-    lines.append("qos_select cost: " + (f"{sw['median_us']:.2f} us per switch [{sw['p25_us']:.2f}-{sw['p75_us']:.2f}] "
-                                        f"({sw['method']})" if sw.get("median_us") is not None else
-                                        f"not measured ({sw['reason']})"))
+    lines.append(f"qos_select cost: {sw['ns_per_select']:.1f} ns per switch"
+                 + (" (EMULATED)" if sw["emulated"] else "") + f" ({sw['method']}, {sw['calls']} calls)")
     if res["baselines"]:
         lines += ["", "| baseline | latency/inference (ms, median) | baseline time / our OP time |", "| --- | --- | --- |"]
         for b in res["baselines"]:
