@@ -574,53 +574,31 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
     else:
         model, meta = load_float_model(path)
         cached.append("float")
-    # 2. QAT
-    path, cmeta = step(2, f"quantization-aware training ({cfg.qat_epochs} epochs, 8 bit, "
-                          f"{'signed' if signed else 'unsigned'})", "qat", k_qat)
-    if cmeta is None:
+    def qos_stage(i: int, title: str, name: str, key: str,
+                  compute: Callable[[], tuple[QoSNet, dict[str, Any]]]) -> tuple[QoSNet, dict[str, Any]]:
+        """Load stage ``name`` from the cache, or compute it, time it and cache it."""
+        path, cmeta = step(i, title, name, key)
+        if cmeta is not None:
+            cached.append(name)
+            return load_qos_model(path)
         t0 = time.time()
-        qnet, meta = stage_qat(cfg, splits, model, meta, signed, progress, log)
-        timed("qat", t0)
-        meta["stage_seconds"] = {**meta.get("stage_seconds", {}), "qat": stage_seconds["qat"]}
-        save_qos_model(path, qnet, {**meta, "cache_key": k_qat}, stage="qat")
-    else:
-        qnet, meta = load_qos_model(path)
-        cached.append("qat")
-    # 3. AGN
-    path, cmeta = step(3, f"noise tolerance (AGN, {cfg.agn_epochs} epochs, lambda {cfg.agn_lambda:g}, "
-                          f"sigma_max {cfg.agn_sigma_max:g})", "agn", k_agn)
-    if cmeta is None:
-        t0 = time.time()
-        qnet, meta = stage_agn(cfg, splits, qnet, meta, progress, log)
-        timed("agn", t0)
-        meta["stage_seconds"] = {**meta.get("stage_seconds", {}), "agn": stage_seconds["agn"]}
-        save_qos_model(path, qnet, {**meta, "cache_key": k_agn}, stage="agn")
-    else:
-        qnet, meta = load_qos_model(path)
-        cached.append("agn")
-    # 4. search
-    path, cmeta = step(4, f"search ({len(cands)} circuits, n={cfg.n}, scales {','.join(f'{s:g}' for s in cfg.scales)})",
-                       "search", k_search)
-    if cmeta is None:
-        t0 = time.time()
-        qops, meta = stage_search(cfg, splits, qnet, meta, candidates, progress, log)
-        timed("search", t0)
-        meta["stage_seconds"] = {**meta.get("stage_seconds", {}), "search": stage_seconds["search"]}
-        save_qos_model(path, qops, {**meta, "cache_key": k_search}, stage="search")
-    else:
-        qops, meta = load_qos_model(path)
-        cached.append("search")
-    # 5. BN-only fine-tuning
-    path, cmeta = step(5, f"BN-only fine-tuning of {qops.num_ops} OPs ({cfg.ft_epochs} epochs)", "finetune", k_ft)
-    if cmeta is None:
-        t0 = time.time()
-        final, meta = stage_finetune(cfg, splits, qops, meta, progress, log)
-        timed("finetune", t0)
-        meta["stage_seconds"] = {**meta.get("stage_seconds", {}), "finetune": stage_seconds["finetune"]}
-        save_qos_model(path, final, {**meta, "cache_key": k_ft}, stage="final")
-    else:
-        final, meta = load_qos_model(path)
-        cached.append("finetune")
+        net, m = compute()
+        timed(name, t0)
+        m["stage_seconds"] = {**m.get("stage_seconds", {}), name: stage_seconds[name]}
+        save_qos_model(path, net, {**m, "cache_key": key}, stage="final" if name == "finetune" else name)
+        return net, m
+
+    qnet, meta = qos_stage(2, f"quantization-aware training ({cfg.qat_epochs} epochs, 8 bit, "
+                              f"{'signed' if signed else 'unsigned'})", "qat", k_qat,
+                           lambda: stage_qat(cfg, splits, model, meta, signed, progress, log))
+    qnet, meta = qos_stage(3, f"noise tolerance (AGN, {cfg.agn_epochs} epochs, lambda {cfg.agn_lambda:g}, "
+                              f"sigma_max {cfg.agn_sigma_max:g})", "agn", k_agn,
+                           lambda: stage_agn(cfg, splits, qnet, meta, progress, log))
+    qops, meta = qos_stage(4, f"search ({len(cands)} circuits, n={cfg.n}, scales "
+                              f"{','.join(f'{s:g}' for s in cfg.scales)})", "search", k_search,
+                           lambda: stage_search(cfg, splits, qnet, meta, candidates, progress, log))
+    final, meta = qos_stage(5, f"BN-only fine-tuning of {qops.num_ops} OPs ({cfg.ft_epochs} epochs)", "finetune",
+                            k_ft, lambda: stage_finetune(cfg, splits, qops, meta, progress, log))
     # 6. full retraining baseline (comparison only; needs the model before fine-tuning)
     if cfg.baseline == "full":
         path, cmeta = step(6, f"full retraining per OP, the baseline ({cfg.ft_epochs} epochs each)", "full", k_full)
