@@ -194,7 +194,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             raise QosError(f"{p}: a TorchScript archive, not a QoS checkpoint") from None
         if is_zip:
             raise QosError(f"{p}: truncated or corrupt checkpoint archive ({reason})") from None
-        raise QosError(f"{p}: not a PyTorch checkpoint file ({type(e).__name__}: {reason})") from None
+        # a legacy (non-zip) load of arbitrary bytes fails with internal errors such as
+        # "KeyError: 101" that mean nothing to a user: say what the file is not instead
+        raise QosError(f"{p}: not a PyTorch checkpoint file (neither a torch zip archive nor a pickle)") from None
     return _unpack(p, obj)
 
 

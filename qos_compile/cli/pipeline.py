@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
           f"the paper's definition), {ov_rep['bn_affine_and_bias_pct']:.3f}% (BatchNorm affine + per-OP biases)")
     mis = meta["search"]["misfits"]
     if mis:
-        print(f"misfits (circuit above its scaled tolerance after clustering): "
+        print("misfits (circuit above its scaled tolerance after clustering): "
               + ", ".join(f"OP{m['op']}/{m['layer']} r={m['ratio']:.2f}" for m in mis))
     ag = meta["search"].get("agreement") or {}
     if ag.get("n"):

@@ -9,11 +9,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from ..errors import QosError
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 LUT_SHAPE = (256, 256)
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -131,7 +134,7 @@ class Multiplier:
         return self.lut[w, x]
 
     @cached_property
-    def metrics(self) -> "Metrics":  # noqa: F821 - defined in .metrics
+    def metrics(self) -> "Metrics":
         """Error metrics of the table (EvoApprox conventions)."""
         from .metrics import compute_metrics
 

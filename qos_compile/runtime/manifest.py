@@ -17,7 +17,6 @@ and requires them to agree.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import struct
 import tempfile
@@ -1036,7 +1035,7 @@ def generate_c_header() -> str:
     names = ['"?"'] * len(sizes)
     for code, (nm, sz, dlc, b, _np) in DTYPE_INFO.items():
         sizes[code], dl[code], bits[code], names[code] = str(sz), str(dlc), str(b), f'"{nm}"'
-    L += [f"/* indexed by dtype code (index 0 unused) */",
+    L += ["/* indexed by dtype code (index 0 unused) */",
           f"#define QOSM_DTYPE_SIZES {{{', '.join(sizes)}}}",
           f"#define QOSM_DTYPE_DL_CODES {{{', '.join(dl)}}}",
           f"#define QOSM_DTYPE_BITS {{{', '.join(bits)}}}",
