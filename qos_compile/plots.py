@@ -35,13 +35,13 @@ def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLik
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
     try:
         markers = ["s", "^", "v", "D", "x"]
-        for k, (label, vals) in enumerate(series):
+        for k, (series_label, vals) in enumerate(series):
             pts = [(x, v) for x, v in zip(xs, vals) if v is not None]
             if pts:
                 # hollow and larger than the main markers, so coinciding points stay visible
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], linestyle=":", marker=markers[k % len(markers)],
                         markersize=11, markerfacecolor="none", markeredgewidth=1.5, color=f"C{k + 2}",
-                        label=label, zorder=2)
+                        label=series_label, zorder=2)
         ax.plot(xs, ys, "-o", color="C0", markersize=6, label=label, zorder=3)
         for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
             if y is None:
