@@ -97,6 +97,16 @@ class _ApproxMixin:
         """Stop (or resume) observer updates."""
         self.observers_frozen.fill_(bool(frozen))
 
+    def _copy_parameters(self, layer: nn.Module) -> None:
+        """Take ``layer``'s weight, its bias for every OP, requires_grad flags and training mode."""
+        with torch.no_grad():
+            self.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                self.bias_per_op.copy_(layer.bias.detach().unsqueeze(0).expand_as(self.bias_per_op))
+                self.bias_per_op.requires_grad_(layer.bias.requires_grad)
+        self.weight.requires_grad_(layer.weight.requires_grad)
+        self.train(layer.training)
+
     def current_bias(self) -> torch.Tensor | None:
         """The active OP's bias row (None for a layer without bias)."""
         return None if self.bias_per_op is None else self.bias_per_op[self.op]
@@ -269,13 +279,7 @@ class ApproxConv2d(_ApproxMixin, nn.Conv2d):
         new = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                   layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
                   layer.weight.device, layer.weight.dtype, qconfig=qconfig, num_ops=num_ops, sigma_init=sigma_init)
-        with torch.no_grad():
-            new.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                new.bias_per_op.copy_(layer.bias.detach().unsqueeze(0).expand_as(new.bias_per_op))
-                new.bias_per_op.requires_grad_(layer.bias.requires_grad)
-        new.weight.requires_grad_(layer.weight.requires_grad)
-        new.train(layer.training)
+        new._copy_parameters(layer)
         return new
 
     def pads(self) -> tuple[int, int, int, int]:
@@ -330,13 +334,7 @@ class ApproxLinear(_ApproxMixin, nn.Linear):
         """An ApproxLinear with ``layer``'s weights and (every OP's) bias."""
         new = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.weight.device,
                   layer.weight.dtype, qconfig=qconfig, num_ops=num_ops, sigma_init=sigma_init)
-        with torch.no_grad():
-            new.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                new.bias_per_op.copy_(layer.bias.detach().unsqueeze(0).expand_as(new.bias_per_op))
-                new.bias_per_op.requires_grad_(layer.bias.requires_grad)
-        new.weight.requires_grad_(layer.weight.requires_grad)
-        new.train(layer.training)
+        new._copy_parameters(layer)
         return new
 
     def macs(self, input_shape: Sequence[int] | None = None) -> int:
