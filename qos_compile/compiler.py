@@ -21,6 +21,7 @@ qos-compile output (its report.json says so) or an empty folder.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -299,6 +300,25 @@ def _per_op_table(qnet: Any, ex: Any, meta: dict[str, Any], op_names: list[str])
 
 
 # --------------------------------------------------------------------------- stages
+def _layer_lowerings(qnet: Any, ex: Any, t: Any, lowering: str) -> dict[str, Any]:
+    """Per conv layer: the kernel that computes it on ``t`` (``tvm.lowering``), verified on
+    every circuit the layer runs over the OPs. ``lowering``: "auto" or one kind to force
+    (with the gather kernel where it does not fit)."""
+    from .tvm.lowering import LOWERINGS, choose_conv_lowering
+
+    if lowering != "auto" and lowering not in LOWERINGS:
+        raise QosError(f"--lowering must be auto or one of {', '.join(LOWERINGS)}, got {lowering!r}")
+    allow = LOWERINGS if lowering == "auto" else (lowering, "gather")
+    assign = qnet.assignment()
+    out = {}
+    for j, layer in enumerate(ex.layers):
+        if layer.kind != "conv":
+            continue
+        luts = [qnet.bank.luts[int(m)].detach().cpu().numpy() for m in sorted({int(row[j]) for row in assign})]
+        out[layer.name] = choose_conv_lowering(luts, bool(qnet.bank.signed), t.features, allow)
+    return out
+
+
 def _export(qnet: Any, tmp: Path, input_shape: Sequence[int] | None, meta: dict[str, Any]) -> tuple[Any, Any]:
     from .onnx.export import export_onnx
 
@@ -494,7 +514,8 @@ def _verify(exe: Path, manifest: Path, target: Any, x: np.ndarray, refs: list[np
 # --------------------------------------------------------------------------- the driver
 def compile_model(model: "str | os.PathLike", target: Any = "x86_64", out: "str | os.PathLike | None" = None, *,
                   cross_compiler: str | None = None, threads: int | None = None, batch: int = 1,
-                  verify: bool = True, progress: Callable[[str], None] | None = None) -> CompileResult:
+                  verify: bool = True, progress: Callable[[str], None] | None = None,
+                  lowering: str = "auto") -> CompileResult:
     """Compile a QoS checkpoint (model.pt) for ``target`` into ``out`` (see the module docstring)."""
     model_path = Path(model)
     t = _resolve_target(target, cross_compiler)
@@ -506,24 +527,26 @@ def compile_model(model: "str | os.PathLike", target: Any = "x86_64", out: "str 
     pr.done(f"{model_path.name}: {len(qnet.approx_layers())} approximate layers, {qnet.num_ops} OPs, "
             f"{len(qnet.bank)} circuits")
     source = {"path": str(model_path), "sha256": _sha256_file(model_path), "bytes": model_path.stat().st_size}
-    return _compile(qnet, meta, t, out_dir, source, threads=threads, batch=batch, verify=verify, pr=pr)
+    return _compile(qnet, meta, t, out_dir, source, threads=threads, batch=batch, verify=verify, pr=pr,
+                    lowering=lowering)
 
 
 def compile_qnet(qnet: Any, target: Any, out: "str | os.PathLike", *, meta: dict[str, Any] | None = None,
                  cross_compiler: str | None = None, threads: int | None = None, batch: int = 1,
                  verify: bool = True, input_shape: Sequence[int] | None = None,
-                 progress: Callable[[str], None] | None = None) -> CompileResult:
+                 progress: Callable[[str], None] | None = None, lowering: str = "auto") -> CompileResult:
     """Compile an in-memory QoSNet (calibrated, APPROX-ready) exactly as ``compile_model`` would."""
     t = _resolve_target(target, cross_compiler)
     out_dir = Path(out)
     _check_output_dir(out_dir)
     pr = _Progress(progress, skip=("load",))
     return _compile(qnet, dict(meta or {}), t, out_dir, {"path": None}, threads=threads, batch=batch, verify=verify,
-                    pr=pr, input_shape=input_shape)
+                    pr=pr, input_shape=input_shape, lowering=lowering)
 
 
 def _compile(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, source: dict[str, Any], *, threads: int | None,
-             batch: int, verify: bool, pr: _Progress, input_shape: Sequence[int] | None = None) -> CompileResult:
+             batch: int, verify: bool, pr: _Progress, input_shape: Sequence[int] | None = None,
+             lowering: str = "auto") -> CompileResult:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise QosError(f"batch must be a positive integer, got {batch!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -536,7 +559,8 @@ def _compile(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, source: dic
     build = tmp / "_build"
     build.mkdir()
     try:
-        result = _run_stages(qnet, meta, t, out_dir, tmp, build, source, threads, batch, verify, pr, input_shape)
+        result = _run_stages(qnet, meta, t, out_dir, tmp, build, source, threads, batch, verify, pr, input_shape,
+                             lowering)
         shutil.rmtree(build, ignore_errors=True)
         _finalize(tmp, out_dir)
         return CompileResult(out_dir, result)
@@ -547,7 +571,7 @@ def _compile(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, source: dic
 
 def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Path, build: Path,
                 source: dict[str, Any], threads: int | None, batch: int, verify: bool, pr: _Progress,
-                input_shape: Sequence[int] | None) -> dict[str, Any]:
+                input_shape: Sequence[int] | None, lowering: str = "auto") -> dict[str, Any]:
     t_start = time.perf_counter()
     qnet.eval()
     # ---- export
@@ -569,8 +593,12 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
     from .tvm.relax_import import from_onnx
 
     in_name = slotted.model.graph.input[0].name
-    imported = from_onnx(slotted.model, shape_dict={in_name: [batch, *slotted.input_shape]})
-    pr.done(f"{len(imported.input_names)} parameters ({len(slotted.slots)} per-OP slots)")
+    lowerings = _layer_lowerings(qnet, slotted, t, lowering)
+    imported = from_onnx(slotted.model, shape_dict={in_name: [batch, *slotted.input_shape]},
+                         lowerings={f"slot.{name}.lut": low for name, low in lowerings.items()})
+    kinds = collections.Counter(low.describe() for low in lowerings.values())
+    pr.done(f"{len(imported.input_names)} parameters ({len(slotted.slots)} per-OP slots); conv kernels: "
+            + (", ".join(f"{k} x{v}" for k, v in sorted(kinds.items())) or "none"))
     # ---- plan
     pr.start("plan")
     plan = tvm_plan.compile_plan(imported.mod, t, imported.input_names)
@@ -597,7 +625,9 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
         "kernel_prefix": prefix, "signed": bool(qnet.bank.signed),
         "ops": [{k: r[k] for k in ("name", "circuits", "relative_power", "accuracy")} for r in per_op],
         "layers": [{"name": layer.name, "kind": layer.kind, "x_scale": float(layer.x_scale),
-                    "x_zero_point": int(layer.x_zero_point), "macs": _layer_macs(layer)} for layer in slotted.layers],
+                    "x_zero_point": int(layer.x_zero_point), "macs": _layer_macs(layer),
+                    "kernel": lowerings[layer.name].describe() if layer.name in lowerings else "gather"}
+                   for layer in slotted.layers],
     }
     if isinstance(meta.get("normalization"), dict):
         metadata["normalization"] = meta["normalization"]

@@ -1,7 +1,7 @@
 /* qos_run_main.c -- `qos-run`: run a manifest from the command line (the on-device driver).
  *
  *   qos-run MODEL.qosm [--op N|NAME] [--input IN.bin] [--output OUT.bin] [--repeat N]
- *                      [--op-sequence 0,2,1,...] [--bench N] [--switch-bench N] [--info]
+ *                      [--op-sequence 0,2,1,...] [--bench N] [--switch-bench N] [--profile N] [--info]
  *
  * IN.bin holds the raw bytes of the model's single input, or of several inputs
  * back to back (a stream); OUT.bin receives the outputs in the same order.
@@ -9,7 +9,8 @@
  * between inferences (mid-stream switching). --repeat N runs N times and prints
  * the mean time per inference. --bench N prints the median latency of N runs per
  * OP (zero input if no --input); --switch-bench N the cost of one qos_select in
- * ns, averaged over N calls cycling through the OPs. --info prints OPs and I/O.
+ * ns, averaged over N calls cycling through the OPs. --profile N runs N inferences
+ * at the selected OP and prints each plan step's mean time. --info prints OPs and I/O.
  *
  * Kernels come from whatever is linked with this file: it calls
  *     qos_packed_fn qos_linked_kernel_lookup(const char* name, void* user);
@@ -57,7 +58,7 @@ static double now_s(void) {
 static void usage(void) {
   fprintf(stderr,
           "usage: qos-run MODEL.qosm [--op N|NAME] [--input IN.bin] [--output OUT.bin] [--repeat N]\n"
-          "               [--op-sequence 0,2,1,...] [--bench N] [--switch-bench N] [--info]\n");
+          "               [--op-sequence 0,2,1,...] [--bench N] [--switch-bench N] [--profile N] [--info]\n");
 }
 
 static int cmp_double(const void* a, const void* b) {
@@ -111,9 +112,39 @@ static long parse_ops(qos_model* m, const char* text, uint32_t* ops, long cap) {
   return *p ? -1 : n;
 }
 
+/* --profile N: N inferences (zero input) at the selected OP; mean time of every plan step. */
+static int profile_steps(qos_model* m, long n) {
+  uint32_t k, steps = qos_num_steps(m);
+  uint64_t* ns = (uint64_t*)calloc(steps ? steps : 1, sizeof *ns);
+  qos_tensor_info ii, oi;
+  unsigned char *in, *out;
+  double total = 0;
+  long r;
+  int rc = QOS_OK;
+  qos_input_info(m, 0, &ii);
+  qos_output_info(m, 0, &oi);
+  in = (unsigned char*)calloc(ii.nbytes ? ii.nbytes : 1, 1);
+  out = (unsigned char*)malloc(oi.nbytes ? oi.nbytes : 1);
+  if (!ns || !in || !out) rc = QOS_ERR_NOMEM;
+  if (rc == QOS_OK) rc = qos_run(m, in, ii.nbytes, out, oi.nbytes); /* warm-up, not counted */
+  if (rc == QOS_OK) rc = qos_profile_steps(m, ns);
+  for (r = 0; rc == QOS_OK && r < n; r++) rc = qos_run(m, in, ii.nbytes, out, oi.nbytes);
+  qos_profile_steps(m, NULL);
+  if (rc == QOS_OK) {
+    for (k = 0; k < steps; k++) total += (double)ns[k];
+    printf("step profile: OP %u (%s), %ld runs, mean us per step\n", qos_selected(m), qos_op_name(m, qos_selected(m)), n);
+    for (k = 0; k < steps; k++)
+      printf("  %3u %10.3f %5.1f%%  %s\n", k, 1e-3 * (double)ns[k] / (double)n, total > 0 ? 100.0 * (double)ns[k] / total : 0.0,
+             qos_step_kernel(m, k));
+    printf("  total %10.3f us\n", 1e-3 * total / (double)n);
+  }
+  free(ns), free(in), free(out);
+  return rc;
+}
+
 int main(int argc, char** argv) {
   const char *model_path = NULL, *op_arg = NULL, *in_path = NULL, *out_path = NULL;
-  long repeat = 1, bench = 0, switch_bench = 0, nseq = 0;
+  long repeat = 1, bench = 0, switch_bench = 0, nseq = 0, profile = 0;
   const char* seq_arg = NULL;
   uint32_t seq[256];
   int info = 0, rc, i;
@@ -131,6 +162,7 @@ int main(int argc, char** argv) {
     else if (!strcmp(argv[i], "--op-sequence") && i + 1 < argc) seq_arg = argv[++i];
     else if (!strcmp(argv[i], "--bench") && i + 1 < argc) bench = strtol(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--switch-bench") && i + 1 < argc) switch_bench = strtol(argv[++i], NULL, 10);
+    else if (!strcmp(argv[i], "--profile") && i + 1 < argc) profile = strtol(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--info")) info = 1;
     else if (argv[i][0] != '-' && !model_path) model_path = argv[i];
     else {
@@ -138,7 +170,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  if (!model_path || repeat < 1 || bench < 0 || switch_bench < 0) {
+  if (!model_path || repeat < 1 || bench < 0 || switch_bench < 0 || profile < 0) {
     usage();
     return 2;
   }
@@ -188,6 +220,12 @@ int main(int argc, char** argv) {
     qos_select(m, cur);
     printf("qos_select: %.2f ns per call over %ld calls (%u OPs)\n", 1e9 * (t1 - t0) / (double)switch_bench,
            switch_bench, nops);
+  }
+  if (profile) {
+    rc = profile_steps(m, profile);
+    if (rc != QOS_OK) fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
+    qos_close(m);
+    return rc == QOS_OK ? 0 : 1;
   }
   if (bench && !in_path) {
     qos_input_info(m, 0, &ii);

@@ -92,6 +92,7 @@ struct qos_model {
 
   qos_atomic_u32 op;
   pthread_mutex_t run_lock;
+  uint64_t* step_ns;      /* optional per-step time accumulators (qos_profile_steps) */
   int lock_ok;
   char err[QOS_ERROR_MAX];
 };
@@ -517,7 +518,15 @@ static int run_locked(qos_model* m, const void* const* inputs, const size_t* in_
       if (m->arg_kind[a] == QOSM_ARG_SLOT) m->args[a].u.v_ptr = &m->tensors[slot_row[d->args[a].index]];
     memset(&ret, 0, sizeof ret);
     qos_backend_clear_error();
-    rc = m->kernels[st->kernel](NULL, m->args + st->first_arg, (int32_t)st->num_args, &ret);
+    if (m->step_ns) {
+      struct timespec t0, t1;
+      clock_gettime(CLOCK_MONOTONIC, &t0);
+      rc = m->kernels[st->kernel](NULL, m->args + st->first_arg, (int32_t)st->num_args, &ret);
+      clock_gettime(CLOCK_MONOTONIC, &t1);
+      m->step_ns[s] += (uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec));
+    } else {
+      rc = m->kernels[st->kernel](NULL, m->args + st->first_arg, (int32_t)st->num_args, &ret);
+    }
     if (rc != 0) {
       const char* msg = qos_backend_last_error();
       return model_err(m, QOS_ERR_KERNEL, "step %u (kernel '%s') failed with %d: %s", s,
@@ -552,4 +561,19 @@ int qos_run(qos_model* m, const void* input, size_t in_bytes, void* output, size
     return rc;
   }
   return qos_run_multi(m, &input, &in_bytes, &output, &out_bytes);
+}
+
+uint32_t qos_num_steps(const qos_model* m) { return m ? m->d.num_steps : 0; }
+
+const char* qos_step_kernel(const qos_model* m, uint32_t step) {
+  if (!m || step >= m->d.num_steps) return NULL;
+  return qosm_str(&m->d, m->d.kernel_names[m->d.steps[step].kernel]);
+}
+
+int qos_profile_steps(qos_model* m, uint64_t* step_ns) {
+  if (!m) return QOS_ERR_ARG;
+  if (pthread_mutex_lock(&m->run_lock) != 0) return QOS_ERR_ARG;
+  m->step_ns = step_ns;
+  pthread_mutex_unlock(&m->run_lock);
+  return QOS_OK;
 }

@@ -176,6 +176,11 @@ const char* qos_dtype_name(int32_t dtype);
 const void* qos_metadata(const qos_model* model, size_t* len);
 /* Bytes of the arena (intermediate buffers) and of the model's copy of the file. */
 uint64_t qos_arena_bytes(const qos_model* model);
+/* Per-step profiling: while step_ns (an array of qos_num_steps() counters) is set, every run
+ * adds each plan step's wall time in ns to it; NULL turns profiling off. */
+uint32_t qos_num_steps(const qos_model* model);
+const char* qos_step_kernel(const qos_model* model, uint32_t step); /* kernel name; NULL if out of range */
+int qos_profile_steps(qos_model* model, uint64_t* step_ns);
 uint64_t qos_file_bytes(const qos_model* model);
 
 #ifdef __cplusplus

@@ -270,6 +270,25 @@ def exact_conv2d(x: te.Tensor, w: te.Tensor, stride: int | Sequence[int] = 1, pa
     return te.compute(spec.out_shape, acc, name=name, attrs={KERNEL_ATTR: "exact_conv2d"})
 
 
+def masked_conv2d(x: te.Tensor, w: te.Tensor, lut: te.Tensor, stride: int | Sequence[int] = 1,
+                  padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                  pad_code: int = 0, signed: bool | None = None, name: str = "masked_conv2d") -> te.Tensor:
+    """Exact int8 conv on the weights the circuit actually multiplies: ``lut[w, code 1]``.
+
+    Valid only for tables with ``lut[a, b] == lut[a, code 1] * code(b)`` ("masked": the
+    circuit clears low bits of port A, then multiplies exactly; the exact circuit too),
+    which ``lowering.choose_conv_lowering`` verifies for every circuit of the layer. The
+    masked weights are read from the LUT argument on every call, so the run-time switch of
+    circuits stays a pointer swap.
+    """
+    s = _signed_of(x, w, signed)
+    off = 128 if s else 0
+    wm = te.compute(tuple(int(v) for v in w.shape),
+                    lambda *i: lut[w[i].astype("int32") + off, off + 1].astype(w.dtype),
+                    name=name + "_weights", attrs={KERNEL_ATTR: "masked_weights"})
+    return exact_conv2d(x, wm, stride, padding, dilation, groups, pad_code, name=name)
+
+
 def approx_dense(x: te.Tensor, w: te.Tensor, lut: te.Tensor, signed: bool | None = None,
                  name: str = "approx_dense") -> te.Tensor:
     """TE approximate dense: acc[n, o] = sum_k lut[w[o, k] + off, x[n, k] + off] (int32 (N, O))."""
@@ -434,6 +453,11 @@ def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
     for kind in ("pad_index", "pad"):
         for b in _sblocks(sch, kind):
             _schedule_pad(sch, b)
+    for b in _sblocks(sch, "rows_taps"):
+        sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
+    for kind in ("rows_planes", "masked_weights"):
+        for b in _sblocks(sch, kind):
+            sch.parallel(sch.get_loops(b)[0])
     return sch.mod["main"]
 
 
@@ -477,3 +501,14 @@ def approx_dense_func(spec: DenseSpec, target: Any = None, schedule: bool = True
     w = te.placeholder((spec.o, spec.k), dt, name="w")
     lut = te.placeholder(LUT_SHAPE, "int32", name="lut")
     return _finish([x, w, lut, approx_dense(x, w, lut, spec.signed)], func_name, target, schedule)
+
+
+def masked_conv2d_func(spec: ConvSpec, target: Any = None, schedule: bool = True,
+                       func_name: str | None = None) -> "tvm.tirx.PrimFunc":
+    """PrimFunc ``(x, w, lut, acc)`` of ``masked_conv2d`` (exact conv on ``lut[w, code 1]``)."""
+    dt = spec.code_dtype
+    x = te.placeholder(spec.x_shape, dt, name="x")
+    w = te.placeholder(spec.w_shape, dt, name="w")
+    lut = te.placeholder(LUT_SHAPE, "int32", name="lut")
+    acc = masked_conv2d(x, w, lut, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code, spec.signed)
+    return _finish([x, w, lut, acc], func_name, target, schedule)

@@ -18,6 +18,7 @@ expressions (zero-point corrections) at compile time.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import os
 import threading
@@ -34,7 +35,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import onnx_frontend as _frontend  # noqa: E402
 
 from ..errors import QosError  # noqa: E402
-from . import kernels  # noqa: E402
+from . import kernels, lut_rows  # noqa: E402
 
 __all__ = ["CUSTOM_DOMAIN", "CUSTOM_OPS", "ImportedModel", "from_onnx", "custom_converters"]
 
@@ -42,6 +43,8 @@ CUSTOM_DOMAIN = "ai.qosnets"
 CUSTOM_OPS = ("ApproxConv", "ApproxGemm")
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _LOCK = threading.RLock()
+#: Per-layer lowerings of the import in progress: LUT slot name -> lowering.ConvLowering.
+_LOWERINGS: contextvars.ContextVar[dict] = contextvars.ContextVar("qos_lowerings", default={})
 
 
 def _static_shape(expr: Any, what: str) -> tuple[int, ...]:
@@ -102,13 +105,34 @@ class ApproxConvConverter(_frontend.OnnxOpConverter):
         lo, hi = (-128, 127) if signed else (0, 255)
         if not lo <= pad_code <= hi:
             raise QosError(f"ApproxConv: pad_value {pad_code} is not a {_dtype(x)} code")
-        return bb.call_te(
-            kernels.approx_conv2d, x, w, lut,
-            stride=_ints(attr, "strides", (1, 1), 2, "ApproxConv"),
-            padding=_ints(attr, "pads", (0, 0, 0, 0), 4, "ApproxConv"),
-            dilation=_ints(attr, "dilations", (1, 1), 2, "ApproxConv"),
-            groups=int(attr.get("group", 1)), pad_code=pad_code, signed=signed,
-            primfunc_name_hint="approx_conv2d")
+        conv = dict(stride=_ints(attr, "strides", (1, 1), 2, "ApproxConv"),
+                    padding=_ints(attr, "pads", (0, 0, 0, 0), 4, "ApproxConv"),
+                    dilation=_ints(attr, "dilations", (1, 1), 2, "ApproxConv"),
+                    groups=int(attr.get("group", 1)), pad_code=pad_code, signed=signed)
+        low = _LOWERINGS.get().get(getattr(lut, "name", "") if isinstance(lut, relax.Var) else "")
+        if low is not None and low.kind == "masked":
+            return bb.call_te(kernels.masked_conv2d, x, w, lut, **conv, primfunc_name_hint="masked_conv2d")
+        if low is not None and low.kind == "rows" and type(w).__name__ in ("GenericConst", "Constant"):
+            return _rows_conv(bb, x, w, lut, low, conv)
+        return bb.call_te(kernels.approx_conv2d, x, w, lut, **conv, primfunc_name_hint="approx_conv2d")
+
+
+def _rows_conv(bb: relax.BlockBuilder, x: Any, w: Any, lut: Any, low: Any, conv: dict) -> relax.Expr:
+    """Per-weight table rows: taps + planes + the byte-permute microkernel (``lut_rows``)."""
+    wn = w.value.numpy()
+    spec = kernels.ConvSpec.make(_static_shape(x, "ApproxConv X"), wn.shape, conv["stride"], conv["padding"],
+                                 conv["dilation"], conv["groups"], conv["pad_code"], conv["signed"])
+    layout = lut_rows.rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa)
+    kg = wn.shape[1] * spec.kh * spec.kw
+    tp = bb.call_te(lut_rows.rows_inputs, x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
+                    spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad,
+                    primfunc_name_hint="rows_taps")
+    pl = bb.call_te(lut_rows.planes, lut, relax.const(layout.codes), low.bias, primfunc_name_hint="rows_planes")
+    micro = lut_rows.rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, low.bias)
+    gv = bb.add_func(micro, f"rows_conv_{low.isa}")
+    acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow)],
+                                 relax.TensorType((spec.n, spec.o, layout.p_pad), "int32")))
+    return bb.call_te(lut_rows.unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint="rows_unpack")
 
 
 class ApproxGemmConverter(_frontend.OnnxOpConverter):
@@ -181,8 +205,12 @@ def _discard_blocks(bb: relax.BlockBuilder) -> None:
         pass
 
 
-def from_onnx(model: "onnx.ModelProto | str | os.PathLike", shape_dict: dict[str, list[int]] | None = None) -> ImportedModel:
+def from_onnx(model: "onnx.ModelProto | str | os.PathLike", shape_dict: dict[str, list[int]] | None = None,
+              lowerings: "dict[str, Any] | None" = None) -> ImportedModel:
     """Import an ONNX model (a ModelProto or a path) into Relax.
+
+    lowerings: ``{LUT graph input name: lowering.ConvLowering}`` picks each ApproxConv's
+    kernel (masked / rows / gather); layers not named use the gather kernel.
 
     QosError for an unsupported operator or a malformed ApproxConv/ApproxGemm.
     """
@@ -201,6 +229,7 @@ def from_onnx(model: "onnx.ModelProto | str | os.PathLike", shape_dict: dict[str
     importer = _frontend.ONNXGraphImporter(dict(shape_dict or {}), "float32", keep_params_in_input=False,
                                            sanitize=False)
     # the stock importer prints a line to stdout before re-raising a converter error
+    token = _LOWERINGS.set(dict(lowerings or {}))
     with _extended_convert_map(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         try:
@@ -214,6 +243,8 @@ def from_onnx(model: "onnx.ModelProto | str | os.PathLike", shape_dict: dict[str
             lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
             raise QosError(f"TVM cannot import the ONNX model: {type(e).__name__}: "
                            f"{lines[-1] if lines else ''}") from None
+        finally:
+            _LOWERINGS.reset(token)
     params = [p.name for p in mod["main"].params]
     if params != input_names:
         raise QosError(f"the imported function's parameters {params} differ from the ONNX inputs {input_names}")
