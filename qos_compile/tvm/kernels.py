@@ -453,11 +453,19 @@ def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
     for kind in ("pad_index", "pad"):
         for b in _sblocks(sch, kind):
             _schedule_pad(sch, b)
-    for b in _sblocks(sch, "rows_taps"):
-        sch.parallel(sch.fuse(*sch.get_loops(b)[:3]))
-    for kind in ("rows_planes", "masked_weights"):
-        for b in _sblocks(sch, kind):
-            sch.parallel(sch.get_loops(b)[0])
+    for b in _sblocks(sch, "rows_taps"):       # (n, g, k, p): p -> (row, column), columns copied as vectors
+        n, g, k, p = sch.get_loops(b)
+        wo = int(sch.get(b).annotations["qos_row"])
+        _, col = sch.split(p, [None, wo])
+        sch.parallel(sch.fuse(n, g, k))
+        sch.vectorize(col)
+    for b in _sblocks(sch, "rows_planes"):     # (r, e): e -> (plane, byte), bytes as vectors
+        r, e = sch.get_loops(b)
+        _, byte = sch.split(e, [None, 256])
+        sch.parallel(r)
+        sch.vectorize(byte)
+    for b in _sblocks(sch, "masked_weights"):
+        sch.parallel(sch.get_loops(b)[0])
     return sch.mod["main"]
 
 

@@ -109,11 +109,13 @@ def taps(xp: te.Tensor, groups: int, kh: int, kw: int, stride: tuple[int, int], 
     kk = kh * kw
 
     def f(nn, g, k, p):
-        pc = tvm.tirx.min(p, ho * wo - 1)            # padding positions repeat the last one
+        i = tvm.tirx.min(p // wo, ho - 1)            # padding positions re-read the last row
         ci, r = k // kk, k % kk
-        return xp[nn, g * cg + ci, (pc // wo) * sh + (r // kw) * dh, (pc % wo) * sw + (r % kw) * dw]
+        return xp[nn, g * cg + ci, i * sh + (r // kw) * dh, (p % wo) * sw + (r % kw) * dw]
 
-    return te.compute((n, groups, cg * kk, p_pad), f, name=name, attrs={KERNEL_ATTR: "rows_taps"})
+    # row width as a block annotation: the schedule splits p into (row, column) and
+    # vectorises the column copy
+    return te.compute((n, groups, cg * kk, p_pad), f, name=name, attrs={KERNEL_ATTR: "rows_taps", "qos_row": wo})
 
 
 def planes(lut: te.Tensor, codes: te.Tensor, bias: int, name: str = "rows_planes") -> te.Tensor:
