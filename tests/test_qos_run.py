@@ -156,3 +156,26 @@ def test_stream_switches_ops_mid_stream_and_benchmarks(tmp_path):
     bad = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--op-sequence", "0,7"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "bad --op-sequence" in bad.stderr
+
+
+def test_profile_lists_every_plan_step_and_kernel_kinds():
+    """--profile N times every plan step; the manifest names each conv layer's kernel and the
+    x86-64 build uses the structure-aware kernels its CPU allows (rows with VBMI, else gather)."""
+    from qos_compile.runtime.manifest import read_manifest
+    from qos_compile.targets import host_target
+
+    a = x86()
+    out = a.outs["x86_64"]
+    p = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--op", "1", "--profile", "5"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    m = read_manifest(out / "model.qosm")
+    steps = [ln for ln in p.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert len(steps) == len(m.steps) and "OP 1" in p.stdout and "total" in p.stdout
+    kinds = {layer["kernel"] for layer in m.metadata_json()["layers"] if "kernel" in layer}
+    want = "rows-avx512vbmi" if "avx512vbmi" in host_target().features else "gather"
+    assert want in kinds, kinds
+    assert any(want.replace("-", "_") in ln or "approx_conv2d" in ln for ln in steps)
+    bad = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--profile", "-1"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2

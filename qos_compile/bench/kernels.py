@@ -93,6 +93,11 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
             lay, stages = lut_rows.rows_stage_funcs(spec, w, low.isa, low.bias)
             funcs.update({f"{kind}_{st}": f for st, f in stages.items()})
             plans[kind] = (low, lay)
+    forced = choose_conv_lowering([luts["general"]], True, target.features, allow=("rows", "gather"))
+    if forced.kind == "rows" and not isinstance(plans["general"], tuple):     # auto did not pick rows
+        lay, stages = lut_rows.rows_stage_funcs(spec, w, forced.isa, forced.bias)
+        funcs.update({f"rows_forced_{st}": f for st, f in stages.items()})
+        plans["rows_forced"] = (forced, lay)
     built = build_kernels(funcs, target, system_lib=True)     # the deployed runtime: C shim + its thread pool
     times: dict[str, float] = {}
 
@@ -106,6 +111,11 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
     _check(run("exact", x, w), ref["exact"], f"{name}: exact conv")
     _check(run("gather", x, w, luts["general"]), ref["general"], f"{name}: gather kernel")
     kinds: dict[str, tuple[str, float]] = {}
+    if "rows_forced" in plans:              # the rows kernel where auto does not pick it (NEON)
+        low, lay = plans["rows_forced"]
+        got, ms = lut_rows.run_rows_conv(built, "rows_forced_", lay, x, luts["general"], spec, repeats, threads)
+        _check(got, ref["general"], f"{name}: forced {low.describe()} kernel")
+        kinds["rows_forced"] = (low.describe(), ms)
     for kind in ("masked", "lowrank", "general"):
         p = plans[kind]
         if isinstance(p, tuple):
@@ -211,10 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             label, ms = r.kinds[kind]
             tot[kind] += count * ms
             cells.append(f"{label}, {ms / r.exact_ms:.2f}x")
-        print(f"| {name} (x{count}) | {r.exact_ms:.4f} | " + " | ".join(cells) + f" | {r.gather_ms / r.exact_ms:.2f}x |")
+        forced = r.kinds.get("rows_forced")
+        extra = f" ({forced[0]} if forced: {forced[1] / r.exact_ms:.2f}x)" if forced else ""
+        if forced:
+            tot["rows_forced"] = tot.get("rows_forced", 0.0) + count * forced[1]
+        print(f"| {name} (x{count}) | {r.exact_ms:.4f} | " + " | ".join(cells)
+              + f" | {r.gather_ms / r.exact_ms:.2f}x{extra} |")
     print(f"| all 19 convs (weighted) | {tot['exact']:.4f} | "
           + " | ".join(f"{tot[k] / tot['exact']:.2f}x" for k in ("masked", "lowrank", "general"))
-          + f" | {tot['gather'] / tot['exact']:.2f}x |")
+          + f" | {tot['gather'] / tot['exact']:.2f}x"
+          + (f" (forced rows {tot['rows_forced'] / tot['exact']:.2f}x)" if "rows_forced" in tot else "") + " |")
     out: dict[str, Any] = {"target": target.name, "emulated": not target.is_host, "threads": a.threads,
                            "circuits": CIRCUITS, "layers": [r.__dict__ for r in layers], "conv_totals_ms": tot}
     if not a.no_network:

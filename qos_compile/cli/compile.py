@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size the model is compiled for (default 1)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the built qos-run against onnxruntime")
+    p.add_argument("--lowering", default="auto", choices=("auto", "masked", "rows", "gather"),
+                   help="conv kernels: auto (masked where every circuit of the layer is masked, else the "
+                        "byte-permute rows kernel on AVX-512 VBMI, else gather), or force one kind where it "
+                        "fits (rows on NEON boards; gather elsewhere)")
     p.add_argument("--list-targets", action="store_true", help="list the known targets and exit")
     return p
 
@@ -57,7 +61,7 @@ def _main(argv: Sequence[str] | None) -> int:
         raise QosError(f"--batch must be at least 1, got {args.batch}")
     res = compile_model(args.model, args.target, args.output, cross_compiler=args.cross_compiler,
                         threads=args.threads, batch=args.batch, verify=not args.no_verify,
-                        progress=lambda line: print(line, flush=True))
+                        progress=lambda line: print(line, flush=True), lowering=args.lowering)
     total = res.report.get("times_s", {}).get("total")
     print(f"qos-compile: wrote {res.out_dir} ({res.report['target']['name']}"
           + (f", {total:.1f} s" if isinstance(total, (int, float)) else "") + ")", flush=True)

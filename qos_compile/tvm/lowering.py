@@ -28,6 +28,11 @@ from ..errors import QosError
 from .lut_rows import fits_rows, rows_isa
 
 LOWERINGS = ("masked", "rows", "gather")
+#: Rows ISAs picked without being asked: measured faster than the gather kernel here. NEON's
+#: rows kernel is bit-exact but ran 13x the exact conv's EMULATED time under qemu (which runs
+#: each tbl/tbx through a helper call) while gather ran 0.6x, and no board was available to
+#: time it for real: on aarch64 it is used when asked for (``--lowering rows``).
+AUTO_ROWS = ("avx512vbmi",)
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,13 @@ def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: fro
     if "masked" in allow and all(is_masked(t, signed) for t in luts):
         return ConvLowering("masked", why="every circuit masks port A, then multiplies exactly")
     isa = rows_isa(frozenset(features))
-    if "rows" in allow and isa is not None:
+    if "rows" in allow and isa is not None and (isa in AUTO_ROWS or tuple(allow) != LOWERINGS):
         bias = fits_rows(luts)
         if bias is not None:
             return ConvLowering("rows", isa=isa, bias=bias, why=f"{isa} byte permute, tables fit 16 bits")
     if "gather" not in allow:
         raise QosError(f"none of the lowerings {', '.join(allow)} fits this layer on a CPU with "
                        f"features {', '.join(sorted(features)) or 'none'}")
-    why = "no byte permute on this target" if isa is None else "a table does not fit 16 bits"
+    why = ("no byte permute on this target" if isa is None else
+           f"{isa} rows kernel only when asked for" if isa not in AUTO_ROWS else "a table does not fit 16 bits")
     return ConvLowering("gather", why=why)
