@@ -71,7 +71,8 @@ def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: fro
                          allow: Sequence[str] = LOWERINGS) -> ConvLowering:
     """The fastest verified kernel for a conv layer whose circuits (over all OPs) are ``luts``.
 
-    ``allow`` restricts the choice (tests and benchmarks force one); ``gather`` always fits.
+    ``allow`` restricts the choice (tests, benchmarks and ``--lowering`` force one); ``gather``
+    always fits. A rows ISA outside AUTO_ROWS is used only when the choice is restricted.
     """
     if not luts:
         raise QosError("a layer needs at least one circuit table")
@@ -81,7 +82,7 @@ def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: fro
     if "masked" in allow and all(is_masked(t, signed) for t in luts):
         return ConvLowering("masked", why="every circuit masks port A, then multiplies exactly")
     isa = rows_isa(frozenset(features))
-    if "rows" in allow and isa is not None and (isa in AUTO_ROWS or tuple(allow) != LOWERINGS):
+    if "rows" in allow and isa is not None and (isa in AUTO_ROWS or set(allow) != set(LOWERINGS)):
         bias = fits_rows(luts)
         if bias is not None:
             return ConvLowering("rows", isa=isa, bias=bias, why=f"{isa} byte permute, tables fit 16 bits")
