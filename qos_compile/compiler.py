@@ -315,8 +315,47 @@ def _layer_lowerings(qnet: Any, ex: Any, t: Any, lowering: str) -> dict[str, Any
         if layer.kind != "conv":
             continue
         luts = [qnet.bank.luts[int(m)].detach().cpu().numpy() for m in sorted({int(row[j]) for row in assign})]
-        out[layer.name] = choose_conv_lowering(luts, bool(qnet.bank.signed), t.features, allow)
+        out[layer.name] = choose_conv_lowering(luts, bool(qnet.bank.signed), t.features, allow,
+                                               taps=layer.terms, costs=t.kernel_costs)
     return out
+
+
+def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, dict[str, list[np.ndarray]]]:
+    """The per-OP factor tensors of the low-rank layers (``tvm.lut_factors``): the slots
+    model with their graph inputs added (for the TVM import only) and their values per OP."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from .tvm.lut_factors import SLOT_SUFFIXES, layer_factors
+
+    low_layers = [(j, layer) for j, layer in enumerate(ex.layers)
+                  if layer.name in lowerings and lowerings[layer.name].kind == "lowrank"]
+    if not low_layers:
+        return ex.model, {}
+    model = onnx.ModelProto()
+    model.CopyFrom(ex.model)
+    inits = {i.name: i for i in model.graph.initializer}
+    weight_of = {n.input[2]: n.input[1] for n in model.graph.node if n.op_type == "ApproxConv" and len(n.input) > 2}
+    assign = qnet.assignment()
+    values: dict[str, list[np.ndarray]] = {}
+    for j, layer in low_layers:
+        low, lut_name = lowerings[layer.name], f"slot.{layer.name}.lut"
+        if weight_of.get(lut_name) not in inits:
+            raise QosError(f"layer {layer.name}: no constant weights for its low-rank lowering")
+        w = numpy_helper.to_array(inits[weight_of[lut_name]])
+        by_circuit: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for row in assign:
+            m = int(row[j])
+            if m not in by_circuit:
+                by_circuit[m] = layer_factors(qnet.bank.luts[m].detach().cpu().numpy(), w, bool(qnet.bank.signed),
+                                              low.terms, low.dtype)
+        for k, suffix in enumerate(SLOT_SUFFIXES):
+            name = f"slot.{layer.name}.{suffix}"
+            values[name] = [by_circuit[int(row[j])][k] for row in assign]
+            v = values[name][0]
+            model.graph.input.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+    return model, values
 
 
 def _export(qnet: Any, tmp: Path, input_shape: Sequence[int] | None, meta: dict[str, Any]) -> tuple[Any, Any]:
@@ -390,7 +429,8 @@ def _slot_layer(name: str, layer_index: dict[str, int]) -> tuple[int | None, str
 
 
 def _write_manifest(path: Path, plan: Any, symbols: dict[str, str], qnet: Any, ex: Any, op_names: list[str],
-                    metadata: dict[str, Any], input_names: dict[str, str], output_names: list[str]) -> None:
+                    metadata: dict[str, Any], input_names: dict[str, str], output_names: list[str],
+                    slot_values: dict[str, list[np.ndarray]] | None = None) -> None:
     from .runtime.manifest import Arg, ArgKind, ManifestWriter, Role
 
     bank = qnet.bank
@@ -413,10 +453,11 @@ def _write_manifest(path: Path, plan: Any, symbols: dict[str, str], qnet: Any, e
         for j, m in enumerate(row):
             w.set_assign(op, j, bank_ids[int(m)])
     slot_ids = []
+    slot_values = ex.slots if slot_values is None else slot_values
     for s in plan.slots:
-        if s.name not in ex.slots:
+        if s.name not in slot_values:
             raise QosError(f"the slots export has no values for graph input {s.name!r}")
-        values = [np.asarray(v) for v in ex.slots[s.name]]
+        values = [np.asarray(v) for v in slot_values[s.name]]
         if len(values) != qnet.num_ops:
             raise QosError(f"slot {s.name}: {len(values)} values for {qnet.num_ops} OPs")
         layer, kind = _slot_layer(s.name, layer_index)
@@ -594,7 +635,8 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
 
     in_name = slotted.model.graph.input[0].name
     lowerings = _layer_lowerings(qnet, slotted, t, lowering)
-    imported = from_onnx(slotted.model, shape_dict={in_name: [batch, *slotted.input_shape]},
+    import_model, factor_values = _factor_slots(qnet, slotted, lowerings)
+    imported = from_onnx(import_model, shape_dict={in_name: [batch, *slotted.input_shape]},
                          lowerings={f"slot.{name}.lut": low for name, low in lowerings.items()})
     kinds = collections.Counter(low.describe() for low in lowerings.values())
     pr.done(f"{len(imported.input_names)} parameters ({len(slotted.slots)} per-OP slots); conv kernels: "
@@ -632,7 +674,7 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
     if isinstance(meta.get("normalization"), dict):
         metadata["normalization"] = meta["normalization"]
     _write_manifest(tmp / MANIFEST_NAME, plan, built.symbols, qnet, slotted, op_names, metadata,
-                    {}, imported.output_names)
+                    {}, imported.output_names, {**slotted.slots, **factor_values})
     msizes = _manifest_report(tmp / MANIFEST_NAME, qnet.num_ops)
     pr.done(f"{MANIFEST_NAME}: {msizes['file']} B (weights {msizes['weights']}, tables {msizes['tables']}, "
             f"per-OP {msizes['per_op']}, plan {msizes['plan']}); +{msizes['per_extra_op_bytes']} B per extra OP")

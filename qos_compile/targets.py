@@ -20,6 +20,8 @@ A file (``targets/<name>.toml``)::
     description = "..."
     package = "gcc-aarch64-linux-gnu"      # Debian package of the compiler (for messages)
     features = ["neon"]                    # or "native": detected from /proc/cpuinfo
+    [kernel_costs]                         # optional: conv kernel time / exact int8 conv time
+    gather = 0.55                          # (python -m qos_compile.bench.kernels --target NAME)
     [tvm]                                  # TVM target dict; mcpu = "native" -> LLVM host CPU
     kind = "llvm"
     mtriple = "aarch64-linux-gnu"
@@ -54,7 +56,9 @@ PACKAGED_TARGETS_DIR = Path(__file__).resolve().parent / "targets_data"
 X86_FEATURES = ("sse2", "sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
                 "avx512vnni", "avx512_vnni", "avx512vbmi", "avx_vnni")
 
-_TOP_KEYS = {"name", "arch", "aliases", "description", "package", "features", "tvm", "toolchain"}
+_TOP_KEYS = {"name", "arch", "aliases", "description", "package", "features", "tvm", "toolchain", "kernel_costs"}
+#: Kernel kinds whose cost (time / exact int8 conv time) a target file may state (``tvm.lowering``).
+COST_KEYS = ("lowrank", "rows", "gather")
 _TOOL_KEYS = {"cc", "cflags", "ldflags", "sysroot", "emulator", "emulator_package"}
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "aarch64_be": "aarch64"}
 
@@ -111,6 +115,7 @@ class Target:
     package: str = ""
     emulator_package: str | None = None
     features: frozenset[str] = frozenset()
+    kernel_costs: dict[str, float] = field(default_factory=dict)
     source: Path | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
@@ -203,6 +208,10 @@ def _parse(path: Path, resolve_native: bool = True) -> Target:
             tvm["mcpu"] = _llvm_host_cpu()
     if "mattr" in tvm:
         tvm["mattr"] = list(_str_list(tvm["mattr"], "[tvm] mattr", path))
+    costs = data.get("kernel_costs", {})
+    if not isinstance(costs, dict) or set(costs) - set(COST_KEYS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in costs.values()):
+        raise QosError(f"{path}: [kernel_costs] takes positive numbers for {', '.join(COST_KEYS)}")
     emulator = tool.get("emulator")
     if emulator is not None:
         emulator = list(_str_list(emulator, "[toolchain] emulator", path)) or None
@@ -212,7 +221,8 @@ def _parse(path: Path, resolve_native: bool = True) -> Target:
         cflags=_str_list(tool.get("cflags", []), "[toolchain] cflags", path),
         ldflags=_str_list(tool.get("ldflags", []), "[toolchain] ldflags", path),
         sysroot=tool.get("sysroot") or None, emulator=emulator, package=str(data["package"]),
-        emulator_package=tool.get("emulator_package"), features=features, source=path)
+        emulator_package=tool.get("emulator_package"), features=features,
+        kernel_costs={k: float(v) for k, v in costs.items()}, source=path)
 
 
 def target_dirs() -> list[Path]:

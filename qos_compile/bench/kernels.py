@@ -72,7 +72,7 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
     """Build, verify and time one conv shape (see the module docstring)."""
     from ..reference import approx_conv2d_acc
     from ..tvm import kernels as K
-    from ..tvm import lut_rows
+    from ..tvm import lut_factors, lut_rows
     from ..tvm.build import build_kernels
     from ..tvm.lowering import choose_conv_lowering
 
@@ -83,21 +83,29 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
     w = rng.integers(-128, 128, spec.w_shape).astype(np.int8)
     luts = {kind: get(cname).lut.astype(np.int32) for kind, cname in CIRCUITS.items()}
     funcs: dict[str, Any] = {"exact": K.exact_conv2d_func(spec, target), "gather": K.approx_conv2d_func(spec, target)}
-    plans: dict[str, Any] = {}
-    for kind in ("masked", "lowrank", "general"):
-        low = choose_conv_lowering([luts[kind]], True, target.features)
-        plans[kind] = low
+    taps = c * k * k
+    plans: dict[str, Any] = {}        # kind (or forced_<kind>) -> (lowering, circuit kind, rows layout)
+
+    def add(key: str, low: Any, circuit: str) -> None:
         if low.kind == "masked":
-            funcs[f"{kind}_masked"] = K.masked_conv2d_func(spec, target)
+            funcs[f"{key}_masked"] = K.masked_conv2d_func(spec, target)
+        elif low.kind == "lowrank":
+            funcs[f"{key}_lowrank"] = lut_factors.factored_conv2d_func(spec, low.terms, low.dtype, target)
         elif low.kind == "rows":
             lay, stages = lut_rows.rows_stage_funcs(spec, w, low.isa, low.bias)
-            funcs.update({f"{kind}_{st}": f for st, f in stages.items()})
-            plans[kind] = (low, lay)
-    forced = choose_conv_lowering([luts["general"]], True, target.features, allow=("rows", "gather"))
-    if forced.kind == "rows" and not isinstance(plans["general"], tuple):     # auto did not pick rows
-        lay, stages = lut_rows.rows_stage_funcs(spec, w, forced.isa, forced.bias)
-        funcs.update({f"rows_forced_{st}": f for st, f in stages.items()})
-        plans["rows_forced"] = (forced, lay)
+            funcs.update({f"{key}_{st}": f for st, f in stages.items()})
+            plans[key] = (low, circuit, lay)
+            return
+        plans[key] = (low, circuit, None)
+
+    for kind in ("masked", "lowrank", "general"):
+        add(kind, choose_conv_lowering([luts[kind]], True, target.features, taps=taps, costs=target.kernel_costs), kind)
+    # the other fast kernels where auto did not pick them: rows (general circuit), lowrank (low-rank one)
+    for forced, circuit in (("rows", "general"), ("lowrank", "lowrank")):
+        low = choose_conv_lowering([luts[circuit]], True, target.features, allow=(forced, "gather"), taps=taps,
+                                   costs=target.kernel_costs)
+        if low.kind == forced and plans[circuit][0].kind != forced:
+            add(f"forced_{forced}", low, circuit)
     built = build_kernels(funcs, target, system_lib=True)     # the deployed runtime: C shim + its thread pool
     times: dict[str, float] = {}
 
@@ -111,25 +119,22 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
     _check(run("exact", x, w), ref["exact"], f"{name}: exact conv")
     _check(run("gather", x, w, luts["general"]), ref["general"], f"{name}: gather kernel")
     kinds: dict[str, tuple[str, float]] = {}
-    if "rows_forced" in plans:              # the rows kernel where auto does not pick it (NEON)
-        low, lay = plans["rows_forced"]
-        got, ms = lut_rows.run_rows_conv(built, "rows_forced_", lay, x, luts["general"], spec, repeats, threads)
-        _check(got, ref["general"], f"{name}: forced {low.describe()} kernel")
-        kinds["rows_forced"] = (low.describe(), ms)
-    for kind in ("masked", "lowrank", "general"):
-        p = plans[kind]
-        if isinstance(p, tuple):
-            low, lay = p
-            got, ms = lut_rows.run_rows_conv(built, f"{kind}_", lay, x, luts[kind], spec, repeats, threads)
-            label = low.describe()
-        elif p.kind == "masked":
-            got = run(f"{kind}_masked", x, w, luts[kind])
-            ms, label = times[f"{kind}_masked"], "masked"
+    for key, (low, circuit, lay) in plans.items():
+        lut = luts[circuit]
+        if low.kind == "rows":
+            got, ms = lut_rows.run_rows_conv(built, f"{key}_", lay, x, lut, spec, repeats, threads)
+        elif low.kind == "masked":
+            got = run(f"{key}_masked", x, w, lut)
+            ms = times[f"{key}_masked"]
+        elif low.kind == "lowrank":
+            wt, xt = lut_factors.layer_factors(lut, w, True, low.terms, low.dtype)
+            got = run(f"{key}_lowrank", x, wt, xt)
+            ms = times[f"{key}_lowrank"]
         else:
-            got = run("gather", x, w, luts[kind])
-            ms, label = times["gather"], "gather"
-        _check(got, ref[kind], f"{name}: {label} kernel for {CIRCUITS[kind]}")
-        kinds[kind] = (label, ms)
+            got = run("gather", x, w, lut)
+            ms = times["gather"]
+        _check(got, ref[circuit], f"{name}: {low.describe()} kernel for {CIRCUITS[circuit]}")
+        kinds[key] = (low.describe(), ms)
     return LayerResult(name, times["exact"], kinds, times["gather"])
 
 
@@ -207,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"# approximate conv kernels vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
     print(f"circuits: " + ", ".join(f"{k} {v}" for k, v in CIRCUITS.items()))
     print(f"\n| ResNet-20 layer (x count) | exact int8 {unit} | masked: kernel, ratio | low-rank: kernel, ratio "
-          f"| general: kernel, ratio | gather fallback ratio |")
+          f"| general: kernel, ratio | gather fallback ratio; other kernels forced |")
     print("| --- | ---: | --- | --- | --- | ---: |")
     layers = []
     tot = {"exact": 0.0, "masked": 0.0, "lowrank": 0.0, "general": 0.0, "gather": 0.0}
@@ -221,16 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             label, ms = r.kinds[kind]
             tot[kind] += count * ms
             cells.append(f"{label}, {ms / r.exact_ms:.2f}x")
-        forced = r.kinds.get("rows_forced")
-        extra = f" ({forced[0]} if forced: {forced[1] / r.exact_ms:.2f}x)" if forced else ""
-        if forced:
-            tot["rows_forced"] = tot.get("rows_forced", 0.0) + count * forced[1]
+        extra = ""
+        for key in ("forced_rows", "forced_lowrank"):
+            if key in r.kinds:
+                label, ms = r.kinds[key]
+                tot[key] = tot.get(key, 0.0) + count * ms
+                extra += f"; {label} if forced: {ms / r.exact_ms:.2f}x"
         print(f"| {name} (x{count}) | {r.exact_ms:.4f} | " + " | ".join(cells)
               + f" | {r.gather_ms / r.exact_ms:.2f}x{extra} |")
+    forced_tot = "".join(f"; forced {k[7:]} {tot[k] / tot['exact']:.2f}x" for k in ("forced_rows", "forced_lowrank")
+                         if k in tot)
     print(f"| all 19 convs (weighted) | {tot['exact']:.4f} | "
           + " | ".join(f"{tot[k] / tot['exact']:.2f}x" for k in ("masked", "lowrank", "general"))
-          + f" | {tot['gather'] / tot['exact']:.2f}x"
-          + (f" (forced rows {tot['rows_forced'] / tot['exact']:.2f}x)" if "rows_forced" in tot else "") + " |")
+          + f" | {tot['gather'] / tot['exact']:.2f}x{forced_tot} |")
     out: dict[str, Any] = {"target": target.name, "emulated": not target.is_host, "threads": a.threads,
                            "circuits": CIRCUITS, "layers": [r.__dict__ for r in layers], "conv_totals_ms": tot}
     if not a.no_network:

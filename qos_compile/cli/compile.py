@@ -36,10 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size the model is compiled for (default 1)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the built qos-run against onnxruntime")
-    p.add_argument("--lowering", default="auto", choices=("auto", "masked", "rows", "gather"),
-                   help="conv kernels: auto (masked where every circuit of the layer is masked, else the "
+    p.add_argument("--lowering", default="auto", choices=("auto", "masked", "lowrank", "rows", "gather"),
+                   help="conv kernels: auto (per layer the cheapest that fits: masked where every circuit of "
+                        "the layer masks port A, lowrank = exact conv over a few factor terms, the "
                         "byte-permute rows kernel on AVX-512 VBMI, else gather), or force one kind where it "
-                        "fits (rows on NEON boards; gather elsewhere)")
+                        "fits (gather elsewhere)")
     p.add_argument("--list-targets", action="store_true", help="list the known targets and exit")
     return p
 

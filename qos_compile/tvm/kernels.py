@@ -405,12 +405,12 @@ def schedule_exact_conv2d(sch: "tvm.s_tir.Schedule", block, spec_out: Sequence[i
     """Register-tiled exact conv schedule: ``o`` tiles in registers, ``j`` vectorised (see module docstring)."""
     n_, o_, ho, wo = (int(v) for v in spec_out)
     lanes = _vector_lanes32(features)
-    n, o, i, j, rc, ru, rv = sch.get_loops(block)
+    n, o, i, j, *red = sch.get_loops(block)        # red: (term,) c, u, v
     oi_n, it, vec = _largest_divisor(o_, 4), _largest_divisor(ho, 4), _largest_divisor(wo, lanes)
     oo, oi = sch.split(o, [None, oi_n])
     io, ii = sch.split(i, [None, it])
     jo, ji = sch.split(j, [None, vec])
-    sch.reorder(n, oo, io, jo, rc, ru, rv, oi, ii, ji)
+    sch.reorder(n, oo, io, jo, *red, oi, ii, ji)
     local = sch.cache_write(block, 0, "local")      # (oi_n x it x vec) accumulators in registers
     sch.reverse_compute_at(local, jo)
     sch.unroll(oi)
@@ -419,7 +419,7 @@ def schedule_exact_conv2d(sch: "tvm.s_tir.Schedule", block, spec_out: Sequence[i
         sch.vectorize(ji)
         sch.vectorize(sch.get_loops(local)[-1])
     sch.parallel(sch.fuse(n, oo))
-    sch.decompose_reduction(block, rc)
+    sch.decompose_reduction(block, red[0])
 
 
 def schedule_approx_dense(sch: "tvm.s_tir.Schedule", block, spec_out: Sequence[int], features=frozenset()) -> None:
@@ -446,7 +446,8 @@ def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
     for b in _sblocks(sch, "approx_conv2d"):
         out = sch.get(b).writes[0].source
         schedule_approx_conv2d(sch, b, [int(v) for v in out.shape], feats, style=approx_style)
-    for kind, fn in (("exact_conv2d", schedule_exact_conv2d), ("approx_dense", schedule_approx_dense)):
+    for kind, fn in (("exact_conv2d", schedule_exact_conv2d), ("factored_conv2d", schedule_exact_conv2d),
+                     ("approx_dense", schedule_approx_dense)):
         for b in _sblocks(sch, kind):
             out = sch.get(b).writes[0].source
             fn(sch, b, [int(v) for v in out.shape], feats)
@@ -466,6 +467,9 @@ def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
         sch.vectorize(byte)
     for b in _sblocks(sch, "masked_weights"):
         sch.parallel(sch.get_loops(b)[0])
+    for b in _sblocks(sch, "factor_lookup"):       # (t, n, c, i, j): one table lookup per activation
+        t, n, c, *_ = sch.get_loops(b)
+        sch.parallel(sch.fuse(t, n, c))
     return sch.mod["main"]
 
 

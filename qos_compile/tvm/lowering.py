@@ -1,21 +1,24 @@
 """Structure-aware lowering: which kernel computes each approximate conv layer on a target.
 
 Chosen per layer at compile time from ALL circuits the layer runs over the operating
-points (the kernel is shared by the OPs; the LUT argument switches at run time), and
-verified on every one of their 65,536 table entries before it is used:
+points (the kernel is shared by the OPs; per-OP tensors switch at run time), and verified
+on every one of their 65,536 table entries before it is used:
 
 * ``masked``  - every circuit is "clear low bits of port A, then multiply exactly"
   (``lut[a, b] == lut[a, code 1] * code(b)``, the exact circuit included): an exact int8
   conv on the weights read from the LUT's code-1 column (``kernels.masked_conv2d``).
+* ``lowrank`` - every table is a sum of at most ``lut_factors.MAX_TERMS`` separable
+  integer terms (the exact product plus low-rank corrections, or the table's own factors):
+  one exact conv over ``T`` factor terms (``lut_factors``), with per-OP transformed
+  weights and activation tables as extra slots.
 * ``rows``    - the target has a byte permute (``lut_rows.rows_isa``: AVX-512 VBMI, NEON)
   and every table fits 16 bits after one common bias: the per-weight table-row kernel
   (``lut_rows``).
 * ``gather``  - the fallback that always works: the scheduled TE lookup conv
   (``kernels.approx_conv2d``).
 
-Low-rank circuits (exact product plus a few separable error terms, the PyTorch
-emulator's ``lowrank`` strategy) take the ``rows`` kernel here: their factors differ per
-circuit, and the compiled kernel sees only the LUT of the current OP.
+Among the kernels that fit, the cheapest by ``KERNEL_COST`` (time / exact int8 conv time,
+measured with ``python -m qos_compile.bench.kernels``) wins.
 """
 from __future__ import annotations
 
@@ -25,14 +28,15 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import QosError
+from . import lut_factors
 from .lut_rows import fits_rows, rows_isa
 
-LOWERINGS = ("masked", "rows", "gather")
-#: Rows ISAs picked without being asked: measured faster than the gather kernel here. NEON's
-#: rows kernel is bit-exact but ran 13x the exact conv's EMULATED time under qemu (which runs
-#: each tbl/tbx through a helper call) while gather ran 0.6x, and no board was available to
-#: time it for real: on aarch64 it is used when asked for (``--lowering rows``).
-AUTO_ROWS = ("avx512vbmi",)
+LOWERINGS = ("masked", "lowrank", "rows", "gather")
+#: Kernel time / exact int8 conv time over ResNet-20's convs, measured on the x86-64 host
+#: (AVX-512 VBMI, 1 thread; ``python -m qos_compile.bench.kernels``); ``lowrank`` is per
+#: factor term. A target file's ``[kernel_costs]`` replaces any of them with its own
+#: measurement (``targets.Target.kernel_costs``).
+KERNEL_COST = {"lowrank": 1.05, "rows": 1.35, "gather": 5.7}
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,14 @@ class ConvLowering:
     isa: str | None = None
     bias: int = 0
     why: str = ""
+    terms: int = 0                # lowrank: factor terms T
+    dtype: str = ""               # lowrank: operand type of the factors
 
     def describe(self) -> str:
         """Short label for logs, reports and the manifest."""
-        return f"rows-{self.isa}" if self.kind == "rows" else self.kind
+        if self.kind == "rows":
+            return f"rows-{self.isa}"
+        return f"lowrank-{self.terms}" if self.kind == "lowrank" else self.kind
 
 
 def _codes(signed: bool) -> np.ndarray:
@@ -68,11 +76,15 @@ def is_masked(lut: np.ndarray, signed: bool) -> bool:
 
 
 def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: frozenset[str],
-                         allow: Sequence[str] = LOWERINGS) -> ConvLowering:
-    """The fastest verified kernel for a conv layer whose circuits (over all OPs) are ``luts``.
+                         allow: Sequence[str] = LOWERINGS, taps: int = 1,
+                         costs: dict[str, float] | None = None) -> ConvLowering:
+    """The kernel of a conv layer whose circuits (over all OPs) are ``luts``, on a CPU with
+    ``features``: masked where every circuit is masked (it IS the exact conv), else the
+    cheapest that fits by ``KERNEL_COST`` updated with the target's ``costs``.
 
-    ``allow`` restricts the choice (tests, benchmarks and ``--lowering`` force one); ``gather``
-    always fits. A rows ISA outside AUTO_ROWS is used only when the choice is restricted.
+    ``taps``: products per output (C/groups * kh * kw), for the low-rank overflow check.
+    ``allow`` restricts the choice (tests, benchmarks and ``--lowering`` force one): then
+    the first allowed kind that fits wins, ``gather`` last (it always fits).
     """
     if not luts:
         raise QosError("a layer needs at least one circuit table")
@@ -81,14 +93,25 @@ def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: fro
         raise QosError(f"unknown lowering {bad[0]!r} (one of {', '.join(LOWERINGS)})")
     if "masked" in allow and all(is_masked(t, signed) for t in luts):
         return ConvLowering("masked", why="every circuit masks port A, then multiplies exactly")
+    cost = {**KERNEL_COST, **(costs or {})}
+    fits: list[tuple[float, ConvLowering]] = []
+    if "lowrank" in allow:
+        lr = lut_factors.layer_terms(luts, signed, taps)
+        if lr is not None:
+            t, dt = lr
+            fits.append((cost["lowrank"] * t, ConvLowering(
+                "lowrank", terms=t, dtype=dt, why=f"exact conv over {t} {dt} factor term(s) of every table")))
     isa = rows_isa(frozenset(features))
-    if "rows" in allow and isa is not None and (isa in AUTO_ROWS or set(allow) != set(LOWERINGS)):
+    if "rows" in allow and isa is not None:
         bias = fits_rows(luts)
         if bias is not None:
-            return ConvLowering("rows", isa=isa, bias=bias, why=f"{isa} byte permute, tables fit 16 bits")
-    if "gather" not in allow:
+            fits.append((cost["rows"], ConvLowering("rows", isa=isa, bias=bias,
+                                                    why=f"{isa} byte permute, tables fit 16 bits")))
+    if "gather" in allow:
+        fits.append((cost["gather"], ConvLowering("gather", why="the cheapest kernel that fits")))
+    if not fits:
         raise QosError(f"none of the lowerings {', '.join(allow)} fits this layer on a CPU with "
                        f"features {', '.join(sorted(features)) or 'none'}")
-    why = ("no byte permute on this target" if isa is None else
-           f"{isa} rows kernel only when asked for" if isa not in AUTO_ROWS else "a table does not fit 16 bits")
-    return ConvLowering("gather", why=why)
+    if set(allow) != set(LOWERINGS):         # forced: the asked-for kind wherever it fits
+        fits = [f for f in fits if f[1].kind != "gather"] or fits
+    return min(fits, key=lambda f: f[0])[1]

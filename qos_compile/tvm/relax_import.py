@@ -35,7 +35,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import onnx_frontend as _frontend  # noqa: E402
 
 from ..errors import QosError  # noqa: E402
-from . import kernels, lut_rows  # noqa: E402
+from . import kernels, lut_factors, lut_rows  # noqa: E402
 
 __all__ = ["CUSTOM_DOMAIN", "CUSTOM_OPS", "ImportedModel", "from_onnx", "custom_converters"]
 
@@ -114,7 +114,20 @@ class ApproxConvConverter(_frontend.OnnxOpConverter):
             return bb.call_te(kernels.masked_conv2d, x, w, lut, **conv, primfunc_name_hint="masked_conv2d")
         if low is not None and low.kind == "rows" and type(w).__name__ in ("GenericConst", "Constant"):
             return _rows_conv(bb, x, w, lut, low, conv)
+        if low is not None and low.kind == "lowrank":
+            wt, xt = _factor_inputs(lut.name, params[0])
+            return bb.call_te(lut_factors.factored_conv2d, x, wt, xt, **conv, primfunc_name_hint="factored_conv2d")
         return bb.call_te(kernels.approx_conv2d, x, w, lut, **conv, primfunc_name_hint="approx_conv2d")
+
+
+def _factor_inputs(lut_name: str, nodes: dict) -> tuple[Any, Any]:
+    """The per-OP factor inputs ``slot.<layer>.wterms|xterms`` of a low-rank layer."""
+    base = lut_name[:-len(".lut")] if lut_name.endswith(".lut") else lut_name
+    got = [nodes.get(f"{base}.{suffix}") for suffix in lut_factors.SLOT_SUFFIXES]
+    if any(v is None for v in got):
+        raise QosError(f"the low-rank lowering of {base} needs the graph inputs "
+                       + " and ".join(f"{base}.{s}" for s in lut_factors.SLOT_SUFFIXES))
+    return got[0], got[1]
 
 
 def _rows_conv(bb: relax.BlockBuilder, x: Any, w: Any, lut: Any, low: Any, conv: dict) -> relax.Expr:
@@ -210,7 +223,9 @@ def from_onnx(model: "onnx.ModelProto | str | os.PathLike", shape_dict: dict[str
     """Import an ONNX model (a ModelProto or a path) into Relax.
 
     lowerings: ``{LUT graph input name: lowering.ConvLowering}`` picks each ApproxConv's
-    kernel (masked / rows / gather); layers not named use the gather kernel.
+    kernel (masked / lowrank / rows / gather); layers not named use the gather kernel. A
+    low-rank layer reads its factors from the graph inputs ``slot.<layer>.wterms|xterms``
+    (``lut_factors``), which the model must have.
 
     QosError for an unsupported operator or a malformed ApproxConv/ApproxGemm.
     """

@@ -1,0 +1,179 @@
+"""Low-rank lowering: an approximate conv as an exact conv over a few factor terms.
+
+Most circuits' tables are a short sum of separable terms (the PyTorch emulator's
+``lowrank`` strategy, ``nn.emulation.plan_for``; every signed EvoApprox circuit has error
+rank <= 4)::
+
+    lut[a, b] == sum_t wterms[t, a] * xterms[t, b]        (a = weight index, b = activation index)
+
+usually the exact product ``code(a) * code(b)`` as term 0 plus small correction terms
+(weight factors in {-1, 0, 1}, activation factors of a few bits for the signed circuits).
+Then the layer is ONE exact integer conv with ``T`` times the reduction length::
+
+    acc[n, o, i, j] = sum_{t, c, u, v} wt[t, o, c, u, v] * xterm[t][xp[n, c, ...]]
+
+* ``wt = wterms[:, w + off]``: the transformed weights. They depend on the circuit, so
+  they are a per-OP tensor, computed at compile time (``layer_factors``) and switched at
+  run time like the LUT (a pointer swap): graph input ``slot.<layer>.wterms``.
+* ``xterms`` (T, 256): per-OP activation tables, graph input ``slot.<layer>.xterms``,
+  looked up once per activation (not per product).
+* Operands take the narrowest of int8 / int16 / int32 that holds every factor of every
+  circuit of the layer (int8 for the bundled signed circuits), and the compiler checks
+  that no int32 partial sum can overflow (``accumulator_bound``).
+
+Cost: about ``T`` exact convs (measured in ``python -m qos_compile.bench.kernels``), so
+``lowering.choose_conv_lowering`` takes it when ``T`` beats the other kernels' cost.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
+
+import tvm  # noqa: E402
+from tvm import te  # noqa: E402
+
+from ..errors import QosError  # noqa: E402
+
+KERNEL_ATTR = "qos_kernel"
+#: Most terms of a layer's factorisation (beyond it the gather kernel is as fast).
+MAX_TERMS = 5
+#: The per-OP graph inputs a low-rank layer adds: ``slot.<layer>.<suffix>``.
+SLOT_SUFFIXES = ("wterms", "xterms")
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Factor tables of one circuit: ``lut == wterms.T @ xterms`` (both (T, 256) int64)."""
+
+    wterms: np.ndarray
+    xterms: np.ndarray
+
+    @property
+    def terms(self) -> int:
+        return int(self.wterms.shape[0])
+
+
+def circuit_factors(lut: np.ndarray, signed: bool, max_terms: int = MAX_TERMS) -> Factors | None:
+    """The emulator's verified integer factorisation of one table (None: none with
+    ``denom == 1`` and at most ``max_terms`` terms), re-checked on all 65,536 entries."""
+    from ..nn.emulation import plan_for
+
+    plan = plan_for(np.asarray(lut, dtype=np.int32), signed=signed, max_terms=max_terms)
+    if plan.strategy == "general" or plan.denom != 1 or plan.terms > max_terms:
+        return None
+    f = Factors(np.asarray(plan.wterms, dtype=np.int64), np.asarray(plan.xterms, dtype=np.int64))
+    if not np.array_equal(f.wterms.T @ f.xterms, np.asarray(lut, dtype=np.int64)):
+        raise QosError("internal error: an emulation plan does not reproduce its table")
+    return f
+
+
+def _padded(f: Factors, terms: int) -> Factors:
+    extra = np.zeros((terms - f.terms, 256), dtype=np.int64)
+    return Factors(np.concatenate([f.wterms, extra]), np.concatenate([f.xterms, extra]))
+
+
+def operand_dtype(factors: Sequence[Factors]) -> str:
+    """Narrowest signed integer type holding every factor of every circuit."""
+    hi = max(max(int(f.wterms.max()), int(f.xterms.max())) for f in factors)
+    lo = min(min(int(f.wterms.min()), int(f.xterms.min())) for f in factors)
+    for dt, (a, b) in (("int8", (-128, 127)), ("int16", (-2**15, 2**15 - 1))):
+        if a <= lo and hi <= b:
+            return dt
+    return "int32"
+
+
+def accumulator_bound(factors: Sequence[Factors], taps: int) -> int:
+    """Largest |partial sum| the conv can reach over ``taps`` products per term."""
+    return max(taps * sum(int(np.abs(w).max()) * int(np.abs(x).max()) for w, x in zip(f.wterms, f.xterms))
+               for f in factors)
+
+
+def layer_terms(luts: Sequence[np.ndarray], signed: bool, taps: int) -> tuple[int, str] | None:
+    """(terms, operand dtype) of a low-rank lowering of a layer running ``luts``, or None
+    when a table has no factorisation or a partial sum could overflow int32."""
+    fs = [circuit_factors(t, signed) for t in luts]
+    if any(f is None for f in fs):
+        return None
+    if accumulator_bound(fs, taps) > _INT32_MAX:
+        return None
+    return max(f.terms for f in fs), operand_dtype(fs)
+
+
+def layer_factors(lut: np.ndarray, w: np.ndarray, signed: bool, terms: int, dtype: str
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The per-OP tensors of one layer for the circuit ``lut``: transformed weights
+    ``(T, O, C/g, kh, kw)`` and activation tables ``(T, 256)``, both ``dtype``."""
+    f = circuit_factors(lut, signed)
+    if f is None or f.terms > terms:
+        raise QosError(f"the circuit has no factorisation with at most {terms} terms")
+    f = _padded(f, terms)
+    idx = np.asarray(w, dtype=np.int64) + (128 if signed else 0)
+    wt, xt = f.wterms[:, idx], f.xterms
+    info = np.iinfo(dtype)
+    if min(wt.min(), xt.min()) < info.min or max(wt.max(), xt.max()) > info.max:
+        raise QosError(f"factors do not fit {dtype}")
+    return wt.astype(dtype), xt.astype(dtype)
+
+
+def factored_conv2d(x: te.Tensor, wt: te.Tensor, xtab: te.Tensor, stride: int | Sequence[int] = 1,
+                    padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                    pad_code: int = 0, signed: bool | None = None, name: str = "factored_conv2d") -> te.Tensor:
+    """TE low-rank conv: int32 accumulators (N, O, Ho, Wo), bit-exact with the LUT conv of
+    any circuit whose factors ``wt``/``xtab`` are (``layer_factors``).
+
+    x: (N, C, H, W) int8/uint8 codes; wt: (T, O, C/groups, kh, kw); xtab: (T, 256).
+    """
+    from .kernels import ConvSpec, _signed_of
+
+    s = _signed_of(x, x, signed)
+    t_, o_, cg_, kh_, kw_ = (int(v) for v in wt.shape)
+    if tuple(int(v) for v in xtab.shape) != (t_, 256):
+        raise QosError(f"xterms must be ({t_}, 256), got {tuple(xtab.shape)}")
+    spec = ConvSpec.make([int(v) for v in x.shape], (o_, cg_, kh_, kw_), stride, padding, dilation, groups,
+                         pad_code, s)
+    off = 128 if s else 0
+    pt, pl, pb, pr = spec.padding
+    n, c, h, wd = spec.x_shape
+    pad_idx = pad_code + off
+
+    def lookup(t, nn, cc, i, j):        # the factor of term t at every (padded) activation
+        v = x[nn, cc, i - pt, j - pl].astype("int32") + off
+        if any(spec.padding):
+            v = tvm.tirx.if_then_else(tvm.tirx.all(i >= pt, i < h + pt, j >= pl, j < wd + pl), v, pad_idx)
+        return xtab[t, v]
+
+    xt = te.compute((t_, n, c, h + pt + pb, wd + pl + pr), lookup, name=name + "_xterms",
+                    attrs={KERNEL_ATTR: "factor_lookup"})
+    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    rt = te.reduce_axis((0, t_), "rt")
+    rc = te.reduce_axis((0, cg), "rc")
+    ru = te.reduce_axis((0, spec.kh), "ru")
+    rv = te.reduce_axis((0, spec.kw), "rv")
+
+    def acc(nn, o, i, j):
+        xc = rc if spec.groups == 1 else (o // og) * cg + rc
+        return te.sum(wt[rt, o, rc, ru, rv].astype("int32")
+                      * xt[rt, nn, xc, i * sh + ru * dh, j * sw + rv * dw].astype("int32"),
+                      axis=[rt, rc, ru, rv])
+
+    return te.compute(spec.out_shape, acc, name=name, attrs={KERNEL_ATTR: "factored_conv2d"})
+
+
+def factored_conv2d_func(spec: "object", terms: int, dtype: str, target: object = None, schedule: bool = True,
+                         func_name: str | None = None) -> "tvm.tirx.PrimFunc":
+    """PrimFunc ``(x, wterms, xterms, acc)`` of ``factored_conv2d`` for a ``kernels.ConvSpec``."""
+    from .kernels import _finish
+
+    x = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
+    wt = te.placeholder((terms, *spec.w_shape), dtype, name="wterms")
+    xtab = te.placeholder((terms, 256), dtype, name="xterms")
+    acc = factored_conv2d(x, wt, xtab, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
+                          spec.signed)
+    return _finish([x, wt, xtab, acc], func_name, target, schedule)
