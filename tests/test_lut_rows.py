@@ -97,17 +97,19 @@ def test_is_masked_agrees_with_the_emulation_strategies():
 
 def test_lowering_choice_per_layer():
     vbmi, neon, plain = frozenset({"avx2", "avx512f", "avx512vbmi"}), frozenset({"neon"}), frozenset({"sse2"})
+    arm = get_target("aarch64").kernel_costs
     masked = [get("mul8s_1KTY").lut, get("mul8s_1KR3").lut, get("master:mul8s_1KV8").lut]
     general = get("mul8s_1KX2").lut
     assert choose_conv_lowering(masked, True, plain).kind == "masked"          # no permute needed
     low = choose_conv_lowering(masked + [general], True, vbmi)                 # one OP is not masked
     assert (low.kind, low.isa) == ("rows", "avx512vbmi")
     assert low.bias == -min(int(t.min()) for t in masked + [general])          # smallest bias that fits
-    assert choose_conv_lowering([general], True, neon).kind == "gather"        # NEON rows: only when asked
-    assert choose_conv_lowering([general], True, neon, allow=("rows", "gather")).describe() == "rows-neon"
-    assert choose_conv_lowering([general], True, plain).kind == "gather"
+    assert choose_conv_lowering([general], True, neon, costs=arm).kind == "gather"    # cheapest by its costs
+    assert choose_conv_lowering([general], True, neon, allow=("rows", "gather"), costs=arm).describe() == "rows-neon"
+    assert choose_conv_lowering([general], True, plain, allow=("rows", "gather")).kind == "gather"   # no permute
     wide = np.full((256, 256), 70000, np.int64)                                # does not fit 16 bits
-    assert choose_conv_lowering([wide], False, vbmi).kind == "gather"
+    assert choose_conv_lowering([wide], False, vbmi, allow=("rows", "gather")).kind == "gather"
+    assert choose_conv_lowering([wide], False, vbmi).describe() == "lowrank-1"         # a constant is rank 1
     assert choose_conv_lowering(masked, True, vbmi, allow=("rows", "gather")).kind == "rows"
     with pytest.raises(QosError, match="none of the lowerings"):
         choose_conv_lowering([general], True, plain, allow=("rows",))

@@ -52,6 +52,12 @@ def test_aliases_resolve(alias, name):
     assert get_target(get_target(alias)) is get_target(alias)
 
 
+def test_kernel_costs_of_measured_targets():
+    assert get_target("aarch64").kernel_costs["gather"] < 1.0          # EMULATED ranking (qemu)
+    assert get_target("x86_64-avx2").kernel_costs == {"lowrank": 1.05, "gather": 3.6}
+    assert get_target("x86_64").kernel_costs == {}                     # the defaults were measured there
+
+
 def test_host_target_is_native():
     t = host_target()
     assert t.is_host and t.arch == host_arch()
@@ -120,7 +126,7 @@ def test_user_target_folder(tmp_path, monkeypatch):
     _write(tmp_path, "myboard", BOARD)
     monkeypatch.setenv("QOS_TARGETS_PATH", str(tmp_path))
     t = get_target("board")
-    assert t.name == "myboard" and t.emulator is None and t.cflags == ()
+    assert t.name == "myboard" and t.emulator is None and t.cflags == () and t.kernel_costs == {}
     assert "aarch64" in load_targets()          # the repository's targets are still there
 
 
@@ -132,6 +138,8 @@ def test_user_target_folder(tmp_path, monkeypatch):
     (BOARD.replace('mtriple = "aarch64-linux-gnu"', ''), "mtriple"),
     ("name = [", "cannot read"),
     (BOARD.replace('aliases = ["board"]', 'aliases = ["arm"]'), "used by both"),
+    (BOARD.replace('[tvm]', '[kernel_costs]\nfast = 1.0\n[tvm]'), "kernel_costs"),
+    (BOARD.replace('[tvm]', '[kernel_costs]\ngather = -1\n[tvm]'), "kernel_costs"),
 ])
 def test_malformed_target_file(tmp_path, monkeypatch, text, match):
     _write(tmp_path, "myboard", text)

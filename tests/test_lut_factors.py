@@ -1,0 +1,130 @@
+"""The low-rank lowering (``tvm.lut_factors``): factor tables, the kernel bit-exact on both
+targets, its choice by kernel costs, and whole models compiled with it (per-OP factor slots)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qos_compile.errors import QosError  # noqa: E402
+from qos_compile.multipliers import get  # noqa: E402
+from qos_compile.multipliers.library import bundled  # noqa: E402
+from qos_compile.targets import get_target  # noqa: E402
+from qos_compile.tvm import lut_factors as F  # noqa: E402
+from qos_compile.tvm.build import build_kernels  # noqa: E402
+from qos_compile.tvm.lowering import choose_conv_lowering  # noqa: E402
+
+from test_lut_rows import CONVS, _case, _ref  # noqa: E402
+
+HAVE_ARM = shutil.which("aarch64-linux-gnu-gcc") is not None and shutil.which("qemu-aarch64-static") is not None
+TARGETS = ["x86_64", pytest.param("aarch64", marks=pytest.mark.skipif(not HAVE_ARM, reason="no aarch64 toolchain"))]
+#: (circuit, signed): 1 to 5 terms, int8 / int16 factors, the exact product led by a code term or not
+CIRCUITS = [("master:mul8s_1KVA", True), ("mul8s_1KX2", True), ("mul8s_1L2H", True), ("mul8s_1KR6", True),
+            ("mul8u_Y48", False), ("mul8u_125K", False)]
+
+
+def test_factors_reproduce_every_table_they_claim():
+    n = 0
+    for m in bundled():
+        f = F.circuit_factors(m.lut, m.signed)
+        if f is None:
+            continue
+        n += 1
+        assert 1 <= f.terms <= F.MAX_TERMS
+        assert np.array_equal(f.wterms.T @ f.xterms, m.lut.astype(np.int64)), m.name
+    assert n >= 20                                   # masked, exact and low-rank circuits
+    assert F.circuit_factors(get("mul8u_ZDF").lut, False) is None        # general: error rank 19
+
+
+def test_layer_terms_dtype_and_overflow():
+    assert F.layer_terms([get("master:mul8s_1KVA").lut], True, 144) == (3, "int8")
+    assert F.layer_terms([get("mul8s_1L2H").lut], True, 144) == (1, "int16")     # activation factor up to 256
+    assert F.layer_terms([get("mul8u_Y48").lut], False, 144) == (2, "int16")     # unsigned codes
+    mix = [get("master:mul8s_1KVA").lut, get("mul8s_1KX2").lut, get("master:mul8s_1KV8").lut]
+    assert F.layer_terms(mix, True, 144) == (5, "int8")                           # the most terms of the layer
+    assert F.layer_terms([get("mul8s_1KX2").lut, get("mul8u_ZDF").lut], True, 144) is None
+    assert F.layer_terms([get("master:mul8s_1KVA").lut], True, 2**31 // 16384) is None   # int32 could overflow
+    with pytest.raises(QosError, match="no factorisation"):
+        F.layer_factors(get("mul8s_1KX2").lut, np.zeros((1, 1, 1, 1), np.int8), True, 3, "int8")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_factored_kernel_bit_exact(target):
+    """Every conv shape x circuit against the reference (aarch64 under qemu)."""
+    t = get_target(target)
+    funcs, cases = {}, []
+    for i, cfg in enumerate(CONVS):
+        for j, (name, signed) in enumerate(CIRCUITS):
+            spec, x, w = _case(cfg, signed, seed=10 * i + j)
+            lut = get(name).lut.astype(np.int32)
+            terms, dt = F.layer_terms([lut], signed, spec.c // spec.groups * spec.kh * spec.kw)
+            key = f"c{i}_{int(signed)}_{terms}_{dt}"
+            funcs.setdefault(key, F.factored_conv2d_func(spec, terms, dt, t))
+            cases.append((key, spec, x, w, lut, terms, dt, name))
+    built = build_kernels(funcs, t, system_lib=True)
+    for key, spec, x, w, lut, terms, dt, name in cases:
+        wt, xt = F.layer_factors(lut, w, spec.signed, terms, dt)
+        got = built.run(key, x, wt, xt)
+        assert np.array_equal(got, _ref(spec, x, w, lut)), f"{target} {key} {name}"
+
+
+def test_choice_follows_the_kernel_costs():
+    vbmi, avx2 = frozenset({"avx2", "avx512f", "avx512vbmi"}), frozenset({"avx2"})
+    lowrank, general = get("master:mul8s_1KVA").lut, get("mul8s_1KX2").lut
+    one_term = get("mul8s_1L2H").lut
+    assert choose_conv_lowering([lowrank], True, vbmi, taps=144).kind == "rows"       # 3 terms cost more
+    assert choose_conv_lowering([one_term], True, vbmi, taps=144).describe() == "lowrank-1"
+    cost = get_target("x86_64-avx2").kernel_costs
+    assert choose_conv_lowering([lowrank], True, avx2, taps=144, costs=cost).describe() == "lowrank-3"
+    assert choose_conv_lowering([general], True, avx2, taps=144, costs=cost).kind == "gather"   # 5 terms > gather
+    forced = choose_conv_lowering([general], True, avx2, allow=("lowrank", "gather"), taps=144, costs=cost)
+    assert (forced.kind, forced.terms, forced.dtype) == ("lowrank", 5, "int8")
+    assert choose_conv_lowering([general, get("mul8u_ZDF").lut], True, avx2, allow=("lowrank", "gather"),
+                                taps=144).kind == "gather"                             # one table does not factor
+    assert choose_conv_lowering([lowrank], True, avx2, taps=10**8, allow=("lowrank", "gather")).kind == "gather"
+
+
+def _small_qnet(circuits, assign_of):
+    from qos_compile.models import build_model
+    from qos_compile.nn import wrap_model
+
+    torch.manual_seed(0)
+    qnet = wrap_model(build_model("resnet8", 10, 1, 16), circuits, num_ops=3, input_shape=(1, 16, 16))
+    n = len(qnet.approx_layers())
+    qnet.set_assignment([[assign_of(op, i) for i in range(n)] for op in range(3)])
+    qnet.set_mode("quant")
+    qnet.train()
+    with torch.no_grad():
+        qnet(torch.rand(64, 1, 16, 16))
+    qnet.eval()
+    qnet.freeze_observers(True)
+    qnet.set_mode("approx")
+    return qnet
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_compiled_model_with_low_rank_layers(target, tmp_path):
+    """Three OPs with different circuits per layer: per-OP factor slots in the manifest, and
+    the built qos-run bit-exact with onnxruntime on every OP."""
+    from qos_compile.compiler import compile_qnet
+    from qos_compile.runtime.manifest import read_manifest
+
+    circuits = ["mul8u_1JFF", "mul8u_Y48", "mul8u_27Y", "mul8u_125K"]
+    qnet = _small_qnet(circuits, lambda op, i: [0, 1 + i % 2, 3][op])
+    lines = []
+    res = compile_qnet(qnet, target, tmp_path / "out", lowering="lowrank", progress=lines.append)
+    assert any("conv kernels: lowrank-5 x7" in ln for ln in lines), lines
+    report = json.loads((res.out_dir / "report.json").read_text())
+    assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]
+    m = read_manifest(res.manifest)
+    names = {s.name for s in m.slots}
+    conv_layers = [la["name"] for la in m.metadata_json()["layers"] if la["kernel"].startswith("lowrank")]
+    assert len(conv_layers) == 7
+    for layer in conv_layers:
+        assert {f"slot.{layer}.wterms", f"slot.{layer}.xterms"} <= names
