@@ -321,40 +321,31 @@ def _layer_lowerings(qnet: Any, ex: Any, t: Any, lowering: str) -> dict[str, Any
 
 
 def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, dict[str, list[np.ndarray]]]:
-    """The per-OP factor tensors of the low-rank layers (``tvm.lut_factors``): the slots
-    model with their graph inputs added (for the TVM import only) and their values per OP."""
+    """The per-OP factor tables of the low-rank layers (``tvm.lut_factors``): the slots model
+    with their graph inputs ``slot.<layer>.wterms|xterms`` added (for the TVM import only)
+    and their values per OP."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     from .tvm.lut_factors import SLOT_SUFFIXES, layer_factors
 
-    low_layers = [(j, layer) for j, layer in enumerate(ex.layers)
-                  if layer.name in lowerings and lowerings[layer.name].kind == "lowrank"]
-    if not low_layers:
-        return ex.model, {}
+    assign, signed = qnet.assignment(), bool(qnet.bank.signed)
+    values: dict[str, list[np.ndarray]] = {}
+    for j, layer in enumerate(ex.layers):
+        low = lowerings.get(layer.name)
+        if low is None or low.kind != "lowrank":
+            continue
+        tables = {m: layer_factors(qnet.bank.luts[m].detach().cpu().numpy(), signed, low.terms, low.dtype)
+                  for m in sorted({int(row[j]) for row in assign})}
+        for k, suffix in enumerate(SLOT_SUFFIXES):
+            values[f"slot.{layer.name}.{suffix}"] = [tables[int(row[j])][k] for row in assign]
+    if not values:
+        return ex.model, values
     model = onnx.ModelProto()
     model.CopyFrom(ex.model)
-    inits = {i.name: i for i in model.graph.initializer}
-    weight_of = {n.input[2]: n.input[1] for n in model.graph.node if n.op_type == "ApproxConv" and len(n.input) > 2}
-    assign = qnet.assignment()
-    values: dict[str, list[np.ndarray]] = {}
-    for j, layer in low_layers:
-        low, lut_name = lowerings[layer.name], f"slot.{layer.name}.lut"
-        if weight_of.get(lut_name) not in inits:
-            raise QosError(f"layer {layer.name}: no constant weights for its low-rank lowering")
-        w = numpy_helper.to_array(inits[weight_of[lut_name]])
-        by_circuit: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for row in assign:
-            m = int(row[j])
-            if m not in by_circuit:
-                by_circuit[m] = layer_factors(qnet.bank.luts[m].detach().cpu().numpy(), w, bool(qnet.bank.signed),
-                                              low.terms, low.dtype)
-        for k, suffix in enumerate(SLOT_SUFFIXES):
-            name = f"slot.{layer.name}.{suffix}"
-            values[name] = [by_circuit[int(row[j])][k] for row in assign]
-            v = values[name][0]
-            model.graph.input.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+    for name, per_op in values.items():
+        model.graph.input.append(helper.make_tensor_value_info(
+            name, helper.np_dtype_to_tensor_dtype(per_op[0].dtype), list(per_op[0].shape)))
     return model, values
 
 
@@ -635,7 +626,7 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
 
     in_name = slotted.model.graph.input[0].name
     lowerings = _layer_lowerings(qnet, slotted, t, lowering)
-    import_model, factor_values = _factor_slots(qnet, slotted, lowerings)
+    import_model, factors = _factor_slots(qnet, slotted, lowerings)
     imported = from_onnx(import_model, shape_dict={in_name: [batch, *slotted.input_shape]},
                          lowerings={f"slot.{name}.lut": low for name, low in lowerings.items()})
     kinds = collections.Counter(low.describe() for low in lowerings.values())
@@ -674,7 +665,7 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
     if isinstance(meta.get("normalization"), dict):
         metadata["normalization"] = meta["normalization"]
     _write_manifest(tmp / MANIFEST_NAME, plan, built.symbols, qnet, slotted, op_names, metadata,
-                    {}, imported.output_names, {**slotted.slots, **factor_values})
+                    {}, imported.output_names, {**slotted.slots, **factors})
     msizes = _manifest_report(tmp / MANIFEST_NAME, qnet.num_ops)
     pr.done(f"{MANIFEST_NAME}: {msizes['file']} B (weights {msizes['weights']}, tables {msizes['tables']}, "
             f"per-OP {msizes['per_op']}, plan {msizes['plan']}); +{msizes['per_extra_op_bytes']} B per extra OP")

@@ -51,7 +51,9 @@ def test_layer_terms_dtype_and_overflow():
     assert F.layer_terms([get("mul8s_1KX2").lut, get("mul8u_ZDF").lut], True, 144) is None
     assert F.layer_terms([get("master:mul8s_1KVA").lut], True, 2**31 // 16384) is None   # int32 could overflow
     with pytest.raises(QosError, match="no factorisation"):
-        F.layer_factors(get("mul8s_1KX2").lut, np.zeros((1, 1, 1, 1), np.int8), True, 3, "int8")
+        F.layer_factors(get("mul8s_1KX2").lut, True, 3, "int8")
+    wt, xt = F.layer_factors(get("master:mul8s_1KVA").lut, True, 5, "int8")     # padded with zero terms
+    assert wt.shape == xt.shape == (5, 256) and wt.dtype == np.int8 and not wt[3:].any()
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -69,8 +71,8 @@ def test_factored_kernel_bit_exact(target):
             cases.append((key, spec, x, w, lut, terms, dt, name))
     built = build_kernels(funcs, t, system_lib=True)
     for key, spec, x, w, lut, terms, dt, name in cases:
-        wt, xt = F.layer_factors(lut, w, spec.signed, terms, dt)
-        got = built.run(key, x, wt, xt)
+        wt, xt = F.layer_factors(lut, spec.signed, terms, dt)
+        got = built.run(key, x, w, wt, xt)
         assert np.array_equal(got, _ref(spec, x, w, lut)), f"{target} {key} {name}"
 
 
@@ -128,3 +130,6 @@ def test_compiled_model_with_low_rank_layers(target, tmp_path):
     assert len(conv_layers) == 7
     for layer in conv_layers:
         assert {f"slot.{layer}.wterms", f"slot.{layer}.xterms"} <= names
+    # the factor tables are small and shared: per-OP data stays a fraction of the weights
+    sizes = report["manifest"]
+    assert sizes["per_extra_op_percent_of_weights"] < 100, sizes

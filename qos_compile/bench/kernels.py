@@ -127,8 +127,8 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
             got = run(f"{key}_masked", x, w, lut)
             ms = times[f"{key}_masked"]
         elif low.kind == "lowrank":
-            wt, xt = lut_factors.layer_factors(lut, w, True, low.terms, low.dtype)
-            got = run(f"{key}_lowrank", x, wt, xt)
+            wt, xt = lut_factors.layer_factors(lut, True, low.terms, low.dtype)
+            got = run(f"{key}_lowrank", x, w, wt, xt)
             ms = times[f"{key}_lowrank"]
         else:
             got = run("gather", x, w, lut)

@@ -1102,7 +1102,8 @@ def generate_markdown() -> str:
          "`slot_tensor[op][slot]` for the OP that `qos_run` read (once, atomically) when it started. "
          "`qos_select` only stores the OP index. The compiler makes one slot per approximate layer "
          "(its multiplier table, `layer` set: it must equal `bank[assign[op][layer]].table`) and one per "
-         "per-OP tensor (BN-folded scale/shift, bias).", "",
+         "per-OP tensor (BN-folded scale/shift, bias; a low-rank conv layer's weight and activation "
+         "factor tables, `slot.<layer>.wterms|xterms`).", "",
          "## Header", "", *_md_record(HEADER), "",
          "## Section table entry", "", *_md_record(SECTION), "",
          "## Sections", "", "| id | name | entry | contents |", "| --- | --- | --- | --- |"]

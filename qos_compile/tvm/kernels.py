@@ -465,8 +465,9 @@ def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
         _, byte = sch.split(e, [None, 256])
         sch.parallel(r)
         sch.vectorize(byte)
-    for b in _sblocks(sch, "masked_weights"):
-        sch.parallel(sch.get_loops(b)[0])
+    for kind in ("masked_weights", "factor_weights"):
+        for b in _sblocks(sch, kind):
+            sch.parallel(sch.get_loops(b)[0])
     for b in _sblocks(sch, "factor_lookup"):       # (t, n, c, i, j): one table lookup per activation
         t, n, c, *_ = sch.get_loops(b)
         sch.parallel(sch.fuse(t, n, c))

@@ -10,13 +10,14 @@ usually the exact product ``code(a) * code(b)`` as term 0 plus small correction 
 (weight factors in {-1, 0, 1}, activation factors of a few bits for the signed circuits).
 Then the layer is ONE exact integer conv with ``T`` times the reduction length::
 
-    acc[n, o, i, j] = sum_{t, c, u, v} wt[t, o, c, u, v] * xterm[t][xp[n, c, ...]]
+    acc[n, o, i, j] = sum_{t, c, u, v} wterms[t][w[o, c, u, v]] * xterms[t][xp[n, c, ...]]
 
-* ``wt = wterms[:, w + off]``: the transformed weights. They depend on the circuit, so
-  they are a per-OP tensor, computed at compile time (``layer_factors``) and switched at
-  run time like the LUT (a pointer swap): graph input ``slot.<layer>.wterms``.
-* ``xterms`` (T, 256): per-OP activation tables, graph input ``slot.<layer>.xterms``,
-  looked up once per activation (not per product).
+* ``wterms``/``xterms`` (T, 256): the circuit's factor tables, per-OP graph inputs
+  ``slot.<layer>.wterms|xterms`` switched at run time like the LUT (a pointer swap; a few
+  KiB per OP, and identical for every layer running the same circuit).
+* Each call first maps the weights through ``wterms`` (one lookup per weight, like the
+  masked kernel's) and the activations through ``xterms`` (one per activation), not per
+  product.
 * Operands take the narrowest of int8 / int16 / int32 that holds every factor of every
   circuit of the layer (int8 for the bundled signed circuits), and the compiler checks
   that no int32 partial sum can overflow (``accumulator_bound``).
@@ -105,42 +106,41 @@ def layer_terms(luts: Sequence[np.ndarray], signed: bool, taps: int) -> tuple[in
     return max(f.terms for f in fs), operand_dtype(fs)
 
 
-def layer_factors(lut: np.ndarray, w: np.ndarray, signed: bool, terms: int, dtype: str
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """The per-OP tensors of one layer for the circuit ``lut``: transformed weights
-    ``(T, O, C/g, kh, kw)`` and activation tables ``(T, 256)``, both ``dtype``."""
+def layer_factors(lut: np.ndarray, signed: bool, terms: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The per-OP tensors of a low-rank layer for the circuit ``lut``: weight and activation
+    factor tables, both ``(terms, 256)`` of ``dtype`` (zero terms pad a shorter factorisation)."""
     f = circuit_factors(lut, signed)
     if f is None or f.terms > terms:
         raise QosError(f"the circuit has no factorisation with at most {terms} terms")
     f = _padded(f, terms)
-    idx = np.asarray(w, dtype=np.int64) + (128 if signed else 0)
-    wt, xt = f.wterms[:, idx], f.xterms
     info = np.iinfo(dtype)
-    if min(wt.min(), xt.min()) < info.min or max(wt.max(), xt.max()) > info.max:
+    if min(f.wterms.min(), f.xterms.min()) < info.min or max(f.wterms.max(), f.xterms.max()) > info.max:
         raise QosError(f"factors do not fit {dtype}")
-    return wt.astype(dtype), xt.astype(dtype)
+    return f.wterms.astype(dtype), f.xterms.astype(dtype)
 
 
-def factored_conv2d(x: te.Tensor, wt: te.Tensor, xtab: te.Tensor, stride: int | Sequence[int] = 1,
+def factored_conv2d(x: te.Tensor, w: te.Tensor, wtab: te.Tensor, xtab: te.Tensor, stride: int | Sequence[int] = 1,
                     padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
                     pad_code: int = 0, signed: bool | None = None, name: str = "factored_conv2d") -> te.Tensor:
     """TE low-rank conv: int32 accumulators (N, O, Ho, Wo), bit-exact with the LUT conv of
-    any circuit whose factors ``wt``/``xtab`` are (``layer_factors``).
+    any circuit whose factor tables ``wtab``/``xtab`` (both (T, 256)) are (``layer_factors``).
 
-    x: (N, C, H, W) int8/uint8 codes; wt: (T, O, C/groups, kh, kw); xtab: (T, 256).
+    x: (N, C, H, W) int8/uint8 codes; w: (O, C/groups, kh, kw) codes of the same type.
     """
     from .kernels import ConvSpec, _signed_of
 
-    s = _signed_of(x, x, signed)
-    t_, o_, cg_, kh_, kw_ = (int(v) for v in wt.shape)
-    if tuple(int(v) for v in xtab.shape) != (t_, 256):
-        raise QosError(f"xterms must be ({t_}, 256), got {tuple(xtab.shape)}")
-    spec = ConvSpec.make([int(v) for v in x.shape], (o_, cg_, kh_, kw_), stride, padding, dilation, groups,
+    s = _signed_of(x, w, signed)
+    t_ = int(wtab.shape[0])
+    if tuple(int(v) for v in wtab.shape) != (t_, 256) or tuple(int(v) for v in xtab.shape) != (t_, 256):
+        raise QosError(f"factor tables must both be (T, 256), got {tuple(wtab.shape)} and {tuple(xtab.shape)}")
+    spec = ConvSpec.make([int(v) for v in x.shape], [int(v) for v in w.shape], stride, padding, dilation, groups,
                          pad_code, s)
     off = 128 if s else 0
     pt, pl, pb, pr = spec.padding
     n, c, h, wd = spec.x_shape
     pad_idx = pad_code + off
+    wt = te.compute((t_, *spec.w_shape), lambda t, o, cc, u, v: wtab[t, w[o, cc, u, v].astype("int32") + off],
+                    name=name + "_wterms", attrs={KERNEL_ATTR: "factor_weights"})
 
     def lookup(t, nn, cc, i, j):        # the factor of term t at every (padded) activation
         v = x[nn, cc, i - pt, j - pl].astype("int32") + off
@@ -168,12 +168,13 @@ def factored_conv2d(x: te.Tensor, wt: te.Tensor, xtab: te.Tensor, stride: int | 
 
 def factored_conv2d_func(spec: "object", terms: int, dtype: str, target: object = None, schedule: bool = True,
                          func_name: str | None = None) -> "tvm.tirx.PrimFunc":
-    """PrimFunc ``(x, wterms, xterms, acc)`` of ``factored_conv2d`` for a ``kernels.ConvSpec``."""
+    """PrimFunc ``(x, w, wterms, xterms, acc)`` of ``factored_conv2d`` for a ``kernels.ConvSpec``."""
     from .kernels import _finish
 
     x = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
-    wt = te.placeholder((terms, *spec.w_shape), dtype, name="wterms")
+    w = te.placeholder(spec.w_shape, spec.code_dtype, name="w")
+    wtab = te.placeholder((terms, 256), dtype, name="wterms")
     xtab = te.placeholder((terms, 256), dtype, name="xterms")
-    acc = factored_conv2d(x, wt, xtab, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
+    acc = factored_conv2d(x, w, wtab, xtab, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
                           spec.signed)
-    return _finish([x, wt, xtab, acc], func_name, target, schedule)
+    return _finish([x, w, wtab, xtab, acc], func_name, target, schedule)

@@ -115,19 +115,18 @@ class ApproxConvConverter(_frontend.OnnxOpConverter):
         if low is not None and low.kind == "rows" and type(w).__name__ in ("GenericConst", "Constant"):
             return _rows_conv(bb, x, w, lut, low, conv)
         if low is not None and low.kind == "lowrank":
-            wt, xt = _factor_inputs(lut.name, params[0])
-            return bb.call_te(lut_factors.factored_conv2d, x, wt, xt, **conv, primfunc_name_hint="factored_conv2d")
+            wt, xt = _slot_inputs(lut.name, params[0], lut_factors.SLOT_SUFFIXES, "low-rank factors")
+            return bb.call_te(lut_factors.factored_conv2d, x, w, wt, xt, **conv, primfunc_name_hint="factored_conv2d")
         return bb.call_te(kernels.approx_conv2d, x, w, lut, **conv, primfunc_name_hint="approx_conv2d")
 
 
-def _factor_inputs(lut_name: str, nodes: dict) -> tuple[Any, Any]:
-    """The per-OP factor inputs ``slot.<layer>.wterms|xterms`` of a low-rank layer."""
+def _slot_inputs(lut_name: str, nodes: dict, suffixes: tuple[str, ...], what: str) -> list[Any]:
+    """The per-OP graph inputs ``slot.<layer>.<suffix>`` a lowering of the layer reads."""
     base = lut_name[:-len(".lut")] if lut_name.endswith(".lut") else lut_name
-    got = [nodes.get(f"{base}.{suffix}") for suffix in lut_factors.SLOT_SUFFIXES]
+    got = [nodes.get(f"{base}.{suffix}") for suffix in suffixes]
     if any(v is None for v in got):
-        raise QosError(f"the low-rank lowering of {base} needs the graph inputs "
-                       + " and ".join(f"{base}.{s}" for s in lut_factors.SLOT_SUFFIXES))
-    return got[0], got[1]
+        raise QosError(f"the {what} of {base} need the graph inputs " + " and ".join(f"{base}.{s}" for s in suffixes))
+    return got
 
 
 def _rows_conv(bb: relax.BlockBuilder, x: Any, w: Any, lut: Any, low: Any, conv: dict) -> relax.Expr:
