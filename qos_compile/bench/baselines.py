@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -163,6 +164,17 @@ def _calib_batches(calib: Any, max_batches: int) -> list[np.ndarray]:
     return out
 
 
+@contextlib.contextmanager
+def _root_log_level(level: int) -> Iterator[None]:
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
+
+
 def ort_int8_model(model: nn.Module, calib: Any, path: str | os.PathLike[str], *, per_channel: bool = False,
                    fmt: str = "qoperator", max_calib_batches: int = 8) -> Path:
     """Export ``model`` to float ONNX and quantize it statically (u8 activations, s8 weights) to ``path``.
@@ -181,7 +193,8 @@ def ort_int8_model(model: nn.Module, calib: Any, path: str | os.PathLike[str], *
     if qf is None:
         raise QosError(f"unknown quantization format {fmt!r}; use qoperator or qdq")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):      # the quantizer prints tensor protos
+        # the quantizer prints tensor protos and logs shape-inference advice on the root logger
+        with contextlib.redirect_stdout(io.StringIO()), _root_log_level(logging.ERROR):
             quantize_static(str(float_path), str(path), _CalibReader("input", batches), quant_format=qf,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=per_channel, calibrate_method=CalibrationMethod.MinMax)
