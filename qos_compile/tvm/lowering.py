@@ -9,16 +9,17 @@ on every one of their 65,536 table entries before it is used:
   conv on the weights read from the LUT's code-1 column (``kernels.masked_conv2d``).
 * ``lowrank`` - every table is a sum of at most ``lut_factors.MAX_TERMS`` separable
   integer terms (the exact product plus low-rank corrections, or the table's own factors):
-  one exact conv over ``T`` factor terms (``lut_factors``), with per-OP transformed
-  weights and activation tables as extra slots.
+  one exact conv over ``T`` factor terms (``lut_factors``), with the per-OP (T, 256)
+  weight and activation factor tables as extra slots.
 * ``rows``    - the target has a byte permute (``lut_rows.rows_isa``: AVX-512 VBMI, NEON)
   and every table fits 16 bits after one common bias: the per-weight table-row kernel
   (``lut_rows``).
 * ``gather``  - the fallback that always works: the scheduled TE lookup conv
   (``kernels.approx_conv2d``).
 
-Among the kernels that fit, the cheapest by ``KERNEL_COST`` (time / exact int8 conv time,
-measured with ``python -m qos_compile.bench.kernels``) wins.
+Masked wins whenever it fits (it is the exact conv); otherwise the cheapest kernel that
+fits by ``KERNEL_COST`` (time / exact int8 conv time, measured with ``python -m
+qos_compile.bench.kernels``), which a target file's ``[kernel_costs]`` overrides.
 """
 from __future__ import annotations
 
