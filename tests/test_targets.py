@@ -53,6 +53,10 @@ def test_aliases_resolve(alias, name):
 
 
 def test_kernel_costs_of_measured_targets():
+    from qos_compile.targets import COST_KEYS
+    from qos_compile.tvm.lowering import KERNEL_COST
+
+    assert set(KERNEL_COST) == set(COST_KEYS)                         # a target file may state each default
     assert get_target("aarch64").kernel_costs["gather"] < 1.0          # EMULATED ranking (qemu)
     assert get_target("x86_64-avx2").kernel_costs == {"lowrank": 1.05, "gather": 3.6}
     assert get_target("x86_64").kernel_costs == {}                     # the defaults were measured there
