@@ -465,7 +465,11 @@ def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
         _, byte = sch.split(e, [None, 256])
         sch.parallel(r)
         sch.vectorize(byte)
-    for kind in ("masked_weights", "factor_weights"):
+    for b in _sblocks(sch, "dot_inputs"):          # (n, c, q, i, phase, column, term): G terms per column
+        n, c, *_, e = sch.get_loops(b)
+        sch.parallel(sch.fuse(n, c))
+        sch.unroll(e)
+    for kind in ("masked_weights", "factor_weights", "dot_weights", "dot_bias"):
         for b in _sblocks(sch, kind):
             sch.parallel(sch.get_loops(b)[0])
     for b in _sblocks(sch, "factor_lookup"):       # (t, n, c, i, j): one table lookup per activation
