@@ -335,7 +335,7 @@ def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, d
         low = lowerings.get(layer.name)
         if low is None or low.kind != "lowrank":
             continue
-        tables = {m: layer_factors(qnet.bank.luts[m].detach().cpu().numpy(), signed, low.terms, low.dtype)
+        tables = {m: layer_factors(qnet.bank.luts[m].detach().cpu().numpy(), signed, low.slot_terms, low.dtype)
                   for m in sorted({int(row[j]) for row in assign})}
         for k, suffix in enumerate(SLOT_SUFFIXES):
             values[f"slot.{layer.name}.{suffix}"] = [tables[int(row[j])][k] for row in assign]

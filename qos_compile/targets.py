@@ -58,7 +58,7 @@ X86_FEATURES = ("sse2", "sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "
 
 _TOP_KEYS = {"name", "arch", "aliases", "description", "package", "features", "tvm", "toolchain", "kernel_costs"}
 #: Kernel kinds whose cost (time / exact int8 conv time) a target file may state (``tvm.lowering``).
-COST_KEYS = ("lowrank", "rows", "gather")
+COST_KEYS = ("lowrank", "dot", "rows", "gather")
 _TOOL_KEYS = {"cc", "cflags", "ldflags", "sysroot", "emulator", "emulator_package"}
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "aarch64_be": "aarch64"}
 

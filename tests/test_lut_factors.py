@@ -18,6 +18,7 @@ from qos_compile.multipliers.library import bundled  # noqa: E402
 from qos_compile.targets import get_target  # noqa: E402
 from qos_compile.tvm import lut_factors as F  # noqa: E402
 from qos_compile.tvm.build import build_kernels  # noqa: E402
+from qos_compile.tvm.lut_dot import dot_isa  # noqa: E402
 from qos_compile.tvm.lowering import choose_conv_lowering  # noqa: E402
 
 from test_lut_rows import CONVS, _case, _ref  # noqa: E402
@@ -77,19 +78,34 @@ def test_factored_kernel_bit_exact(target):
 
 
 def test_choice_follows_the_kernel_costs():
-    vbmi, avx2 = frozenset({"avx2", "avx512f", "avx512vbmi"}), frozenset({"avx2"})
+    vbmi = frozenset({"avx512f", "avx512vbmi"})                   # a byte permute, no multiply-add pairs
+    vnni = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi"})
+    avx2, arm = frozenset({"avx2"}), frozenset({"neon", "dotprod"})
     lowrank, general = get("master:mul8s_1KVA").lut, get("mul8s_1KX2").lut
-    one_term = get("mul8s_1L2H").lut
-    assert choose_conv_lowering([lowrank], True, vbmi, taps=144).kind == "rows"       # 3 terms cost more
+    one_term = get("mul8s_1L2H").lut                                # int16 factors
+    # the TE low-rank kernel costs ~1 exact conv per term: 3 terms lose to rows, 1 term wins
+    assert choose_conv_lowering([lowrank], True, vbmi, taps=144).kind == "rows"
     assert choose_conv_lowering([one_term], True, vbmi, taps=144).describe() == "lowrank-1"
+    # a multiply-add that sums 4 (vpdpbusd) or 2 (vpmaddwd) terms per lane beats both
+    low = choose_conv_lowering([lowrank], True, vnni, taps=144)
+    assert (low.describe(), low.slot_terms) == ("lowrank-3-avx512vnni", 4)
+    assert choose_conv_lowering([general], True, vnni, taps=144).describe() == "lowrank-5-avx512vnni"
+    assert choose_conv_lowering([one_term], True, vnni, taps=144).describe() == "lowrank-1-avx512bw"  # int16
     cost = get_target("x86_64-avx2").kernel_costs
-    assert choose_conv_lowering([lowrank], True, avx2, taps=144, costs=cost).describe() == "lowrank-3"
-    assert choose_conv_lowering([general], True, avx2, taps=144, costs=cost).kind == "gather"   # 5 terms > gather
-    forced = choose_conv_lowering([general], True, avx2, allow=("lowrank", "gather"), taps=144, costs=cost)
-    assert (forced.kind, forced.terms, forced.dtype) == ("lowrank", 5, "int8")
-    assert choose_conv_lowering([general, get("mul8u_ZDF").lut], True, avx2, allow=("lowrank", "gather"),
+    low = choose_conv_lowering([general], True, avx2, taps=144, costs=cost)
+    assert (low.describe(), low.slot_terms) == ("lowrank-5-avx2", 6)
+    assert choose_conv_lowering([general], True, avx2, taps=144, costs={**cost, "dot": 2.0}).kind == "gather"
+    # qemu's costs rank gather first on ARM; forced, the int8 factors take sdot, int16 ones the TE kernel
+    a76 = get_target("aarch64-cortex-a76").kernel_costs
+    assert choose_conv_lowering([lowrank], True, arm, taps=144, costs=a76).kind == "gather"
+    force = ("lowrank", "gather")
+    assert choose_conv_lowering([lowrank], True, arm, force, 144, a76).describe() == "lowrank-3-dotprod"
+    assert choose_conv_lowering([one_term], True, arm, force, 144, a76).describe() == "lowrank-1"
+    forced = choose_conv_lowering([general], True, frozenset(), allow=force, taps=144)
+    assert (forced.kind, forced.terms, forced.dtype, forced.isa) == ("lowrank", 5, "int8", None)
+    assert choose_conv_lowering([general, get("mul8u_ZDF").lut], True, avx2, allow=force,
                                 taps=144).kind == "gather"                             # one table does not factor
-    assert choose_conv_lowering([lowrank], True, avx2, taps=10**8, allow=("lowrank", "gather")).kind == "gather"
+    assert choose_conv_lowering([lowrank], True, avx2, taps=10**8, allow=force).kind == "gather"
 
 
 def _small_qnet(circuits, assign_of):
@@ -121,7 +137,9 @@ def test_compiled_model_with_low_rank_layers(target, tmp_path):
     qnet = _small_qnet(circuits, lambda op, i: [0, 1 + i % 2, 3][op])
     lines = []
     res = compile_qnet(qnet, target, tmp_path / "out", lowering="lowrank", progress=lines.append)
-    assert any("conv kernels: lowrank-5 x7" in ln for ln in lines), lines
+    isa = dot_isa(get_target(target).features, "int16")         # unsigned codes: int16 factors
+    label = "lowrank-5" + (f"-{isa}" if isa else "")
+    assert any(f"conv kernels: {label} x7" in ln for ln in lines), lines
     report = json.loads((res.out_dir / "report.json").read_text())
     assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]
     m = read_manifest(res.manifest)

@@ -58,7 +58,7 @@ def test_kernel_costs_of_measured_targets():
 
     assert set(KERNEL_COST) == set(COST_KEYS)                         # a target file may state each default
     assert get_target("aarch64").kernel_costs["gather"] < 1.0          # EMULATED ranking (qemu)
-    assert get_target("x86_64-avx2").kernel_costs == {"lowrank": 1.05, "gather": 3.6}
+    assert get_target("x86_64-avx2").kernel_costs == {"lowrank": 1.05, "dot": 0.5, "gather": 3.6}
     assert get_target("x86_64").kernel_costs == {}                     # the defaults were measured there
 
 

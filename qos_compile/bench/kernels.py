@@ -9,7 +9,9 @@ circuit of each kind (masked, low-rank, general; signed circuits), plus the gath
 fallback. Every approximate kernel is checked bit-exact against ``qos_compile.reference``
 first; then all kernels of a layer are timed in the same run (best of ``repeats``) and the
 table prints approx time / exact int8 time. A rows kernel's time is its three stages
-(taps + planes + microkernel).
+(taps + planes + microkernel), a dot-product low-rank kernel's all of its stages (factor
+staging + weight packing (+ bias) + microkernel). The exact int8 conv is TVM's own
+scheduled int8 conv (int32 multiply-adds; not hand-tensorized with VNNI or sdot).
 
 Part 2, network: ResNet-20 (untrained, calibrated on random data: accuracy is irrelevant)
 is compiled four times with one circuit in every layer (exact, masked, low-rank, general)
@@ -72,7 +74,7 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
     """Build, verify and time one conv shape (see the module docstring)."""
     from ..reference import approx_conv2d_acc
     from ..tvm import kernels as K
-    from ..tvm import lut_factors, lut_rows
+    from ..tvm import lut_dot, lut_factors, lut_rows
     from ..tvm.build import build_kernels
     from ..tvm.lowering import choose_conv_lowering
 
@@ -89,6 +91,9 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
     def add(key: str, low: Any, circuit: str) -> None:
         if low.kind == "masked":
             funcs[f"{key}_masked"] = K.masked_conv2d_func(spec, target)
+        elif low.kind == "lowrank" and low.isa:
+            _, stages = lut_dot.dot_stage_funcs(spec, low.terms, low.dtype, low.isa, target)
+            funcs.update({f"{key}_{st}": f for st, f in stages.items()})
         elif low.kind == "lowrank":
             funcs[f"{key}_lowrank"] = lut_factors.factored_conv2d_func(spec, low.terms, low.dtype, target)
         elif low.kind == "rows":
@@ -126,6 +131,9 @@ def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, 
         elif low.kind == "masked":
             got = run(f"{key}_masked", x, w, lut)
             ms = times[f"{key}_masked"]
+        elif low.kind == "lowrank" and low.isa:
+            wt, xt = lut_factors.layer_factors(lut, True, low.slot_terms, low.dtype)
+            got, ms = lut_dot.run_dot_conv(built, f"{key}_", spec, x, w, wt, xt, repeats, threads)
         elif low.kind == "lowrank":
             wt, xt = lut_factors.layer_factors(lut, True, low.terms, low.dtype)
             got = run(f"{key}_lowrank", x, w, wt, xt)

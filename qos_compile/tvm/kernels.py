@@ -465,9 +465,9 @@ def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
         _, byte = sch.split(e, [None, 256])
         sch.parallel(r)
         sch.vectorize(byte)
-    for b in _sblocks(sch, "dot_inputs"):          # (n, c, q, i, phase, column, term): G terms per column
-        n, c, *_, e = sch.get_loops(b)
-        sch.parallel(sch.fuse(n, c))
+    for b in _sblocks(sch, "dot_inputs"):          # (n*c, q, i, phase, column, term): G terms per column
+        nc, *_, e = sch.get_loops(b)
+        sch.parallel(nc)
         sch.unroll(e)
     for kind in ("masked_weights", "factor_weights", "dot_weights", "dot_bias"):
         for b in _sblocks(sch, kind):

@@ -9,8 +9,11 @@ on every one of their 65,536 table entries before it is used:
   conv on the weights read from the LUT's code-1 column (``kernels.masked_conv2d``).
 * ``lowrank`` - every table is a sum of at most ``lut_factors.MAX_TERMS`` separable
   integer terms (the exact product plus low-rank corrections, or the table's own factors):
-  one exact conv over ``T`` factor terms (``lut_factors``), with the per-OP (T, 256)
-  weight and activation factor tables as extra slots.
+  one exact conv over ``T`` factor terms, with the per-OP (T, 256) weight and activation
+  factor tables as extra slots. Where the target has a multiply-add that sums several
+  products per lane (``lut_dot.dot_isa``: AVX-512 VNNI, AVX-512 BW, AVX2, ARM dot product)
+  the terms share its lanes (``lut_dot``, ``lowrank-T-ISA``); else the TE kernel
+  (``lut_factors``, ``lowrank-T``).
 * ``rows``    - the target has a byte permute (``lut_rows.rows_isa``: AVX-512 VBMI, NEON)
   and every table fits 16 bits after one common bias: the per-weight table-row kernel
   (``lut_rows``).
@@ -30,14 +33,16 @@ import numpy as np
 
 from ..errors import QosError
 from . import lut_factors
+from .lut_dot import DOT_ISAS, dot_isa, groups_of
 from .lut_rows import fits_rows, rows_isa
 
 LOWERINGS = ("masked", "lowrank", "rows", "gather")
 #: Kernel time / exact int8 conv time over ResNet-20's convs, measured on the x86-64 host
-#: (AVX-512 VBMI, 1 thread; ``python -m qos_compile.bench.kernels``); ``lowrank`` is per
-#: factor term. A target file's ``[kernel_costs]`` replaces any of them with its own
+#: (AVX-512 VBMI + VNNI, 1 thread; ``python -m qos_compile.bench.kernels``): ``lowrank`` is
+#: per factor term (TE kernel), ``dot`` per term group (one multiply-add per tap and vector,
+#: ``lut_dot``). A target file's ``[kernel_costs]`` replaces any of them with its own
 #: measurement (``targets.Target.kernel_costs``).
-KERNEL_COST = {"lowrank": 1.05, "rows": 1.35, "gather": 5.7}
+KERNEL_COST = {"lowrank": 1.05, "dot": 0.45, "rows": 1.35, "gather": 5.7}
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,17 @@ class ConvLowering:
         """Short label for logs, reports and the manifest."""
         if self.kind == "rows":
             return f"rows-{self.isa}"
-        return f"lowrank-{self.terms}" if self.kind == "lowrank" else self.kind
+        if self.kind == "lowrank":
+            return f"lowrank-{self.terms}" + (f"-{self.isa}" if self.isa else "")
+        return self.kind
+
+    @property
+    def slot_terms(self) -> int:
+        """Rows of a low-rank layer's per-OP factor tables: ``terms``, rounded up to whole
+        groups of the dot-product ISA (zero terms fill them)."""
+        if self.kind != "lowrank":
+            return 0
+        return groups_of(self.terms, self.isa) * DOT_ISAS[self.isa].group if self.isa else self.terms
 
 
 def _codes(signed: bool) -> np.ndarray:
@@ -100,8 +115,14 @@ def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: fro
         lr = lut_factors.layer_terms(luts, signed, taps)
         if lr is not None:
             t, dt = lr
-            fits.append((cost["lowrank"] * t, ConvLowering(
-                "lowrank", terms=t, dtype=dt, why=f"exact conv over {t} {dt} factor term(s) of every table")))
+            dot = dot_isa(frozenset(features), dt)
+            if dot is not None:
+                fits.append((cost["dot"] * groups_of(t, dot), ConvLowering(
+                    "lowrank", isa=dot, terms=t, dtype=dt,
+                    why=f"{t} {dt} factor term(s) of every table, {DOT_ISAS[dot].group} per {dot} multiply-add")))
+            else:
+                fits.append((cost["lowrank"] * t, ConvLowering(
+                    "lowrank", terms=t, dtype=dt, why=f"exact conv over {t} {dt} factor term(s) of every table")))
     isa = rows_isa(frozenset(features))
     if "rows" in allow and isa is not None:
         bias = fits_rows(luts)

@@ -11,12 +11,14 @@ multiply-add that sums ``G`` products per lane computes ``G`` terms at once:
 
 A 3-term layer (the exact product and 2 corrections) then costs 2 ``vpmaddwd`` per tap and
 vector against one ``vpmulld`` (2 micro-ops) of the exact conv, and up to 4 int8 terms
-cost one ``sdot``. Partial sums stay exact: ``lut_factors.accumulator_bound`` bounds every
-one, and the operands are the factors themselves (int8 for the bundled signed circuits).
+cost one ``sdot``. The result is exact: the operands are the factors themselves (int8 for
+the bundled signed circuits), none of these instructions saturates (int32 lanes wrap, so
+intermediate sums may wrap freely), and ``lut_factors.accumulator_bound`` guarantees the
+final sum fits int32.
 
 Stages (each its own PrimFunc):
 
-* ``dot_inputs`` (TE): the activations' factors, ``(N, C, Q, Hp, S*Wph, G)`` with the G
+* ``dot_inputs`` (TE): the activations' factors, ``(N*C, Q, Hp, S, Wph, G)`` with the G
   terms of group ``q`` side by side per column and the padded columns regrouped by stride
   phase (column ``S*j + s`` at ``s*Wph + j``), so the positions of one output vector read
   ONE contiguous vector for any stride and dilation;
@@ -62,6 +64,7 @@ class DotIsa:
     fused: bool                   # intrinsic(acc, a, b) accumulates; else acc + intrinsic(a, b)
     intrinsics: dict              # int32 lanes per vector -> LLVM intrinsic
     accumulators: int             # accumulator vectors one tile keeps in registers
+    requires: frozenset           # target features every width of it needs
 
 
 #: Dot-product ISAs in order of preference; ``dot_isa`` picks the first a target has that
@@ -69,11 +72,15 @@ class DotIsa:
 DOT_ISAS = {
     "avx512vnni": DotIsa(4, "int8", "uint8", 128, True, {16: "llvm.x86.avx512.vpdpbusd.512",
                                                           8: "llvm.x86.avx512.vpdpbusd.256",
-                                                          4: "llvm.x86.avx512.vpdpbusd.128"}, 16),
+                                                          4: "llvm.x86.avx512.vpdpbusd.128"}, 16,
+                         frozenset({"avx512vnni", "avx512vl"})),
     "avx512bw": DotIsa(2, "int16", "int16", 0, False, {16: "llvm.x86.avx512.pmaddw.d.512",
-                                                        8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 16),
-    "avx2": DotIsa(2, "int16", "int16", 0, False, {8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 8),
-    "dotprod": DotIsa(4, "int8", "int8", 0, True, {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16),
+                                                        8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 16,
+                       frozenset({"avx512bw"})),
+    "avx2": DotIsa(2, "int16", "int16", 0, False, {8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 8,
+                   frozenset({"avx2"})),
+    "dotprod": DotIsa(4, "int8", "int8", 0, True, {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16,
+                      frozenset({"dotprod"})),
 }
 _WIDTH = {"int8": 8, "int16": 16, "int32": 32}
 
@@ -81,7 +88,7 @@ _WIDTH = {"int8": 8, "int16": 16, "int32": 32}
 def dot_isa(features: frozenset[str], dtype: str) -> str | None:
     """The dot-product ISA a target's ``features`` offer for factors of ``dtype`` (None: none)."""
     for name, isa in DOT_ISAS.items():
-        if name in features and _WIDTH[dtype] <= _WIDTH[isa.dtype]:
+        if isa.requires <= features and _WIDTH[dtype] <= _WIDTH[isa.dtype]:
             return name
     return None
 
@@ -121,9 +128,9 @@ def dot_layout(spec: Any, isa: str, terms: int) -> DotLayout:
     d = DOT_ISAS[isa]
     widths = sorted(d.intrinsics)
     lanes = max([w for w in widths if w <= spec.wo] or widths[:1])    # no vector wider than a row
-    vectors = min(-(-spec.wo // lanes), 4)
-    wo_pad = -(-spec.wo // (lanes * vectors)) * lanes * vectors
     channels = _largest_divisor(spec.o // spec.groups, 4)
+    vectors = min(-(-spec.wo // lanes), 4, max(1, d.accumulators // channels))
+    wo_pad = -(-spec.wo // (lanes * vectors)) * lanes * vectors
     rows = _largest_divisor(spec.ho, max(1, d.accumulators // (channels * vectors)))
     _, pl, _, pr = spec.padding
     sw, dw = spec.stride[1], spec.dilation[1]
@@ -133,8 +140,9 @@ def dot_layout(spec: Any, isa: str, terms: int) -> DotLayout:
 
 # --------------------------------------------------------------------------- TE stages
 def dot_inputs(x: te.Tensor, xtab: te.Tensor, layout: DotLayout, spec: Any, name: str = "dot_inputs") -> te.Tensor:
-    """(N, C, Q, Hp, S, Wph, G): the factor of every term at every padded activation (plus
-    the ISA's ``xoffset``), the G terms of a group side by side, columns by stride phase."""
+    """(N*C, Q, Hp, S, Wph, G): the factor of every term at every padded activation (plus
+    the ISA's ``xoffset``), the G terms of a group side by side, columns by stride phase
+    (N and C share a dimension: the C runtime's tensors have rank <= 6)."""
     d = DOT_ISAS[layout.isa]
     g, q_ = d.group, layout.groups
     if int(xtab.shape[0]) != g * q_:
@@ -145,13 +153,13 @@ def dot_inputs(x: te.Tensor, xtab: te.Tensor, layout: DotLayout, spec: Any, name
     off = 128 if spec.signed else 0
     pad_idx = spec.pad_code + off
 
-    def f(nn, cc, q, i, ph, jj, e):
+    def f(nc, q, i, ph, jj, e):
         j = jj * sw + ph                                    # the padded column
         v = tvm.tirx.if_then_else(tvm.tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl),
-                                  x[nn, cc, i - pt, j - pl].astype("int32") + off, pad_idx)
+                                  x[nc // c, nc % c, i - pt, j - pl].astype("int32") + off, pad_idx)
         return (xtab[q * g + e, v].astype("int32") + d.xoffset).astype(d.xdtype)
 
-    return te.compute((n, c, q_, h + pt + pb, sw, layout.wph, g), f, name=name, attrs={KERNEL_ATTR: "dot_inputs"})
+    return te.compute((n * c, q_, h + pt + pb, sw, layout.wph, g), f, name=name, attrs={KERNEL_ATTR: "dot_inputs"})
 
 
 def dot_weights(w: te.Tensor, wtab: te.Tensor, layout: DotLayout, signed: bool,
@@ -206,7 +214,7 @@ def unpack(acc: te.Tensor, wo: int) -> te.Tensor:
 
 # --------------------------------------------------------------------------- microkernel
 def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "tvm.tirx.PrimFunc":
-    """PrimFunc ``(xf (N, C, Q, Hp, S, Wph, G), wp (O, Cg, kh, kw, Q) i32, bias (O,) i32,
+    """PrimFunc ``(xf (N*C, Q, Hp, S, Wph, G), wp (O, Cg, kh, kw, Q) i32, bias (O,) i32,
     acc (N, O, Ho, Wo_pad) i32)``: ``bias`` starts each channel's accumulators (``dot_bias``
     for an ISA with an activation offset, else zeros)."""
     d = DOT_ISAS[layout.isa]
@@ -232,7 +240,7 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
         return a + T.call_llvm_pure_intrin(ivt, intrin, xv, wv)
 
     @T.prim_func(private=True)
-    def kernel(xf: T.Buffer((n, c, q_, hp, sw, wph, g), d.xdtype), wp: T.Buffer((o, cg, kh, kw, q_), "int32"),
+    def kernel(xf: T.Buffer((n * c, q_, hp, sw, wph, g), d.xdtype), wp: T.Buffer((o, cg, kh, kw, q_), "int32"),
                bias: T.Buffer((o,), "int32"), acc: T.Buffer((n, o, ho, wo_pad), "int32")):
         T.func_attr({"qos_prescheduled": True})
         xs = T.decl_buffer((size,), d.xdtype, data=xf.data)

@@ -29,13 +29,14 @@ from typing import Any, Iterator
 
 os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
 
+import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 from tvm.relax.frontend.onnx import onnx_frontend as _frontend  # noqa: E402
 
 from ..errors import QosError  # noqa: E402
-from . import kernels, lut_factors, lut_rows  # noqa: E402
+from . import kernels, lut_dot, lut_factors, lut_rows  # noqa: E402
 
 __all__ = ["CUSTOM_DOMAIN", "CUSTOM_OPS", "ImportedModel", "from_onnx", "custom_converters"]
 
@@ -116,6 +117,8 @@ class ApproxConvConverter(_frontend.OnnxOpConverter):
             return _rows_conv(bb, x, w, lut, low, conv)
         if low is not None and low.kind == "lowrank":
             wt, xt = _slot_inputs(lut.name, params[0], lut_factors.SLOT_SUFFIXES, "low-rank factors")
+            if low.isa:
+                return _dot_conv(bb, x, w, wt, xt, low, conv)
             return bb.call_te(lut_factors.factored_conv2d, x, w, wt, xt, **conv, primfunc_name_hint="factored_conv2d")
         return bb.call_te(kernels.approx_conv2d, x, w, lut, **conv, primfunc_name_hint="approx_conv2d")
 
@@ -145,6 +148,26 @@ def _rows_conv(bb: relax.BlockBuilder, x: Any, w: Any, lut: Any, low: Any, conv:
     acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow)],
                                  relax.TensorType((spec.n, spec.o, layout.p_pad), "int32")))
     return bb.call_te(lut_rows.unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint="rows_unpack")
+
+
+def _dot_conv(bb: relax.BlockBuilder, x: Any, w: Any, wt: Any, xt: Any, low: Any, conv: dict) -> relax.Expr:
+    """Low-rank conv on a dot-product ISA: inputs + weights (+ bias) + the microkernel (``lut_dot``)."""
+    spec = kernels.ConvSpec.make(_static_shape(x, "ApproxConv X"), _static_shape(w, "ApproxConv W"), conv["stride"],
+                                 conv["padding"], conv["dilation"], conv["groups"], conv["pad_code"], conv["signed"])
+    layout = lut_dot.dot_layout(spec, low.isa, low.terms)
+    # closures: call_te passes only tensors and plain values through
+    xf = bb.call_te(lambda a, t: lut_dot.dot_inputs(a, t, layout, spec), x, xt, primfunc_name_hint="dot_inputs")
+    wp = bb.call_te(lambda a, t: lut_dot.dot_weights(a, t, layout, spec.signed), w, wt,
+                    primfunc_name_hint="dot_weights")
+    if lut_dot.DOT_ISAS[low.isa].xoffset:
+        bias = bb.call_te(lambda a, t: lut_dot.dot_bias(a, t, layout, spec.signed), w, wt,
+                          primfunc_name_hint="dot_bias")
+    else:
+        bias = relax.const(np.zeros(spec.o, np.int32))
+    gv = bb.add_func(lut_dot.dot_microkernel(spec, layout), f"dot_conv_{low.isa}")
+    acc = bb.emit(relax.call_tir(gv, [xf, wp, bias],
+                                 relax.TensorType((spec.n, spec.o, spec.ho, layout.wo_pad), "int32")))
+    return bb.call_te(lut_dot.unpack, acc, spec.wo, primfunc_name_hint="dot_unpack")
 
 
 class ApproxGemmConverter(_frontend.OnnxOpConverter):
