@@ -1,0 +1,140 @@
+"""The dot-product low-rank kernel (``tvm.lut_dot``): tiling, bit-exactness of every ISA
+variant (x86 natively, ARM ``sdot`` under qemu) and whole models compiled with it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from qos_compile.errors import QosError  # noqa: E402
+from qos_compile.multipliers import get  # noqa: E402
+from qos_compile.targets import get_target, host_target  # noqa: E402
+from qos_compile.tvm import kernels as K  # noqa: E402
+from qos_compile.tvm import lut_dot as D  # noqa: E402
+from qos_compile.tvm import lut_factors as F  # noqa: E402
+from qos_compile.tvm.build import build_kernels  # noqa: E402
+
+from test_lut_factors import _small_qnet  # noqa: E402
+from test_lut_rows import CONVS, _case, _ref  # noqa: E402
+
+HAVE_ARM = shutil.which("aarch64-linux-gnu-gcc") is not None and shutil.which("qemu-aarch64-static") is not None
+HOST = host_target().features
+
+
+def _isa_case(target: str, isa: str):
+    """(target, isa) as a test parameter: x86 ISAs run natively, so the host must have them."""
+    if target.startswith("aarch64"):
+        return pytest.param(target, isa, marks=pytest.mark.skipif(not HAVE_ARM, reason="no aarch64 toolchain"))
+    return pytest.param(target, isa, marks=pytest.mark.skipif(
+        not D.DOT_ISAS[isa].requires <= HOST, reason=f"this CPU lacks {isa} (x86 kernels run natively)"))
+
+
+ISAS = [_isa_case("x86_64", "avx512vnni"), _isa_case("x86_64", "avx512bw"), _isa_case("x86_64-avx2", "avx2"),
+        _isa_case("aarch64-cortex-a76", "dotprod")]
+#: CONVS plus the shapes that exercise full-width vectors and strided rows of ResNet-20
+SHAPES = CONVS + [
+    dict(x=(1, 8, 32, 32), w=(8, 8, 3, 3), stride=1, padding=1, dilation=1, groups=1),
+    dict(x=(1, 8, 16, 16), w=(12, 8, 3, 3), stride=2, padding=1, dilation=1, groups=1),
+]
+#: (circuit, signed): 1 to 5 terms, int8 and int16 factors
+CIRCUITS = [("master:mul8s_1KVA", True), ("mul8s_1KVB", True), ("mul8s_1KX2", True), ("mul8s_1KR6", True),
+            ("mul8u_Y48", False), ("mul8u_125K", False)]
+
+
+def test_layout_fits_the_registers_and_the_rows():
+    for isa, d in D.DOT_ISAS.items():
+        for cfg in SHAPES:
+            spec = _case(cfg, True, 0)[0]
+            lay = D.dot_layout(spec, isa, 5)
+            assert lay.groups == -(-5 // d.group) and lay.lanes in d.intrinsics
+            assert lay.channels * lay.rows * lay.vectors <= max(d.accumulators, lay.channels)
+            assert spec.ho % lay.rows == 0 and (spec.o // spec.groups) % lay.channels == 0
+            assert lay.wo_pad >= spec.wo and lay.wo_pad % (lay.lanes * lay.vectors) == 0
+            # the last vector of a row stays inside the staged columns of every tap
+            assert lay.wph >= lay.wo_pad + (spec.kw - 1) * spec.dilation[1] // spec.stride[1]
+    wide = K.ConvSpec.make((1, 4, 32, 32), (4, 4, 3, 3), padding=1)
+    assert D.dot_layout(wide, "avx512bw", 3).lanes == 16 and D.dot_layout(wide, "avx2", 3).lanes == 8
+    narrow = K.ConvSpec.make((1, 4, 8, 8), (4, 4, 3, 3), padding=1)
+    assert D.dot_layout(narrow, "avx512bw", 3).lanes == 8            # no 16-lane vector on an 8-wide row
+    with pytest.raises(QosError, match="no dot-product kernel"):
+        D.dot_layout(wide, "sse9", 3)
+
+
+def test_isa_by_features_and_factor_type():
+    vnni = frozenset({"avx2", "avx512bw", "avx512vl", "avx512vnni"})
+    assert D.dot_isa(vnni, "int8") == "avx512vnni" and D.dot_isa(vnni, "int16") == "avx512bw"
+    assert D.dot_isa(frozenset({"avx512vnni"}), "int8") is None       # the narrow widths need avx512vl
+    assert D.dot_isa(frozenset({"avx2"}), "int16") == "avx2"
+    assert D.dot_isa(frozenset({"neon", "dotprod"}), "int8") == "dotprod"
+    assert D.dot_isa(frozenset({"neon", "dotprod"}), "int16") is None  # sdot multiplies bytes only
+    assert D.dot_isa(vnni, "int32") is None and D.dot_isa(frozenset({"neon", "sse2"}), "int8") is None
+
+
+@pytest.mark.parametrize("target,isa", ISAS)
+def test_dot_kernel_bit_exact(target, isa):
+    """Every conv shape x circuit whose factors the ISA multiplies, against the reference."""
+    t = get_target(target)
+    funcs, cases = {}, []
+    for i, cfg in enumerate(SHAPES):
+        for j, (name, signed) in enumerate(CIRCUITS):
+            spec, x, w = _case(cfg, signed, seed=10 * i + j)
+            lut = get(name).lut.astype(np.int32)
+            terms, dt = F.layer_terms([lut], signed, spec.c // spec.groups * spec.kh * spec.kw)
+            if D.dot_isa(D.DOT_ISAS[isa].requires, dt) != isa:
+                continue
+            lay, stages = D.dot_stage_funcs(spec, terms, dt, isa, t)
+            funcs.update({f"c{i}_{j}_{st}": f for st, f in stages.items()})
+            cases.append((f"c{i}_{j}_", spec, x, w, lut, lay, dt, name))
+    assert len(cases) >= 3 * len(SHAPES)
+    built = build_kernels(funcs, t, system_lib=True)
+    for key, spec, x, w, lut, lay, dt, name in cases:
+        wt, xt = F.layer_factors(lut, spec.signed, lay.groups * lay.group, dt)
+        got, _ = D.run_dot_conv(built, key, spec, x, w, wt, xt)
+        assert np.array_equal(got, _ref(spec, x, w, lut)), f"{target} {isa} {key} {name} {lay}"
+
+
+def test_stage_checks_the_factor_rows():
+    spec = K.ConvSpec.make((1, 4, 8, 8), (4, 4, 3, 3), padding=1, signed=True)
+    lay = D.dot_layout(spec, "dotprod", 3)
+    from tvm import te
+
+    x = te.placeholder(spec.x_shape, "int8", name="x")
+    with pytest.raises(QosError, match="wants 4 activation factor terms, got 3"):
+        D.dot_inputs(x, te.placeholder((3, 256), "int8", name="xt"), lay, spec)
+
+
+def _compiled(target, tmp_path, lowering):
+    from qos_compile.compiler import compile_qnet
+
+    circuits = ["master:mul8s_1KV8", "master:mul8s_1KVA", "mul8s_1KVB", "mul8s_1KX2"]
+    qnet = _small_qnet(circuits, lambda op, i: [0, 1 + i % 2, 3][op])
+    lines = []
+    res = compile_qnet(qnet, target, tmp_path / "out", lowering=lowering, progress=lines.append)
+    return res, lines
+
+
+@pytest.mark.parametrize("target,lowering", [
+    pytest.param("x86_64", "auto", marks=pytest.mark.skipif(not D.DOT_ISAS["avx512vnni"].requires <= HOST,
+                                                            reason="this CPU lacks avx512vnni")),
+    pytest.param("aarch64-cortex-a76", "lowrank", marks=pytest.mark.skipif(not HAVE_ARM,
+                                                                           reason="no aarch64 toolchain"))])
+def test_compiled_model_on_the_dot_kernel(target, lowering, tmp_path):
+    """Signed circuits, 3 OPs, 5 int8 terms per layer: the dot kernel (chosen on the x86 host,
+    forced on ARM where qemu's costs rank gather first), bit-exact with onnxruntime on every
+    OP, per-OP factor tables padded to whole term groups."""
+    from qos_compile.runtime.manifest import read_manifest
+
+    res, lines = _compiled(target, tmp_path, lowering)
+    isa = D.dot_isa(get_target(target).features, "int8")
+    assert any(f"conv kernels: lowrank-5-{isa} x7" in ln for ln in lines), lines
+    report = json.loads((res.out_dir / "report.json").read_text())
+    assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]
+    m = read_manifest(res.manifest)
+    rows = D.groups_of(5, isa) * D.DOT_ISAS[isa].group                 # 8: two groups of 4
+    shapes = {m.tensors[t].shape for s in m.slots if s.name.endswith((".wterms", ".xterms")) for t in s.tensors}
+    assert shapes == {(rows, 256)}, shapes
