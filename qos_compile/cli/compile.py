@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip running the built qos-run against onnxruntime")
     p.add_argument("--lowering", default="auto", choices=("auto", "masked", "lowrank", "rows", "gather"),
                    help="conv kernels: auto (per layer the cheapest that fits: masked where every circuit of "
-                        "the layer masks port A, lowrank = exact conv over a few factor terms, the "
+                        "the layer masks port A, lowrank = exact conv over a few factor terms (several "
+                        "per instruction with vpdpbusd / vpmaddwd / sdot where the target has them), the "
                         "byte-permute rows kernel on AVX-512 VBMI, else gather), or force one kind where it "
                         "fits (gather elsewhere)")
     p.add_argument("--list-targets", action="store_true", help="list the known targets and exit")
