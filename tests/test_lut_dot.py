@@ -12,14 +12,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from qos_compile.errors import QosError  # noqa: E402
-from qos_compile.multipliers import get  # noqa: E402
 from qos_compile.targets import get_target, host_target  # noqa: E402
 from qos_compile.tvm import kernels as K  # noqa: E402
 from qos_compile.tvm import lut_dot as D  # noqa: E402
 from qos_compile.tvm import lut_factors as F  # noqa: E402
 from qos_compile.tvm.build import build_kernels  # noqa: E402
 
-from test_lut_factors import _small_qnet  # noqa: E402
+from test_lut_factors import _small_qnet, factor_cases  # noqa: E402
 from test_lut_rows import CONVS, _case, _ref  # noqa: E402
 
 HAVE_ARM = shutil.which("aarch64-linux-gnu-gcc") is not None and shutil.which("qemu-aarch64-static") is not None
@@ -80,16 +79,12 @@ def test_dot_kernel_bit_exact(target, isa):
     """Every conv shape x circuit whose factors the ISA multiplies, against the reference."""
     t = get_target(target)
     funcs, cases = {}, []
-    for i, cfg in enumerate(SHAPES):
-        for j, (name, signed) in enumerate(CIRCUITS):
-            spec, x, w = _case(cfg, signed, seed=10 * i + j)
-            lut = get(name).lut.astype(np.int32)
-            terms, dt = F.layer_terms([lut], signed, spec.c // spec.groups * spec.kh * spec.kw)
-            if D.dot_isa(D.DOT_ISAS[isa].requires, dt) != isa:
-                continue
-            lay, stages = D.dot_stage_funcs(spec, terms, dt, isa, t)
-            funcs.update({f"c{i}_{j}_{st}": f for st, f in stages.items()})
-            cases.append((f"c{i}_{j}_", spec, x, w, lut, lay, dt, name))
+    for i, j, spec, x, w, lut, terms, dt, name in factor_cases(SHAPES, CIRCUITS):
+        if D.dot_isa(D.DOT_ISAS[isa].requires, dt) != isa:
+            continue
+        lay, stages = D.dot_stage_funcs(spec, terms, dt, isa, t)
+        funcs.update({f"c{i}_{j}_{st}": f for st, f in stages.items()})
+        cases.append((f"c{i}_{j}_", spec, x, w, lut, lay, dt, name))
     assert len(cases) >= 3 * len(SHAPES)
     built = build_kernels(funcs, t, system_lib=True)
     for key, spec, x, w, lut, lay, dt, name in cases:

@@ -30,6 +30,17 @@ CIRCUITS = [("master:mul8s_1KVA", True), ("mul8s_1KX2", True), ("mul8s_1L2H", Tr
             ("mul8u_Y48", False), ("mul8u_125K", False)]
 
 
+def factor_cases(shapes, circuits):
+    """(shape index, circuit index, spec, x, w, lut, terms, dtype, circuit) for every conv
+    shape x circuit: random codes and the layer's low-rank factorisation."""
+    for i, cfg in enumerate(shapes):
+        for j, (name, signed) in enumerate(circuits):
+            spec, x, w = _case(cfg, signed, seed=10 * i + j)
+            lut = get(name).lut.astype(np.int32)
+            terms, dt = F.layer_terms([lut], signed, spec.c // spec.groups * spec.kh * spec.kw)
+            yield i, j, spec, x, w, lut, terms, dt, name
+
+
 def test_factors_reproduce_every_table_they_claim():
     n = 0
     for m in bundled():
@@ -62,14 +73,10 @@ def test_factored_kernel_bit_exact(target):
     """Every conv shape x circuit against the reference (aarch64 under qemu)."""
     t = get_target(target)
     funcs, cases = {}, []
-    for i, cfg in enumerate(CONVS):
-        for j, (name, signed) in enumerate(CIRCUITS):
-            spec, x, w = _case(cfg, signed, seed=10 * i + j)
-            lut = get(name).lut.astype(np.int32)
-            terms, dt = F.layer_terms([lut], signed, spec.c // spec.groups * spec.kh * spec.kw)
-            key = f"c{i}_{int(signed)}_{terms}_{dt}"
-            funcs.setdefault(key, F.factored_conv2d_func(spec, terms, dt, t))
-            cases.append((key, spec, x, w, lut, terms, dt, name))
+    for i, _, spec, x, w, lut, terms, dt, name in factor_cases(CONVS, CIRCUITS):
+        key = f"c{i}_{int(spec.signed)}_{terms}_{dt}"
+        funcs.setdefault(key, F.factored_conv2d_func(spec, terms, dt, t))
+        cases.append((key, spec, x, w, lut, terms, dt, name))
     built = build_kernels(funcs, t, system_lib=True)
     for key, spec, x, w, lut, terms, dt, name in cases:
         wt, xt = F.layer_factors(lut, spec.signed, terms, dt)

@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     emu = "" if target.is_host else " EMULATED (qemu)"
     unit = "ms" + emu
     print(f"# approximate conv kernels vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
-    print(f"circuits: " + ", ".join(f"{k} {v}" for k, v in CIRCUITS.items()))
+    print("circuits: " + ", ".join(f"{k} {v}" for k, v in CIRCUITS.items()))
     print(f"\n| ResNet-20 layer (x count) | exact int8 {unit} | masked: kernel, ratio | low-rank: kernel, ratio "
           f"| general: kernel, ratio | gather fallback ratio; other kernels forced |")
     print("| --- | ---: | --- | --- | --- | ---: |")

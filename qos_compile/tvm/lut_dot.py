@@ -5,13 +5,16 @@ The low-rank lowering (``lut_factors``) writes an approximate conv as an exact c
 ``G`` consecutive terms of one tap into the sub-lanes of one int32 lane, so a CPU
 multiply-add that sums ``G`` products per lane computes ``G`` terms at once:
 
-* ``avx512bw`` / ``avx2`` (x86-64): ``vpmaddwd``, 2 int16 products per lane (G = 2);
-* ``avx512vnni``: ``vpdpwssd``, the same with the accumulation fused;
+* ``avx512vnni`` (x86-64): ``vpdpbusd``, 4 unsigned x signed byte products per lane,
+  accumulated (G = 4): the activation factors are stored + 128 and ``dot_bias`` takes the
+  offset's share back out per output channel;
+* ``avx512bw`` / ``avx2``: ``vpmaddwd``, 2 int16 products per lane (G = 2);
 * ``dotprod`` (aarch64, ARMv8.2-A): ``sdot``, 4 int8 products per lane, accumulated (G = 4).
 
-A 3-term layer (the exact product and 2 corrections) then costs 2 ``vpmaddwd`` per tap and
-vector against one ``vpmulld`` (2 micro-ops) of the exact conv, and up to 4 int8 terms
-cost one ``sdot``. The result is exact: the operands are the factors themselves (int8 for
+A 3-term layer (the exact product and 2 corrections) then costs one ``vpdpbusd`` or
+``sdot``, or 2 ``vpmaddwd``, per tap and vector, against one ``vpmulld`` (2 micro-ops) of
+the exact conv. (``vpdpwssd``, the fused ``vpmaddwd``, measured no faster than
+``vpmaddwd`` + add.) The result is exact: the operands are the factors themselves (int8 for
 the bundled signed circuits), none of these instructions saturates (int32 lanes wrap, so
 intermediate sums may wrap freely), and ``lut_factors.accumulator_bound`` guarantees the
 final sum fits int32.
@@ -44,6 +47,7 @@ from tvm import te  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
 from ..errors import QosError  # noqa: E402
+from .kernels import _largest_divisor  # noqa: E402
 
 KERNEL_ATTR = "qos_kernel"
 
@@ -97,10 +101,6 @@ def groups_of(terms: int, isa: str) -> int:
     """Term groups (instructions per tap and vector) of a ``terms``-term layer on ``isa``."""
     g = DOT_ISAS[isa].group
     return -(-terms // g)
-
-
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
     hp, wph, wo_pad = spec.h + pt + pb, layout.wph, layout.wo_pad
     wst = sw * wph
     tiles, span = o // ot_, v_ * lanes
-    xvt, wvt, ivt = f"{d.xdtype}x{lanes * g}", f"{d.dtype}x{lanes * g}", f"int32x{lanes}"
+    wvt, ivt = f"{d.dtype}x{lanes * g}", f"int32x{lanes}"
     intrin = d.intrinsics[lanes]
     size = n * c * q_ * hp * wst * g
 

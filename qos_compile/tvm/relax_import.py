@@ -132,11 +132,15 @@ def _slot_inputs(lut_name: str, nodes: dict, suffixes: tuple[str, ...], what: st
     return got
 
 
+def _conv_spec(x: Any, w_shape: tuple[int, ...], conv: dict) -> kernels.ConvSpec:
+    return kernels.ConvSpec.make(_static_shape(x, "ApproxConv X"), w_shape, conv["stride"], conv["padding"],
+                                 conv["dilation"], conv["groups"], conv["pad_code"], conv["signed"])
+
+
 def _rows_conv(bb: relax.BlockBuilder, x: Any, w: Any, lut: Any, low: Any, conv: dict) -> relax.Expr:
     """Per-weight table rows: taps + planes + the byte-permute microkernel (``lut_rows``)."""
     wn = w.value.numpy()
-    spec = kernels.ConvSpec.make(_static_shape(x, "ApproxConv X"), wn.shape, conv["stride"], conv["padding"],
-                                 conv["dilation"], conv["groups"], conv["pad_code"], conv["signed"])
+    spec = _conv_spec(x, wn.shape, conv)
     layout = lut_rows.rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa)
     kg = wn.shape[1] * spec.kh * spec.kw
     tp = bb.call_te(lut_rows.rows_inputs, x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
@@ -152,8 +156,7 @@ def _rows_conv(bb: relax.BlockBuilder, x: Any, w: Any, lut: Any, low: Any, conv:
 
 def _dot_conv(bb: relax.BlockBuilder, x: Any, w: Any, wt: Any, xt: Any, low: Any, conv: dict) -> relax.Expr:
     """Low-rank conv on a dot-product ISA: inputs + weights (+ bias) + the microkernel (``lut_dot``)."""
-    spec = kernels.ConvSpec.make(_static_shape(x, "ApproxConv X"), _static_shape(w, "ApproxConv W"), conv["stride"],
-                                 conv["padding"], conv["dilation"], conv["groups"], conv["pad_code"], conv["signed"])
+    spec = _conv_spec(x, _static_shape(w, "ApproxConv W"), conv)
     layout = lut_dot.dot_layout(spec, low.isa, low.terms)
     # closures: call_te passes only tensors and plain values through
     xf = bb.call_te(lambda a, t: lut_dot.dot_inputs(a, t, layout, spec), x, xt, primfunc_name_hint="dot_inputs")
