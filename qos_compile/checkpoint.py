@@ -1,4 +1,4 @@
-"""The QoS checkpoint container (``model.pt``), safe by construction (DESIGN.md "Formats").
+"""The QoS checkpoint container (``model.pt``), safe by construction (docs/design.md, section 4.1).
 
 On disk it is an ordinary ``torch.save`` zip archive of exactly this structure::
 
@@ -17,20 +17,37 @@ import json
 import os
 import pickle
 import pickletools
-import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass
 from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 
+from .atomic import atomic_open
 from .errors import QosError
-from .multipliers import table_sha256, validate_table
+from .multipliers.table import table_sha256, validate_table
 
-__all__ = ["FORMAT", "VERSION", "save_checkpoint", "load_checkpoint", "verify_tables"]
+__all__ = ["FORMAT", "VERSION", "CONTAINER_LIMITS", "ContainerLimits", "save_checkpoint", "load_checkpoint",
+           "verify_tables"]
 
 FORMAT = "qos-nets-checkpoint"
 VERSION = 1
+
+
+@dataclass(frozen=True)
+class ContainerLimits:
+    """What a checkpoint archive may hold, checked from the zip's directory before torch reads it,
+    so an oversized or lying file is refused without allocating (docs/model_pt.md)."""
+
+    tensors: int = 1 << 18              # tensor storages (zip entries under data/)
+    tensor_bytes: int = 1 << 32         # all storages together (4 GiB)
+    pickle_bytes: int = 1 << 26         # the pickle (data.pkl), and any other entry
+    directory_bytes: int = 1 << 25      # the zip's central directory
+    meta_chars: int = 1 << 24           # the meta JSON text
+
+
+CONTAINER_LIMITS = ContainerLimits()
 
 _ZIP_MAGIC = b"PK\x03\x04"
 # Pickle opcodes that import or call something: a QoS checkpoint's pickle has them only
@@ -67,7 +84,7 @@ def _plain_tensors(tensors: Any) -> dict[str, Any]:
 
 
 def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write a QoS checkpoint atomically: a temporary file in the same folder, then os.replace.
+    """Write a QoS checkpoint atomically (``qos_compile.atomic``: a temporary file, then a rename).
 
     ``meta`` must be JSON-serialisable (no NaN/inf). An existing file at ``path`` is
     untouched unless the new file was written completely.
@@ -82,33 +99,9 @@ def save_checkpoint(path: str | os.PathLike[str], tensors: dict[str, Any], meta:
         raise QosError(f"checkpoint meta is not JSON-serialisable: {_one_line(str(e))}") from None
     payload = {"format": FORMAT, "version": VERSION, "meta_json": meta_json, "tensors": _plain_tensors(tensors)}
 
-    target = os.path.abspath(os.fspath(path))
-    folder = os.path.dirname(target)
-    if not os.path.isdir(folder):
-        raise QosError(f"cannot write {path}: folder {folder} does not exist")
-    if os.path.isdir(target):
-        raise QosError(f"cannot write {path}: it is a folder")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(target)}.", suffix=".tmp")
-    except OSError as e:
-        raise QosError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give the result the old file's mode or a normal one.
-        mode = os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise QosError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+    with atomic_open(path) as f:        # errors: QosError "cannot write <path>: ...", old file kept
+        torch.save(payload, f)
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     try:  # make the rename durable; best effort (not every filesystem allows it)
         dfd = os.open(folder, os.O_RDONLY)
         try:
@@ -157,10 +150,11 @@ def _zip_pickle_references_objects(path: str) -> bool:
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read a QoS checkpoint: ``(tensors, meta)``. Never executes code from the file.
 
-    Uses ``torch.load(..., map_location="cpu", weights_only=True)`` only. Any problem is
-    a one-line QosError: missing/empty file, not a torch file, truncated or corrupt
-    archive, a pickle with code/objects (refused, never run), not a QoS checkpoint,
-    unsupported version, bad meta JSON.
+    Uses ``torch.load(..., map_location="cpu", weights_only=True)`` only, and only on a zip
+    archive whose directory is within :data:`CONTAINER_LIMITS` (checked first, allocating
+    nothing). Any problem is a one-line QosError: missing/empty file, not a torch zip archive,
+    truncated or corrupt archive, an oversized archive or meta, a pickle with code/objects
+    (refused, never run), not a QoS checkpoint, unsupported version, bad meta JSON.
     """
     import torch
 
@@ -169,11 +163,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
         raise QosError(f"{p}: no such file" if not os.path.exists(p) else f"{p}: not a file")
     if os.path.getsize(p) == 0:
         raise QosError(f"{p}: empty file, not a QoS checkpoint")
-    is_zip = False
+    with open(p, "rb") as f:
+        is_zip = f.read(4) == _ZIP_MAGIC
+    if not is_zip:
+        _refuse_non_zip(p)
+    _check_archive(p)
     try:
         with open(p, "rb") as f:
-            is_zip = f.read(4) == _ZIP_MAGIC
-            f.seek(0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch warns about pickle protocols etc.
                 # An open file (not the path) so no path-based dispatch (e.g. *.safetensors)
@@ -200,6 +196,62 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
     return _unpack(p, obj)
 
 
+def _refuse_non_zip(p: str) -> None:
+    """Every QoS checkpoint is a torch zip archive; a legacy torch file or a raw pickle is refused
+    unread (its loader sizes storages from the file's own claims before reading them)."""
+    if _file_references_objects(p):
+        raise QosError(_REFUSED.format(path=p) + " (a pickle that imports or calls something)")
+    with open(p, "rb") as f:
+        try:
+            seen = sum(1 for _ in zip(range(2), pickletools.genops(f)))
+        except Exception:  # noqa: BLE001 - not a pickle at all
+            seen = 0
+    if seen:
+        raise QosError(f"{p}: not a QoS checkpoint (a pickle or legacy torch file; QoS checkpoints are torch zip "
+                       "archives)")
+    raise QosError(f"{p}: not a PyTorch checkpoint file (neither a torch zip archive nor a pickle)")
+
+
+def _check_archive(p: str) -> None:
+    """Refuse an archive whose directory declares more than CONTAINER_LIMITS, compressed entries
+    or more stored bytes than the file has; reads only the zip's directory."""
+    lim = CONTAINER_LIMITS
+    size = os.path.getsize(p)
+    # the end record first, so a directory of millions of entries is refused before it is parsed;
+    # zipfile's reader of it is private but unchanged since Python 2 (skipped if it ever goes)
+    end_record = getattr(zipfile, "_EndRecData", None)
+    if end_record is not None:
+        with open(p, "rb") as f:
+            end = end_record(f)
+        if end is not None and (end[4] > lim.tensors + 64 or end[5] > lim.directory_bytes):  # entries, bytes
+            raise QosError(f"{p}: checkpoint archive with {end[4]} entries in a directory of {end[5]} bytes "
+                           f"(at most {lim.tensors} tensors)")
+    try:
+        with zipfile.ZipFile(p) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise QosError(f"{p}: truncated or corrupt checkpoint archive ({_one_line(str(e))})") from None
+    storages, stored = 0, 0
+    for info in infos:
+        parts = info.filename.split("/")
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+            raise QosError(f"{p}: checkpoint archive with a compressed entry {info.filename[:80]!r} "
+                           "(torch.save stores entries uncompressed)")
+        stored += info.file_size
+        if len(parts) == 3 and parts[1] == "data":
+            storages += 1
+        elif info.file_size > lim.pickle_bytes:
+            raise QosError(f"{p}: checkpoint archive entry {info.filename[:80]!r} has {info.file_size} bytes "
+                           f"(at most {lim.pickle_bytes})")
+    if storages > lim.tensors:
+        raise QosError(f"{p}: checkpoint archive with {storages} tensors (at most {lim.tensors})")
+    if stored > size:
+        raise QosError(f"{p}: truncated or corrupt checkpoint archive (its directory lists {stored} bytes, "
+                       f"the file has {size})")
+    if stored > lim.tensor_bytes + lim.pickle_bytes:
+        raise QosError(f"{p}: checkpoint archive with {stored} bytes of tensors (at most {lim.tensor_bytes})")
+
+
 def _file_references_objects(p: str) -> bool:
     if zipfile.is_zipfile(p):
         return _zip_pickle_references_objects(p)
@@ -220,6 +272,9 @@ def _unpack(p: str, obj: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     meta_json = obj.get("meta_json")
     if not isinstance(meta_json, str):
         raise QosError(f"{p}: QoS checkpoint without meta_json text")
+    if len(meta_json) > CONTAINER_LIMITS.meta_chars:
+        raise QosError(f"{p}: QoS checkpoint meta_json has {len(meta_json)} characters "
+                       f"(at most {CONTAINER_LIMITS.meta_chars})")
     try:
         meta = json.loads(meta_json)
     except ValueError as e:  # json.JSONDecodeError, also recursion/UTF problems

@@ -2,7 +2,7 @@
 
 Stages (each prints one progress line with its time)::
 
-    load      model.pt (qos_compile.qosmodel.load_qos_model) -> QoSNet + meta
+    load      model.pt (qos_compile.qosmodel.load_qos_model) -> QoSNet + typed meta (model_schema)
     export    ONNX, full variant (every OP, ``operating_point`` input) -> OUT/model.onnx,
               and the slots variant (per-OP tensors as ``slot.*`` inputs) for TVM
     check     onnx.checker (full_check) on both; onnxruntime runs the full variant for every OP
@@ -16,21 +16,28 @@ Stages (each prints one progress line with its time)::
     report    OUT/report.json
 
 OUT is built in a temporary folder next to it and renamed into place at the end; a
-failure leaves OUT as it was. An existing OUT is replaced only if it is a previous
-qos-compile output (its report.json says so) or an empty folder.
+failure (or Ctrl-C / SIGTERM, see ``qos_compile.cli.run_cli``) leaves OUT as it was and removes
+the temporary folder. An existing OUT is replaced only if it is an empty folder or holds exactly
+qos-compile's artefacts (``ARTEFACTS``, nothing else, report.json by qos-compile), checked before
+the compile and again at the moment of replacement.
+
+A verification that fails (qos-run outside the tolerance of onnxruntime, e.g. NaN outputs) is
+an error and OUT is not written, unless ``keep_mismatch`` (``--keep-mismatch``) is given; the
+report then records ``verification.kept_mismatch``.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import math
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -38,6 +45,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import QosError
+from .model_schema import ModelMeta, Records, records_of
+from .numerics import code_range
 
 __all__ = ["compile_model", "compile_qnet", "CompileResult", "default_output_dir", "list_targets_text",
            "REPORT_TOOL", "ARTEFACTS"]
@@ -97,6 +106,9 @@ class _Progress:
         self._name = ""
 
     def start(self, name: str) -> None:
+        from .cli import raise_if_signalled
+
+        raise_if_signalled()      # a Ctrl-C / SIGTERM that a library swallowed stops us here
         self._name, self._t0 = name, time.perf_counter()
 
     def done(self, detail: str = "") -> None:
@@ -114,7 +126,29 @@ def default_output_dir(model_path: "str | Path", target_name: str) -> Path:
     return p.parent / f"{p.stem}-{target_name}"
 
 
+def _foreign_entries(out: Path) -> list[str]:
+    """What in folder ``out`` is not a qos-compile artefact: any entry whose name is not one of
+    ``ARTEFACTS``, or that is not a regular file (a folder, a symlink, a device)."""
+    try:
+        entries = list(os.scandir(out))
+    except OSError as e:
+        return [f"(unreadable: {e.strerror or e})"]
+    bad = []
+    for e in entries:
+        try:
+            regular = e.is_file(follow_symlinks=False)
+        except OSError:
+            regular = False
+        if e.name not in ARTEFACTS or not regular:
+            bad.append(e.name)
+    return sorted(bad)
+
+
 def _is_previous_output(out: Path) -> bool:
+    """True if ``out`` holds exactly qos-compile's artefacts: only files named in ``ARTEFACTS``
+    (nothing else: no other file, folder or link), a model.qosm, and a report.json written by qos-compile."""
+    if out.is_symlink() or not out.is_dir() or _foreign_entries(out):
+        return False
     try:
         report = json.loads((out / REPORT_NAME).read_text())
     except (OSError, ValueError):
@@ -122,16 +156,41 @@ def _is_previous_output(out: Path) -> bool:
     return isinstance(report, dict) and report.get("tool") == REPORT_TOOL and (out / MANIFEST_NAME).is_file()
 
 
-def _check_output_dir(out: Path) -> None:
+def _replaceable(out: Path) -> str | None:
+    """None if compiling into ``out`` may replace it (absent, an empty folder, or a previous
+    qos-compile output); else the reason why not, as a sentence fragment."""
     if not out.exists() and not out.is_symlink():
-        if not out.parent.exists():
-            raise QosError(f"cannot create output folder {out}: its parent {out.parent} does not exist")
-        return
+        return None
     if out.is_symlink() or not out.is_dir():
-        raise QosError(f"output {out} exists and is not a folder; choose another -o")
-    if any(out.iterdir()) and not _is_previous_output(out):
-        raise QosError(f"output folder {out} exists and is not a previous qos-compile output; "
-                       "choose another -o or remove it")
+        return "exists and is not a folder"
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if empty or _is_previous_output(out):
+        return None
+    foreign = _foreign_entries(out)
+    what = f" (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})" if foreign else ""
+    return f"exists and is not a previous qos-compile output{what}"
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse an OUT that qos-compile may not replace, before any work: one that is not a folder,
+    holds anything but qos-compile's artefacts, or whose parent folder cannot take OUT's temporary
+    folder (missing, not writable, not a real file system)."""
+    why = _replaceable(out)
+    if why is not None:
+        if why == "exists and is not a folder":
+            raise QosError(f"output {out} exists and is not a folder; choose another -o")
+        raise QosError(f"output folder {out} {why}; choose another -o or remove it")
+    parent = out.parent
+    if not parent.is_dir():
+        raise QosError(f"cannot create output folder {out}: its parent {parent} does not exist")
+    try:      # the folder qos-compile will build OUT in, next to it: can we make one?
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
+    except OSError as e:
+        raise QosError(f"cannot create output folder {out}: {e.strerror or e} in {parent}") from None
+    os.rmdir(probe)
 
 
 def _umask() -> int:
@@ -150,19 +209,41 @@ def _fix_modes(tmp: Path) -> None:
 
 
 def _finalize(tmp: Path, out: Path) -> None:
-    """Rename the finished temporary folder to ``out`` (replacing a previous output)."""
+    """Rename the finished temporary folder to ``out``, replacing only what qos-compile may replace.
+
+    ``out`` is checked again now, after the long compile: if meanwhile it became something that
+    is not ours (a user created it, or put a file into it), nothing is touched and this raises
+    QosError. A previous output is first moved aside (atomic), checked once more where it now
+    lies (nobody else writes there), and deleted only after the new folder is in place.
+    """
     _fix_modes(tmp)
+    why = _replaceable(out)
+    if why is not None:
+        raise QosError(f"output folder {out} {why} (it changed while compiling); nothing was replaced, "
+                       "choose another -o or remove it")
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         old.rmdir()
-        os.rename(out, old)
+        try:
+            os.rename(out, old)
+        except OSError as e:
+            raise QosError(f"cannot replace {out}: {e.strerror or e}") from None
+        why = _replaceable(old)
+        if why is not None:                      # it changed between the check and the rename
+            try:
+                os.rename(old, out)
+            except OSError:
+                raise QosError(f"output folder {out} changed while it was being replaced; it was kept, "
+                               f"unchanged, as {old}") from None
+            raise QosError(f"output folder {out} {why} (it changed while compiling); nothing was replaced")
     try:
         os.rename(tmp, out)
-    except OSError:
+    except OSError as e:
         if old is not None:
-            os.rename(old, out)
-        raise
+            with contextlib.suppress(OSError):
+                os.rename(old, out)
+        raise QosError(f"cannot create output folder {out}: {e.strerror or e}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -181,7 +262,7 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"
 
 
-def _load(model_path: Path) -> tuple[Any, dict[str, Any]]:
+def _load(model_path: Path) -> tuple[Any, Records]:
     if not model_path.is_file():
         raise QosError(f"model file {model_path} not found")
     try:
@@ -194,62 +275,22 @@ def _load(model_path: Path) -> tuple[Any, dict[str, Any]]:
         raise
     except Exception as e:  # noqa: BLE001 - any other failure means: not a usable QoS checkpoint
         raise QosError(f"{model_path} is not a valid QoS checkpoint ({_one_line(e)})") from None
-    return qnet, dict(meta or {})
+    return qnet, records_of(meta)
 
 
 def _resolve_target(target: Any, cross_compiler: str | None) -> Any:
-    from .targets import get_target
+    from . import cbuild
 
-    t = get_target(target)
-    if cross_compiler:
-        path = shutil.which(cross_compiler)
-        if path is None:
-            raise QosError(f"cross compiler {cross_compiler!r} not found (target {t.name} normally uses {t.cc} "
-                           f"from the Debian package {t.package})")
-        import dataclasses
-
-        t = dataclasses.replace(t, cc=path)
-    else:
-        t.check_toolchain()
+    t = cbuild.target_with_compiler(target, cross_compiler)
+    cbuild.target_compiler(t)       # QosError naming the Debian package when the compiler is missing
     return t
 
 
-def _op_names(num_ops: int, meta: dict[str, Any]) -> list[str]:
-    names = meta.get("op_names")
-    if isinstance(names, (list, tuple)) and len(names) == num_ops and all(isinstance(n, str) and n for n in names) \
-            and len(set(names)) == num_ops:
-        return list(names)
+def _op_names(num_ops: int, meta: Records) -> list[str]:
+    """The recorded OP names (the schema checked them: unique, one per OP), else op0, op1, ..."""
+    if meta.op_names is not None and len(meta.op_names) == num_ops:
+        return list(meta.op_names)
     return [f"op{i}" for i in range(num_ops)]
-
-
-def _meta_per_op(meta: dict[str, Any], key: str, num_ops: int) -> list[Any] | None:
-    """A per-OP list under ``key`` (top level or in ``meta['ops']``), if the checkpoint has one."""
-    v = meta.get(key)
-    if isinstance(v, (list, tuple)) and len(v) == num_ops:
-        return list(v)
-    ops = meta.get("ops") or meta.get("operating_points")
-    if isinstance(ops, (list, tuple)) and len(ops) == num_ops and all(isinstance(o, dict) for o in ops):
-        vals = [o.get(key) for o in ops]
-        if any(x is not None for x in vals):
-            return vals
-    return None
-
-
-def _meta_top1(meta: dict[str, Any], num_ops: int) -> list[Any] | None:
-    """Test top-1 per OP from a pipeline meta (``ops[j]``: after BN fine-tuning, else before it)."""
-    ops = meta.get("ops")
-    if not (isinstance(ops, list) and len(ops) == num_ops and all(isinstance(o, dict) for o in ops)):
-        return None
-    out = []
-    for o in ops:
-        val = None
-        for key in ("bn_only", "before_finetune"):
-            stats = o.get(key)
-            if isinstance(stats, dict) and isinstance(stats.get("test"), dict) and "top1" in stats["test"]:
-                val = stats["test"]["top1"]
-                break
-        out.append(val)
-    return out if any(v is not None for v in out) else None
 
 
 def _finite(x: Any) -> Any:
@@ -280,8 +321,9 @@ def _per_op_table(qnet: Any, ex: Any, meta: dict[str, Any], op_names: list[str])
             computed[op] = relative_power(assign[op], macs, bank.power_mw, exact, bank.names)
     except Exception:  # noqa: BLE001 - unknown powers: leave None
         pass
-    meta_power = _meta_per_op(meta, "relative_power", qnet.num_ops)
-    meta_acc = _meta_per_op(meta, "accuracy", qnet.num_ops) or _meta_top1(meta, qnet.num_ops)
+    ops = meta.ops if len(meta.ops) == qnet.num_ops else ()
+    meta_power = [o.relative_power for o in ops] if any(o.relative_power is not None for o in ops) else None
+    meta_acc = [o.test_top1 for o in ops] if any(o.test_top1 is not None for o in ops) else None
     rows = []
     for op in range(qnet.num_ops):
         rel = _finite(meta_power[op]) if meta_power else None
@@ -349,12 +391,12 @@ def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, d
     return model, values
 
 
-def _export(qnet: Any, tmp: Path, input_shape: Sequence[int] | None, meta: dict[str, Any]) -> tuple[Any, Any]:
+def _export(qnet: Any, tmp: Path, input_shape: Sequence[int] | None, meta: Records) -> tuple[Any, Any]:
     from .onnx.export import export_onnx
 
     extra = {}
-    if isinstance(meta.get("normalization"), dict):
-        extra["normalization"] = meta["normalization"]
+    if meta.normalization is not None:
+        extra["normalization"] = meta.normalization.to_json()
     full = export_onnx(qnet, tmp / ONNX_NAME, input_shape=input_shape, slots=False, metadata=extra or None)
     slotted = export_onnx(qnet, None, input_shape=input_shape, slots=True)
     return full, slotted
@@ -366,7 +408,7 @@ def _sample_input(ex: Any, batch: int, seed: int = 0) -> np.ndarray:
     shape = (batch, *ex.input_shape)
     first = ex.layers[0] if ex.layers else None
     if first is not None and tuple(first.input_shape) == tuple(ex.input_shape):
-        lo = (0 - first.x_zero_point) * first.x_scale if not first.signed else (-128 - first.x_zero_point) * first.x_scale
+        lo = (code_range(first.signed)[0] - first.x_zero_point) * first.x_scale
         hi = lo + 255 * first.x_scale
         return rng.uniform(lo, hi, shape).astype(np.float32)
     return rng.standard_normal(shape).astype(np.float32)
@@ -508,6 +550,16 @@ def _manifest_report(path: Path, num_ops: int) -> dict[str, Any]:
     }
 
 
+def _mismatch_message(verification: dict[str, Any]) -> str:
+    """One line: which OPs the built qos-run got wrong, and how to keep the output anyway."""
+    bad = [r for r in verification["per_op"] if not r["ok"]]
+    parts = [f"OP {r['op']}: max |diff| {r['max_abs_diff']:.3g} (largest |ref| {r['max_abs_ref']:.3g}), "
+             f"top-1 agreement {r['top1_agreement']:.2f}" for r in bad[:3]]
+    return ("verification failed: the built qos-run disagrees with onnxruntime beyond the tolerance "
+            f"({'; '.join(parts)}{'; ...' if len(bad) > 3 else ''}); nothing was written (a NaN or "
+            "infinite weight in the model causes this); pass --keep-mismatch to write the output anyway")
+
+
 def _verify(exe: Path, manifest: Path, target: Any, x: np.ndarray, refs: list[np.ndarray], n_check: int,
             workdir: Path) -> dict[str, Any]:
     """Run qos-run for every OP and compare with onnxruntime's outputs of the first n_check samples."""
@@ -547,7 +599,7 @@ def _verify(exe: Path, manifest: Path, target: Any, x: np.ndarray, refs: list[np
 def compile_model(model: "str | os.PathLike", target: Any = "x86_64", out: "str | os.PathLike | None" = None, *,
                   cross_compiler: str | None = None, threads: int | None = None, batch: int = 1,
                   verify: bool = True, progress: Callable[[str], None] | None = None,
-                  lowering: str = "auto") -> CompileResult:
+                  lowering: str = "auto", keep_mismatch: bool = False) -> CompileResult:
     """Compile a QoS checkpoint (model.pt) for ``target`` into ``out`` (see the module docstring)."""
     model_path = Path(model)
     t = _resolve_target(target, cross_compiler)
@@ -560,25 +612,26 @@ def compile_model(model: "str | os.PathLike", target: Any = "x86_64", out: "str 
             f"{len(qnet.bank)} circuits")
     source = {"path": str(model_path), "sha256": _sha256_file(model_path), "bytes": model_path.stat().st_size}
     return _compile(qnet, meta, t, out_dir, source, threads=threads, batch=batch, verify=verify, pr=pr,
-                    lowering=lowering)
+                    lowering=lowering, keep_mismatch=keep_mismatch)
 
 
-def compile_qnet(qnet: Any, target: Any, out: "str | os.PathLike", *, meta: dict[str, Any] | None = None,
+def compile_qnet(qnet: Any, target: Any, out: "str | os.PathLike", *, meta: Mapping[str, Any] | None = None,
                  cross_compiler: str | None = None, threads: int | None = None, batch: int = 1,
                  verify: bool = True, input_shape: Sequence[int] | None = None,
-                 progress: Callable[[str], None] | None = None, lowering: str = "auto") -> CompileResult:
+                 progress: Callable[[str], None] | None = None, lowering: str = "auto",
+                 keep_mismatch: bool = False) -> CompileResult:
     """Compile an in-memory QoSNet (calibrated, APPROX-ready) exactly as ``compile_model`` would."""
     t = _resolve_target(target, cross_compiler)
     out_dir = Path(out)
     _check_output_dir(out_dir)
     pr = _Progress(progress, skip=("load",))
-    return _compile(qnet, dict(meta or {}), t, out_dir, {"path": None}, threads=threads, batch=batch, verify=verify,
-                    pr=pr, input_shape=input_shape, lowering=lowering)
+    return _compile(qnet, records_of(meta), t, out_dir, {"path": None}, threads=threads, batch=batch, verify=verify,
+                    pr=pr, input_shape=input_shape, lowering=lowering, keep_mismatch=keep_mismatch)
 
 
-def _compile(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, source: dict[str, Any], *, threads: int | None,
+def _compile(qnet: Any, meta: Records, t: Any, out_dir: Path, source: dict[str, Any], *, threads: int | None,
              batch: int, verify: bool, pr: _Progress, input_shape: Sequence[int] | None = None,
-             lowering: str = "auto") -> CompileResult:
+             lowering: str = "auto", keep_mismatch: bool = False) -> CompileResult:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise QosError(f"batch must be a positive integer, got {batch!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -587,12 +640,17 @@ def _compile(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, source: dic
 
     if not isinstance(qnet, QoSNet):
         raise QosError(f"expected a QoSNet, got {type(qnet).__name__}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    build = tmp / "_build"
-    build.mkdir()
+    if input_shape is None:  # the file's (any rank, non-square too), else what wrap_model was given
+        input_shape = meta.input_shape if isinstance(meta, ModelMeta) else qnet.input_shape
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise QosError(f"cannot create output folder {out_dir}: {e.strerror or e} in {out_dir.parent}") from None
+    build = tmp / "_build"
+    try:
+        build.mkdir()
         result = _run_stages(qnet, meta, t, out_dir, tmp, build, source, threads, batch, verify, pr, input_shape,
-                             lowering)
+                             lowering, keep_mismatch)
         shutil.rmtree(build, ignore_errors=True)
         _finalize(tmp, out_dir)
         return CompileResult(out_dir, result)
@@ -601,9 +659,10 @@ def _compile(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, source: dic
         raise
 
 
-def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Path, build: Path,
+def _run_stages(qnet: Any, meta: Records, t: Any, out_dir: Path, tmp: Path, build: Path,
                 source: dict[str, Any], threads: int | None, batch: int, verify: bool, pr: _Progress,
-                input_shape: Sequence[int] | None, lowering: str = "auto") -> dict[str, Any]:
+                input_shape: Sequence[int] | None, lowering: str = "auto",
+                keep_mismatch: bool = False) -> dict[str, Any]:
     t_start = time.perf_counter()
     qnet.eval()
     # ---- export
@@ -644,13 +703,14 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
     shutil.copyfile(built.object_path, tmp / KERNELS_NAME)
     host_lib = None
     if t.is_host:
-        host_lib = tvm_plan.link_host_library(tmp / KERNELS_NAME, t, tmp / HOST_LIB_NAME, build, threads=threads)
+        host_lib = tvm_plan.link_host_library(tmp / KERNELS_NAME, t, tmp / HOST_LIB_NAME, build, threads=threads,
+                                              symbols=list(built.symbols.values()))
     pr.done(f"{len(plan.kernels)} kernels -> {KERNELS_NAME}" + (f" + {HOST_LIB_NAME}" if host_lib else "")
             + f" ({t.name}, {t.tvm.get('mtriple')}, mcpu={t.tvm.get('mcpu')})")
     # ---- manifest
     pr.start("manifest")
     per_op = _per_op_table(qnet, slotted, meta, op_names)
-    arch = getattr(qnet.net, "qos_arch", None) or meta.get("arch")
+    arch = getattr(qnet.net, "qos_arch", None)   # the model-zoo entry, when the model came from the zoo
     metadata = {
         "tool": REPORT_TOOL, "version": _version(), "target": t.name,
         "model": {"arch": arch if isinstance(arch, dict) else None, "sha256": source.get("sha256")},
@@ -662,8 +722,8 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
                     "kernel": lowerings[layer.name].describe() if layer.name in lowerings else "gather"}
                    for layer in slotted.layers],
     }
-    if isinstance(meta.get("normalization"), dict):
-        metadata["normalization"] = meta["normalization"]
+    if meta.normalization is not None:
+        metadata["normalization"] = meta.normalization.to_json()
     _write_manifest(tmp / MANIFEST_NAME, plan, built.symbols, qnet, slotted, op_names, metadata,
                     {}, imported.output_names, {**slotted.slots, **factors})
     msizes = _manifest_report(tmp / MANIFEST_NAME, qnet.num_ops)
@@ -671,7 +731,8 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
             f"per-OP {msizes['per_op']}, plan {msizes['plan']}); +{msizes['per_extra_op_bytes']} B per extra OP")
     # ---- link
     pr.start("link")
-    tvm_plan.link_qos_run(tmp / KERNELS_NAME, t, tmp / RUN_NAME, build, threads=threads)
+    tvm_plan.link_qos_run(tmp / KERNELS_NAME, t, tmp / RUN_NAME, build, threads=threads,
+                          symbols=list(built.symbols.values()))
     pr.done(f"{RUN_NAME} ({t.name}, static, {(tmp / RUN_NAME).stat().st_size} B)")
     # ---- verify
     verification: dict[str, Any] = {"ran": False, "reason": "disabled"}
@@ -687,7 +748,12 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
                 f"max |diff| {worst:.3g}")
             pr.done(f"qos-run{' (emulated)' if verification['emulated'] else ''} vs onnxruntime, "
                     f"{full.num_ops} OPs x {n_check} samples: {agree}"
-                    + ("" if verification["ok"] else "  WARNING: outside tolerance"))
+                    + ("" if verification["ok"] else "  MISMATCH: outside tolerance, kept (--keep-mismatch)"
+                       if keep_mismatch else ""))
+            if not verification["ok"]:
+                if not keep_mismatch:
+                    raise QosError(_mismatch_message(verification))
+                verification["kept_mismatch"] = True
     # ---- report
     pr.start("report")
     artefacts = {name: (tmp / name).stat().st_size for name in ARTEFACTS if (tmp / name).is_file()}
@@ -699,7 +765,8 @@ def _run_stages(qnet: Any, meta: dict[str, Any], t: Any, out_dir: Path, tmp: Pat
                   "num_ops": qnet.num_ops, "layers": [layer.name for layer in slotted.layers],
                   "input_shape": [batch, *slotted.input_shape],
                   "output_shape": list(plan.outputs[0].shape) if plan.outputs else None},
-        "options": {"batch": batch, "threads": threads, "cross_compiler": t.cc, "kernel_prefix": prefix},
+        "options": {"batch": batch, "threads": threads, "cross_compiler": t.cc, "kernel_prefix": prefix,
+                    "keep_mismatch": bool(keep_mismatch)},
         "artefacts": artefacts,
         "manifest": msizes,
         "operating_points": per_op,
@@ -731,8 +798,3 @@ def list_targets_text() -> str:
                      f"{'installed' if have else 'missing, apt-get install ' + t.package}; {where}]")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from .cli.compile import main
-
-    sys.exit(main())

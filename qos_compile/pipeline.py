@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,7 +29,9 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import DatasetSplits, ImageDataset, load_dataset
+from .data.core import with_normalization
 from .errors import QosError
+from .model_schema import DatasetRecord, ModelMeta, Records, records_of
 from .finetune import (FinetuneConfig, evaluate_ops, expand_operating_points, finetune_bn, finetune_full,
                        overhead_report)
 from .models import build_model
@@ -87,6 +90,19 @@ def _positive_or_none(value: Any, what: str, zero_ok: bool = False) -> None:
         raise QosError(f"{what} must be a {'non-negative' if zero_ok else 'positive'} integer, got {value!r}")
 
 
+def check_normalize(value: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)``, each one value or one per channel: finite, std > 0 (channels checked on the data)."""
+    try:
+        mean, std = value
+        out = (tuple(float(v) for v in mean), tuple(float(v) for v in std))
+    except (TypeError, ValueError):
+        raise QosError(f"normalize must be (mean values, std values), got {value!r}") from None
+    if not out[0] or not out[1] or not all(math.isfinite(v) for v in out[0]) \
+            or not all(math.isfinite(v) and v > 0 for v in out[1]):
+        raise QosError(f"normalize: mean values must be finite and std values positive, got {value!r}")
+    return out
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Every argument of the flow. ``None`` means: the model's preset / the dataset's default
@@ -95,7 +111,7 @@ class PipelineConfig:
     model: str = "resnet8"
     dataset: str = "digits"
     data_dir: str | None = None
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | None = None
     multipliers: str = "evoapprox-unsigned"
     n: int | None = None
     scales: tuple[float, ...] = DEFAULT_SCALES
@@ -117,9 +133,17 @@ class PipelineConfig:
     max_samples: int | None = None
     trace_samples: int = 128
     float_weights: str | None = None
+    #: per-channel (mean, std) of the model input, images in [0, 1]; None = the training split's
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
+        from .data.core import check_image_size
+
         object.__setattr__(self, "scales", check_scales(self.scales))
+        # JSON (a stored config) gives lists: back to the tuple/int spellings
+        object.__setattr__(self, "image_size", check_image_size(self.image_size, None))
+        if self.normalize is not None:
+            object.__setattr__(self, "normalize", check_normalize(self.normalize))
         _positive_or_none(self.n, "n (circuits for all OPs)")
         for key in ("float_epochs", "qat_epochs", "agn_epochs", "ft_epochs", "observer_epochs"):
             _positive_or_none(getattr(self, key), f"{key.replace('_', '-')}", zero_ok=True)
@@ -137,16 +161,18 @@ class PipelineConfig:
 
     def resolved(self) -> "PipelineConfig":
         """A copy with every ``None`` replaced by the preset/default (model and dataset checked)."""
-        from .data import dataset_names
+        from .data import canonical_dataset_name
         from .models import model_names
+        from .models.user import is_user_model, parse_model_spec
 
-        model = str(self.model).strip().lower()
-        if model not in model_names():
-            raise QosError(f"unknown model {self.model!r}; valid names: {', '.join(model_names())}")
-        ds = str(self.dataset).strip().lower()
-        if ds.replace("-", "").replace("_", "") not in [d for d in dataset_names()] + ["tinyimagenet200",
-                                                                                          "mnistdigits"]:
-            raise QosError(f"unknown dataset {self.dataset!r}; valid names: {', '.join(dataset_names())}")
+        if is_user_model(self.model):
+            model = parse_model_spec(self.model).text  # checked now, imported by the float stage only
+        else:
+            model = str(self.model).strip().lower()
+            if model not in model_names():
+                raise QosError(f"unknown model {self.model!r}; valid names: {', '.join(model_names())}, or your own: "
+                               f"FILE.py:FUNC or package.module:FUNC")
+        ds = canonical_dataset_name(self.dataset)
         p = agn_preset(model, ds)
         d = stage_defaults(model, ds)
         pick = lambda v, default: default if v is None else v  # noqa: E731
@@ -163,6 +189,10 @@ class PipelineConfig:
         """JSON-ready copy."""
         d = asdict(self)
         d["scales"] = list(self.scales)
+        if isinstance(self.image_size, tuple):
+            d["image_size"] = list(self.image_size)
+        if self.normalize is not None:
+            d["normalize"] = [list(self.normalize[0]), list(self.normalize[1])]
         return d
 
     def agn_config(self) -> AGNConfig:
@@ -193,21 +223,36 @@ def _subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
 
 def normalization(splits: DatasetSplits) -> dict[str, Any]:
     """How model inputs are made from images: ``x = (image - mean) / std`` per channel, image in [0, 1]."""
+    if splits.name == "digits":
+        image_range = "[0, 1] (digits: pixel / 16)"
+    elif splits.train.images.dtype == torch.uint8:
+        image_range = "[0, 1] (uint8 pixel / 255)"
+    else:
+        image_range = "float32 values as stored (no scaling)"
     return {"mean": list(splits.mean), "std": list(splits.std), "channels": splits.in_channels,
-            "image_size": splits.image_size, "dataset": splits.name,
-            "image_range": "[0, 1] (uint8 images / 255; digits: pixel / 16)"}
+            "image_size": splits.image_size if splits.input_shape[1] == splits.input_shape[2]
+            else list(splits.input_shape[1:]), "dataset": splits.name, "image_range": image_range}
 
 
 def dataset_record(cfg: PipelineConfig) -> dict[str, Any]:
     """What identifies the data a model was trained on (stored as provenance)."""
+    from .data import canonical_dataset_name
+
     data_dir = None if cfg.data_dir is None else str(Path(cfg.data_dir).expanduser().resolve())
-    return {"name": cfg.dataset, "data_dir": data_dir, "image_size": cfg.image_size, "split_seed": cfg.seed,
-            "max_samples": cfg.max_samples}
+    # the user's files by absolute path, so later stages find them from any folder
+    name = canonical_dataset_name(cfg.dataset, absolute=True)
+    rec: dict[str, Any] = {"name": name, "data_dir": data_dir, "image_size": cfg.image_size, "split_seed": cfg.seed,
+                           "max_samples": cfg.max_samples}
+    if isinstance(cfg.image_size, tuple):  # image_size is one side; a non-square size goes beside it
+        rec.update(image_size=None, input_size=list(cfg.image_size))
+    if cfg.normalize is not None:  # only when given: older cache keys stay valid
+        rec["normalize"] = [list(cfg.normalize[0]), list(cfg.normalize[1])]
+    return rec
 
 
 def load_data(cfg: PipelineConfig) -> DatasetSplits:
     """The dataset of ``cfg`` (split with ``cfg.seed``), each split cut to ``max_samples`` if given."""
-    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, normalize=cfg.normalize)
     if cfg.max_samples:
         splits = dataclasses.replace(splits, train=_subset(splits.train, cfg.max_samples, cfg.seed),
                                      val=_subset(splits.val, cfg.max_samples, cfg.seed + 1),
@@ -215,33 +260,56 @@ def load_data(cfg: PipelineConfig) -> DatasetSplits:
     return splits
 
 
-def data_from_meta(meta: dict[str, Any], dataset: str | None = None, data_dir: str | None = None) -> DatasetSplits:
-    """The dataset a stage file was made with (``provenance.dataset``), or an override."""
-    rec = dict((meta.get("provenance") or {}).get("dataset") or {})
+def _model_name(meta: Records | Mapping[str, Any]) -> str | None:
+    """The zoo name of a loaded model (else its recorded model spec), or a stage meta's ``provenance.model``."""
+    if isinstance(meta, ModelMeta):
+        return meta.model_name
+    prov = records_of(meta).provenance
+    return prov.model if prov is not None else None
+
+
+def data_from_meta(meta: Records | Mapping[str, Any], dataset: str | None = None, data_dir: str | None = None,
+                   image_size: Any = None, normalize: Any = None) -> DatasetSplits:
+    """The dataset a stage file was made with (``provenance.dataset``), or an override.
+
+    Inputs are normalised as the model was trained (``meta.normalization``) unless
+    ``normalize`` says otherwise; ``image_size`` overrides the recorded size.
+    """
+    typed = records_of(meta)
+    ds = typed.dataset or DatasetRecord()
+    name, folder, seed, cap = ds.name, ds.data_dir, ds.split_seed or 0, ds.max_samples
+    size_rec = ds.extra.get("input_size") or ds.image_size
     if dataset is not None:
-        rec = {"name": dataset, "data_dir": data_dir, "image_size": rec.get("image_size") if
-               rec.get("name") == dataset else None, "split_seed": rec.get("split_seed", 0), "max_samples": None}
+        size_rec = ds.image_size if ds.name == dataset else None
+        name, folder, cap = dataset, data_dir, None
     elif data_dir is not None:
-        rec["data_dir"] = data_dir
-    if not rec.get("name"):
+        folder = data_dir
+    if not name:
         raise QosError("the model file does not record its dataset; pass --dataset (and --data-dir)")
-    arch = meta.get("arch") or {}
-    size = rec.get("image_size") or arch.get("input_size")
-    cfg = PipelineConfig(model=str(arch.get("name", "resnet8")), dataset=str(rec["name"]),
-                         data_dir=rec.get("data_dir"), image_size=size, seed=int(rec.get("split_seed") or 0),
-                         max_samples=rec.get("max_samples"))
-    return load_data(cfg)
+    zoo_size = meta.zoo.get("input_size") if isinstance(meta, ModelMeta) and meta.zoo is not None else None
+    size = image_size or size_rec or zoo_size
+    cfg = PipelineConfig(dataset=str(name), data_dir=folder, image_size=size, seed=int(seed), max_samples=cap,
+                         normalize=normalize)
+    splits = load_data(cfg)
+    norm = typed.normalization
+    mean = list(norm.mean) if norm is not None else None
+    std = list(norm.std) if norm is not None else None
+    if normalize is None and mean is not None and std is not None and len(mean) == splits.in_channels:
+        # the model's own input convention; other channel counts are reported by the caller's shape check
+        splits = with_normalization(splits, mean, std, what="the model's recorded normalization")
+    return splits
 
 
-def config_from_meta(meta: dict[str, Any], **overrides: Any) -> PipelineConfig:
+def config_from_meta(meta: Records | Mapping[str, Any], **overrides: Any) -> PipelineConfig:
     """The (resolved) configuration a stage file was made with, with ``overrides`` (None = keep)."""
-    stored = dict((meta.get("provenance") or {}).get("config") or {})
+    prov = records_of(meta).provenance
+    stored = dict(prov.config or {}) if prov is not None else {}
     names = {f.name for f in dataclasses.fields(PipelineConfig)}
     base = {k: v for k, v in stored.items() if k in names}
     if "scales" in base:
         base["scales"] = tuple(base["scales"])
     if not base.get("model"):
-        base["model"] = str((meta.get("arch") or {}).get("name", "resnet8"))
+        base["model"] = str(_model_name(meta) or "resnet8")
     base.update({k: v for k, v in overrides.items() if v is not None})
     return PipelineConfig(**base).resolved()
 
@@ -254,11 +322,52 @@ def _stats(s: EpochStats) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- stages
-def stage_float(cfg: PipelineConfig, splits: DatasetSplits, progress: bool = True,
-                log: Log = _stderr) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Build the zoo model and train it in float (or load ``cfg.float_weights``)."""
+def build_float_model(cfg: PipelineConfig, splits: DatasetSplits) -> torch.nn.Module:
+    """The untrained float model of ``cfg`` for ``splits``: a zoo model built to the data's shape, or
+    the user's ``FUNC()`` (their code runs here), checked against the supported ops and the data."""
+    from .models.user import build_user_model, check_supported, is_user_model
+
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, splits.num_classes, splits.in_channels, splits.image_size)
+    if is_user_model(cfg.model):
+        model = build_user_model(cfg.model)
+        check_supported(model, cfg.model)
+        _check_model_fits(model, splits, cfg.model)
+        return model
+    c, h, w = splits.input_shape
+    if h != w:
+        raise QosError(f"{cfg.model}: zoo models take square images but the data are {h}x{w}; give --input-size N")
+    return build_model(cfg.model, splits.num_classes, c, h)
+
+
+def _check_model_fits(model: torch.nn.Module, splits: DatasetSplits, spec: str) -> None:
+    """QosError unless ``model`` maps a batch of the data to (batch, classes) logits."""
+    x, _ = splits.train[[0, 1] if len(splits.train) > 1 else [0]]
+    was_training = model.training
+    model.eval()  # no BatchNorm statistics updated by this probe
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as e:  # noqa: BLE001 - the user's forward may raise anything
+        first = " ".join(str(e).split())[:160]
+        raise QosError(f"--model {spec}: the model fails on an input batch of shape {tuple(x.shape)} "
+                       f"({type(e).__name__}: {first})") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(y, torch.Tensor) or y.ndim != 2 or y.shape[0] != x.shape[0]:
+        got = f"shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else f"a {type(y).__name__}"
+        raise QosError(f"--model {spec}: the model must return logits of shape (batch, classes); for an input of "
+                       f"shape {tuple(x.shape)} it returned {got}")
+    if y.shape[1] != splits.num_classes:
+        raise QosError(f"--model {spec}: the model returns {y.shape[1]} logits per sample but the dataset "
+                       f"{splits.name} has {splits.num_classes} classes")
+
+
+def stage_float(cfg: PipelineConfig, splits: DatasetSplits, progress: bool = True,
+                log: Log = _stderr, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Build the model (``build_float_model``, unless ``model`` is given: built by the caller) and train
+    it in float, or load ``cfg.float_weights`` (the user's trained weights; no training then)."""
+    if model is None:
+        model = build_float_model(cfg, splits)
     info: dict[str, Any] = {"epochs": cfg.float_epochs, "lr": cfg.float_lr}
     if cfg.float_weights:
         _load_user_weights(model, cfg.float_weights)
@@ -276,10 +385,11 @@ def stage_float(cfg: PipelineConfig, splits: DatasetSplits, progress: bool = Tru
 
 
 def _load_user_weights(model: torch.nn.Module, path: str) -> None:
-    """Load a plain state dict (or a float model file of this package) into ``model``, safely."""
+    """Load a plain state dict (``torch.save(model.state_dict(), path)``, read with
+    ``weights_only=True``) or a float model file of this package into ``model``, strictly."""
     p = os.fspath(path)
     if not os.path.isfile(p):
-        raise QosError(f"--float-weights {p}: no such file")
+        raise QosError(f"--weights {p}: no such file")
     try:
         loaded, _ = load_float_model(p)
         state = loaded.state_dict()
@@ -287,15 +397,43 @@ def _load_user_weights(model: torch.nn.Module, path: str) -> None:
         try:
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - anything unreadable is one clear error
-            raise QosError(f"--float-weights {p}: not a readable state dict ({type(e).__name__})") from None
+            raise QosError(f"--weights {p}: not a state dict readable with torch.load(weights_only=True) "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise QosError(f"--float-weights {p}: not a state dict")
+        elif isinstance(state, dict) and isinstance(state.get("tensors"), dict) and "meta_json" in state:
+            state = state["tensors"]  # a QoS checkpoint of another kind: its tensors
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise QosError(f"--weights {p}: not a state dict (a {type(state).__name__}; save model.state_dict())")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise QosError(f"--weights {p}: entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+    mismatch = _state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise QosError(f"--weights {p}: does not fit the model: {mismatch}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise QosError(f"--float-weights {p}: does not fit the model ({' '.join(str(e).split())[:200]})") from None
+        raise QosError(f"--weights {p}: does not fit the model ({' '.join(str(e).split())[:200]})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else "")[:160]
+
+
+def _state_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
+    """Missing and unexpected keys and differing shapes, in a few words ('' when they fit)."""
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in given]
+    unexpected = [k for k in given if k not in own]
+    shapes = [f"{k} is {tuple(given[k].shape)} in the file, {tuple(own[k].shape)} in the model"
+              for k in own if k in given and tuple(given[k].shape) != tuple(own[k].shape)]
+    parts = ([f"missing {few(missing)}"] if missing else []) + ([f"unexpected {few(unexpected)}"] if unexpected
+                                                                else []) + ([few(shapes)] if shapes else [])
+    return "; ".join(parts)
 
 
 def stage_qat(cfg: PipelineConfig, splits: DatasetSplits, model: torch.nn.Module, meta: dict[str, Any],
@@ -303,8 +441,7 @@ def stage_qat(cfg: PipelineConfig, splits: DatasetSplits, model: torch.nn.Module
     """Wrap the float model (one OP, exact circuit) and run QAT; measure the exact baseline."""
     torch.manual_seed(cfg.seed)
     qcfg = QuantConfig(signed=signed, per_channel=cfg.per_channel)
-    qnet = wrap_model(model, None, num_ops=1, qconfig=qcfg,
-                      input_shape=(splits.in_channels, splits.image_size, splits.image_size))
+    qnet = wrap_model(model, None, num_ops=1, qconfig=qcfg, input_shape=splits.input_shape)
     train_qat(qnet, splits, TrainConfig(epochs=int(cfg.qat_epochs), lr=float(cfg.qat_lr), batch_size=cfg.batch_size,
                                         seed=cfg.seed), observer_epochs=cfg.observer_epochs, progress=progress)
     qnet.set_mode(Mode.QUANT)
@@ -401,18 +538,22 @@ def stage_full_baseline(cfg: PipelineConfig, splits: DatasetSplits, qops: QoSNet
 
 
 # ----------------------------------------------------------------------------- tables
-def op_rows(qnet: QoSNet, meta: dict[str, Any], stats: Sequence[EpochStats] | None = None) -> list[dict[str, Any]]:
+def op_rows(qnet: QoSNet, meta: Records | Mapping[str, Any],
+            stats: Sequence[EpochStats] | None = None) -> list[dict[str, Any]]:
     """One row per OP: scale, circuits, relative power and savings (recomputed from the model's
-    assignment, bank power and layer MACs), and ``stats`` when given."""
+    assignment, bank power and layer MACs), and ``stats`` when given. ``meta``: a loaded
+    model's meta or a stage's meta dict."""
+    typed = records_of(meta)
     layers = qnet.approx_layers()
     macs = [i.macs for i in layers]
-    exact_pw = (meta.get("search") or {}).get("exact_power_mw") or bundled().exact(qnet.bank.signed).power_mw
+    exact_pw = typed.search.exact_power_mw if typed.search is not None else None
+    exact_pw = exact_pw or bundled().exact(qnet.bank.signed).power_mw
     table = op_power_table(qnet.assignment(), macs, qnet.bank.power_mw, exact_pw, list(qnet.bank.names),
                            layer_names=[i.name for i in layers])
-    stored = meta.get("ops") or []
+    stored = typed.ops
     rows = []
     for j, t in enumerate(table):
-        scale = stored[j].get("scale") if j < len(stored) else None
+        scale = stored[j].scale if j < len(stored) else None
         row = {"op": j, "scale": scale, "circuits": t["circuits"], "relative_power": t["relative_power"],
                "savings_pct": t["savings_pct"]}
         if stats is not None:
@@ -451,19 +592,22 @@ def format_table(rows: Sequence[dict[str, Any]], baseline: dict[str, Any] | None
     return "\n".join([fmt_line(head), fmt_line(["-" * w for w in widths])] + [fmt_line(c) for c in lines])
 
 
-def evaluate_qos_model(qnet: QoSNet, meta: dict[str, Any], splits: DatasetSplits, split: str = "test",
+def evaluate_qos_model(qnet: QoSNet, meta: Records | Mapping[str, Any], splits: DatasetSplits, split: str = "test",
                        same_data: bool = True) -> dict[str, Any]:
     """Per-OP accuracy on ``split`` plus power (JSON-ready); the QAT baseline from the
     provenance when the data are the ones the model was made with."""
     loader = getattr(splits.loaders(256, shuffle=False), split)
     stats = evaluate_ops(qnet, loader)
     rows = op_rows(qnet, meta, stats)
-    base = (meta.get("baseline") or {}).get("qat_exact") if same_data else None
+    typed = records_of(meta)
+    base = typed.baseline.qat_exact if same_data and typed.baseline is not None else None
+    measured = getattr(base, split) if base is not None else None
     baseline = None
-    if base and split in base:
-        baseline = {"top1": base[split]["top1"], "top5": base[split].get("top5"), "relative_power": 1.0,
+    if measured is not None and measured.top1 is not None:
+        baseline = {"top1": measured.top1, "top5": measured.top5, "relative_power": 1.0,
                     "source": "QAT model with the exact multiplier, measured by the pipeline"}
-    return {"model": meta.get("arch", {}).get("name"), "dataset": splits.name, "split": split,
+    model = _model_name(meta)
+    return {"model": model, "dataset": splits.name, "split": split,
             "samples": len(getattr(splits, split)), "num_ops": qnet.num_ops, "ops": rows, "baseline": baseline,
             "bank": [{"name": n, "power_mw": p} for n, p in zip(qnet.bank.names, qnet.bank.power_mw)]}
 
@@ -510,7 +654,8 @@ def _file_sha(path: str | None) -> str | None:
     try:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
-        raise QosError(f"--float-weights {path}: cannot read the file") from None
+        raise QosError(f"--weights {path}: cannot read the file") from None
+
 
 
 def _cached_meta(path: Path, key: str) -> dict[str, Any] | None:
@@ -538,20 +683,33 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
     if work.exists() and not work.is_dir():
         raise QosError(f"work folder {work} exists and is not a folder")
     splits = load_data(cfg)  # validates dataset/data dir before anything is written
-    work.mkdir(parents=True, exist_ok=True)
-    log(f"qos-nets pipeline: {cfg.model} on {splits!r}, {torch.get_num_threads()} thread(s), work folder {work}")
+    from .data import dataset_fingerprint
+    from .models.user import check_supported, is_user_model, model_source_sha256
+
+    # the user's model is built (their code runs) and checked now, so bad input fails before any work
+    user_model = build_float_model(cfg, splits) if is_user_model(cfg.model) else None
 
     total = 6 if cfg.baseline == "full" else 5
     stage_seconds: dict[str, float] = {}
     cached: list[str] = []
-    data_key = _key(dataset_record(cfg), cfg.max_samples)
-    k_float = _key("float", data_key, cfg.model, cfg.float_epochs, cfg.float_lr, cfg.batch_size, cfg.seed,
-                   _file_sha(cfg.float_weights))
+    data_parts: list[Any] = [dataset_record(cfg), cfg.max_samples]
+    fingerprint = dataset_fingerprint(cfg.dataset)
+    if fingerprint is not None:  # the user's files: edited data invalidate the cache
+        data_parts.append(fingerprint)
+    data_key = _key(*data_parts)
+    float_parts: list[Any] = ["float", data_key, cfg.model, cfg.float_epochs, cfg.float_lr, cfg.batch_size, cfg.seed,
+                              _file_sha(cfg.float_weights)]
+    if user_model is not None:  # the defining file and the traced architecture: an edited model recomputes
+        float_parts += [model_source_sha256(cfg.model), check_supported(user_model, cfg.model)]
+    k_float = _key(*float_parts)
     k_qat = _key("qat", k_float, cfg.qat_epochs, cfg.qat_lr, cfg.observer_epochs, cfg.per_channel, signed)
     k_agn = _key("agn", k_qat, cfg.agn_epochs, cfg.agn_lambda, cfg.agn_sigma_max, cfg.agn_sigma_init)
     k_search = _key("search", k_agn, [m.sha256 for m in cands], list(cfg.scales), cfg.n, cfg.trace_samples)
     k_ft = _key("finetune", k_search, cfg.ft_epochs, cfg.ft_lr)
     k_full = _key("full", k_search, cfg.ft_epochs, cfg.ft_lr)
+
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"qos-nets pipeline: {cfg.model} on {splits!r}, {torch.get_num_threads()} thread(s), work folder {work}")
 
     def step(i: int, title: str, name: str, key: str) -> tuple[Path, dict[str, Any] | None]:
         path = work / f"{name}-{key}.pt"
@@ -564,16 +722,22 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
         log(f"  done in {stage_seconds[name]:.1f} s")
 
     # 1. float
-    path, meta = step(1, f"float training ({cfg.model}, {cfg.dataset}, {cfg.float_epochs} epochs)", "float", k_float)
+    title = (f"float model ({cfg.model}, {cfg.dataset}) from --weights {cfg.float_weights}, no training"
+             if cfg.float_weights else f"float training ({cfg.model}, {cfg.dataset}, {cfg.float_epochs} epochs)")
+    path, meta = step(1, title, "float", k_float)
+    if meta is not None:
+        try:
+            model, meta = load_float_model(path)
+            cached.append("float")
+        except QosError as e:  # a cache entry that does not load is recomputed, not fatal
+            log(f"  the cached float stage does not load ({e}); recomputing")
+            meta = None
     if meta is None:
         t0 = time.time()
-        model, meta = stage_float(cfg, splits, progress, log)
+        model, meta = stage_float(cfg, splits, progress, log, model=user_model)
         timed("float", t0)
         meta["stage_seconds"] = {"float": stage_seconds["float"]}
-        save_float_model(path, model, {**meta, "cache_key": k_float})
-    else:
-        model, meta = load_float_model(path)
-        cached.append("float")
+        save_float_model(path, model, {**meta, "cache_key": k_float}, input_shape=splits.input_shape)
     def qos_stage(i: int, title: str, name: str, key: str,
                   compute: Callable[[], tuple[QoSNet, dict[str, Any]]]) -> tuple[QoSNet, dict[str, Any]]:
         """Load stage ``name`` from the cache, or compute it, time it and cache it."""
@@ -643,19 +807,25 @@ def _loadavg() -> list[float] | None:
         return None
 
 
-def _final_rows(final: QoSNet, meta: dict[str, Any]) -> list[dict[str, Any]]:
+def _test(acc: Any) -> Any:
+    """The test-split Stats of an Accuracy record (None when absent)."""
+    return acc.test if acc is not None else None
+
+
+def _final_rows(final: QoSNet, meta: Records | Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = op_rows(final, meta)
-    for r, o in zip(rows, meta.get("ops") or []):
-        bn = (o.get("bn_only") or {}).get("test") or {}
-        r.update(top1=bn.get("top1"), top5=bn.get("top5"))
+    for r, o in zip(rows, records_of(meta).ops):
+        bn = _test(o.bn_only)
+        r.update(top1=bn and bn.top1, top5=bn and bn.top5)
     return rows
 
 
-def _pipeline_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    base = ((meta.get("baseline") or {}).get("qat_exact") or {}).get("test")
-    ops = meta.get("ops") or []
-    extra: list[tuple[str, list[Any]]] = [
-        ("before-FT", [((o.get("before_finetune") or {}).get("test") or {}).get("top1") for o in ops])]
-    if any(o.get("full_retrain") for o in ops):
-        extra.append(("full-retrain", [((o.get("full_retrain") or {}).get("test") or {}).get("top1") for o in ops]))
+def _pipeline_table(rows: list[dict[str, Any]], meta: Records | Mapping[str, Any]) -> str:
+    typed = records_of(meta)
+    qat = typed.baseline.qat_exact if typed.baseline is not None else None
+    base = _test(qat).to_json() if _test(qat) is not None else None
+    top1 = lambda acc: _test(acc) and _test(acc).top1  # noqa: E731
+    extra: list[tuple[str, list[Any]]] = [("before-FT", [top1(o.before_finetune) for o in typed.ops])]
+    if any(o.full_retrain for o in typed.ops):
+        extra.append(("full-retrain", [top1(o.full_retrain) for o in typed.ops]))
     return format_table(rows, base, extra)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from .atomic import atomic_path
 from .errors import QosError
 
 __all__ = ["plot_operating_points"]
@@ -72,18 +72,8 @@ def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLik
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.", suffix=".png")
-        os.close(fd)
-        try:
+        with atomic_path(target, mode=0o644) as tmp:
             fig.savefig(tmp, format="png")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
     finally:
         plt.close(fig)
     return target

@@ -16,29 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import QosError
-from .multipliers.multiplier import INT32_MAX, INT32_MIN, Multiplier, code_offset, validate_table
-
-
-def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    t = tuple(int(x) for x in v)
-    if len(t) != 2:
-        raise QosError(f"{what} must be an int or a pair, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
-def conv_pads(padding: int | Sequence[int]) -> tuple[int, int, int, int]:
-    """Normalise padding to (top, left, bottom, right), ONNX order; accepts int, (h, w) or 4 values."""
-    if isinstance(padding, (int, np.integer)):
-        p = int(padding)
-        return p, p, p, p
-    t = tuple(int(x) for x in padding)
-    if len(t) == 2:
-        return t[0], t[1], t[0], t[1]
-    if len(t) == 4:
-        return t  # type: ignore[return-value]
-    raise QosError(f"padding must be an int, (h, w) or (top, left, bottom, right), got {padding!r}")
+from .multipliers.multiplier import Multiplier
+from .multipliers.table import validate_table
+from .numerics import INT32_MAX, INT32_MIN, code_offset, conv_pads, pair
 
 
 def _table_and_offset(lut: Any, signed: bool | None, *codes: np.ndarray) -> tuple[np.ndarray, int]:
@@ -116,8 +96,8 @@ def approx_conv2d_acc(
     o, cg, kh, kw = w.shape
     if groups < 1 or c % groups or o % groups or c // groups != cg:
         raise QosError(f"groups={groups} does not fit x channels {c}, w {w.shape}")
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
+    sh, sw = pair(stride, "stride")
+    dh, dw = pair(dilation, "dilation")
     pt, pl, pb, pr = conv_pads(padding)
     xi, wi = _check_codes(x, off, "activation codes"), _check_codes(w, off, "weight codes")
     pad_idx = _check_codes(np.array([pad_code]), off, "pad code")[0]
@@ -139,3 +119,98 @@ def approx_conv2d_acc(
                 xs = tap[:, g * cg:(g + 1) * cg]                      # (N, Cg, Ho, Wo)
                 acc[:, oc] += t[wi[oc, :, u, v][None, :, None, None], xs].sum(axis=1)
     return _to_int32(acc)
+
+
+# --------------------------------------------------------------------------- float reductions
+# A float sum's result depends on the order of its additions. onnxruntime's own pooling and
+# ReduceMean kernels add in an order of their choosing (vector width, blocking), which is not the
+# order TVM's kernels use, so one ulp can flip a later rounding and move an activation by one
+# code. Every average the exporter emits is therefore spelled out as this fixed order of
+# element-wise adds, which every backend computes identically.
+
+def ordered_sum(terms: Sequence[np.ndarray]) -> np.ndarray:
+    """Sum ``terms`` (same shape, float32) in the project's fixed order: a halving tree.
+
+    With ``P`` the next power of two >= ``len(terms)`` and missing terms taken as 0, each level
+    adds term ``i`` and term ``i + P/2`` for ``i < P/2``, until one term is left. (Adding an
+    exact 0 changes no value, so a missing partner just passes the term through.)
+    """
+    level = [np.asarray(t, dtype=np.float32) for t in terms]
+    if not level:
+        raise QosError("ordered_sum of no terms")
+    while len(level) > 1:
+        half = (1 << (len(level) - 1).bit_length()) // 2
+        level = [level[i] + level[i + half] if i + half < len(level) else level[i] for i in range(half)]
+    return level[0]
+
+
+def pool_geometry(h: int, w: int, kernel: int | Sequence[int], stride: int | Sequence[int] | None,
+                  padding: int | Sequence[int], ceil_mode: bool,
+                  count_include_pad: bool) -> tuple[tuple[int, int], tuple[int, int, int, int], np.ndarray]:
+    """PyTorch's avg_pool2d geometry: ``((Ho, Wo), zero pads (top, left, bottom, right), divisor)``.
+
+    The zero pads cover the symmetric padding plus what ``ceil_mode``'s last window reaches past
+    it; ``divisor`` (float32, (Ho, Wo)) counts each window's elements inside the padded input
+    (``count_include_pad``) or inside the input alone, as PyTorch does.
+    """
+    kh, kw = pair(kernel, "kernel_size")
+    sh, sw = pair(stride if stride not in (None, [], ()) else kernel, "stride")
+    ph, pw = pair(padding, "padding")
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0 or ph > kh // 2 or pw > kw // 2:
+        raise QosError(f"bad pooling geometry kernel={kernel} stride={stride} padding={padding}")
+
+    def out_len(n: int, k: int, s: int, p: int) -> int:
+        o = (n + 2 * p - k + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (o - 1) * s >= n + p:
+            o -= 1
+        return o
+
+    ho, wo = out_len(h, kh, sh, ph), out_len(w, kw, sw, pw)
+    if ho < 1 or wo < 1:
+        raise QosError(f"pooling {kh}x{kw} of a {h}x{w} input would be empty")
+
+    def counts(n: int, o: int, k: int, s: int, p: int) -> np.ndarray:
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, n + p)
+        if count_include_pad:
+            return end - start
+        return np.minimum(end, n) - np.maximum(start, 0)
+
+    div = (counts(h, ho, kh, sh, ph)[:, None] * counts(w, wo, kw, sw, pw)[None, :]).astype(np.float32)
+    pads = (ph, pw, max(ph, (ho - 1) * sh + kh - h - ph), max(pw, (wo - 1) * sw + kw - w - pw))
+    return (ho, wo), pads, div
+
+
+def avg_pool2d(x: Any, kernel: int | Sequence[int], stride: int | Sequence[int] | None = None,
+               padding: int | Sequence[int] = 0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> np.ndarray:
+    """Average pooling of float32 ``x`` (N, C, H, W) as every backend computes it.
+
+    The window's taps, in row-major order, are summed by ``ordered_sum`` (zeros at padded
+    positions) and the sum is divided by the ``pool_geometry`` divisor in float32. Global
+    average pooling is the kernel (H, W).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4:
+        raise QosError(f"avg_pool2d wants x (N, C, H, W), got {x.shape}")
+    kh, kw = pair(kernel, "kernel_size")
+    sh, sw = pair(stride if stride not in (None, [], ()) else kernel, "stride")
+    (ho, wo), (pt, pl, pb, pr), div = pool_geometry(x.shape[2], x.shape[3], kernel, stride, padding, ceil_mode,
+                                                    count_include_pad)
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    taps = [xp[:, :, u:u + sh * (ho - 1) + 1:sh, v:v + sw * (wo - 1) + 1:sw] for u in range(kh) for v in range(kw)]
+    return (ordered_sum(taps) / div).astype(np.float32)
+
+
+def mean(x: Any, dims: Sequence[int], keepdim: bool = False) -> np.ndarray:
+    """``x.mean(dims)`` of float32 ``x`` as every backend computes it: the reduced elements in
+    row-major order (of ``dims`` sorted) summed by ``ordered_sum``, divided by their count."""
+    x = np.asarray(x, dtype=np.float32)
+    dims = sorted({int(d) % x.ndim for d in dims})
+    keep = [d for d in range(x.ndim) if d not in dims]
+    moved = np.transpose(x, keep + dims)
+    flat = moved.reshape(moved.shape[:len(keep)] + (-1,))
+    out = ordered_sum([flat[..., i] for i in range(flat.shape[-1])]) / np.float32(flat.shape[-1])
+    if keepdim:
+        out = out.reshape([1 if d in dims else x.shape[d] for d in range(x.ndim)])
+    return out.astype(np.float32)

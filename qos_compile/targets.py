@@ -8,9 +8,9 @@ adding one small file, not editing code.
 Where the files are found, first match of a name wins:
 
 1. each folder in ``QOS_TARGETS_PATH`` (``os.pathsep``-separated; user boards),
-2. the repository's top-level ``targets/`` folder (the package is installed
-   editable, so it lies next to ``qos_compile/``),
-3. ``qos_compile/targets_data/`` if a packaged copy was shipped there.
+2. the built-in table: the copy a wheel ships as package data
+   (``qos_compile/_data/targets``), else the repository's top-level ``targets/``
+   folder in a checkout (``qos_compile.resources.data_dir``).
 
 A file (``targets/<name>.toml``)::
 
@@ -47,10 +47,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QosError
-
-#: The repository's targets/ folder (editable install) and an optional packaged copy.
-REPO_TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
-PACKAGED_TARGETS_DIR = Path(__file__).resolve().parent / "targets_data"
+from .resources import data_dir, data_dir_candidates
+from .runtime_env import import_tvm
 
 #: x86 feature flags (names as in /proc/cpuinfo) that kernel selection may use.
 X86_FEATURES = ("sse2", "sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
@@ -92,10 +90,7 @@ def _host_cpu_features() -> frozenset[str]:
 
 
 def _llvm_host_cpu() -> str:
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: set before importing tvm
-    import tvm
-
-    return str(tvm.target.codegen.llvm_get_system_cpu())
+    return str(import_tvm().target.codegen.llvm_get_system_cpu())
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,9 +127,7 @@ class Target:
 
     def tvm_target(self) -> "Any":
         """The ``tvm.target.Target`` for code generation (imports tvm)."""
-        os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-        import tvm
-
+        tvm = import_tvm()
         try:
             return tvm.target.Target(dict(self.tvm))
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types
@@ -228,8 +221,16 @@ def _parse(path: Path, resolve_native: bool = True) -> Target:
 def target_dirs() -> list[Path]:
     """The folders searched for target files, in priority order (existing ones only)."""
     dirs = [Path(p) for p in os.environ.get("QOS_TARGETS_PATH", "").split(os.pathsep) if p]
-    dirs += [REPO_TARGETS_DIR, PACKAGED_TARGETS_DIR]
+    try:
+        dirs.append(builtin_targets_dir())
+    except QosError:      # a broken install: QOS_TARGETS_PATH alone may still describe the targets
+        pass
     return [d for d in dirs if d.is_dir()]
+
+
+def builtin_targets_dir() -> Path:
+    """The folder of the target files that ship with qos-compile (QosError if it is missing)."""
+    return data_dir("targets")
 
 
 @lru_cache(maxsize=8)
@@ -245,8 +246,10 @@ def load_targets() -> dict[str, Target]:
     """All targets by name. QosError if no target folder exists or a file is malformed."""
     dirs = target_dirs()
     if not dirs:
-        raise QosError(f"no target files found: expected a targets/ folder at {REPO_TARGETS_DIR} "
-                       "(or set QOS_TARGETS_PATH to a folder of <name>.toml files)")
+        packaged, checkout = data_dir_candidates("targets")
+        raise QosError(f"no target files found: expected a targets/ folder at {packaged} (installed) or "
+                       f"{checkout} (checkout); reinstall qos-compile, or set QOS_TARGETS_PATH to a folder "
+                       "of <name>.toml files")
     files = tuple((p, p.stat().st_mtime_ns) for d in dirs for p in sorted(d.glob("*.toml")))
     if not files:
         raise QosError(f"no *.toml target files in {', '.join(map(str, dirs))}")

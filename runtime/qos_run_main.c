@@ -12,34 +12,100 @@
  * ns, averaged over N calls cycling through the OPs. --profile N runs N inferences
  * at the selected OP and prints each plan step's mean time. --info prints OPs and I/O.
  *
- * Kernels come from whatever is linked with this file: it calls
- *     qos_packed_fn qos_linked_kernel_lookup(const char* name, void* user);
- * which the kernel side provides (the test kernels, or a shim over TVM's
- * system-lib registry). Exit status: 0 ok, 1 runtime error, 2 usage.
+ * Kernels come from whatever is linked with this file, and ONLY from its table
+ *     extern const qos_kernel_entry qos_linked_kernels[];   (ends with {NULL, NULL})
+ * which the kernel side provides (the test kernels, or the table of a compiled model's own
+ * kernel entry points that qos-compile generates): a manifest naming anything else is
+ * rejected when it is opened.
+ *
+ * Numbers are parsed strictly: decimal digits only (no sign, spaces, exponent or trailing
+ * text), counts in 1..10^9, an OP index below the model's OP count. Every size computation
+ * is overflow-checked. --output is written atomically (a temporary file in the same folder,
+ * then rename). Exit status: 0 ok, 1 runtime error (a kernel failed, out of memory),
+ * 2 bad arguments or a bad file (manifest, input).
  */
 #if !defined(_POSIX_C_SOURCE) || _POSIX_C_SOURCE < 200809L
 #undef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L
 #endif
+#include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "qos_runtime.h"
 
-qos_packed_fn qos_linked_kernel_lookup(const char* name, void* user);
+extern const qos_kernel_entry qos_linked_kernels[];
+
+#define QOS_RUN_MAX_COUNT 1000000000L /* --repeat, --bench, --switch-bench, --profile: at most 10^9 */
+#define QOS_RUN_MAX_SEQ 256           /* entries of --op-sequence */
+
+/* n * size bytes, or NULL when that overflows size_t or malloc fails (never 0 bytes). */
+static void* alloc_array(size_t n, size_t size, int zero) {
+  if (size && n > SIZE_MAX / size) return NULL;
+  if (n * size == 0) return zero ? calloc(1, 1) : malloc(1);
+  return zero ? calloc(n, size) : malloc(n * size);
+}
+
+/* Strict decimal: digits only, value in [lo, hi] (hi <= 2^32 - 1, so no overflow below). */
+static int parse_u32_range(const char* s, unsigned long lo, unsigned long hi, unsigned long* out) {
+  unsigned long long v = 0;
+  const char* p;
+  if (!s || !*s) return 0;
+  for (p = s; *p; p++) {
+    if (*p < '0' || *p > '9') return 0;
+    v = v * 10u + (unsigned)(*p - '0');
+    if (v > hi) return 0;
+  }
+  if (v < lo) return 0;
+  *out = (unsigned long)v;
+  return 1;
+}
+
+static int parse_count(const char* s, long* out) {
+  unsigned long v;
+  if (!parse_u32_range(s, 1, (unsigned long)QOS_RUN_MAX_COUNT, &v)) return 0;
+  *out = (long)v;
+  return 1;
+}
+
+static int all_digits(const char* s) {
+  if (!*s) return 0;
+  for (; *s; s++)
+    if (*s < '0' || *s > '9') return 0;
+  return 1;
+}
+
+/* An OP: an index below the model's OP count (digits only), else an OP name. */
+static int parse_op(qos_model* m, const char* s, uint32_t* op) {
+  unsigned long v;
+  int32_t k;
+  if (all_digits(s)) {
+    if (!parse_u32_range(s, 0, (unsigned long)qos_num_ops(m) - 1, &v)) return 0;
+    *op = (uint32_t)v;
+    return 1;
+  }
+  k = qos_find_op(m, s);
+  if (k < 0) return 0;
+  *op = (uint32_t)k;
+  return 1;
+}
 
 static unsigned char* read_all(const char* path, size_t* len) {
   FILE* f = fopen(path, "rb");
   unsigned char* buf;
   long n;
   if (!f) return NULL;
-  if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
+  if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0 ||
+      (unsigned long)n > (unsigned long)(SIZE_MAX - 1)) {
     fclose(f);
     return NULL;
   }
-  buf = (unsigned char*)malloc(n ? (size_t)n : 1);
+  buf = (unsigned char*)alloc_array((size_t)n, 1, 0);
   if (buf && n && fread(buf, 1, (size_t)n, f) != (size_t)n) {
     free(buf);
     buf = NULL;
@@ -68,7 +134,7 @@ static int cmp_double(const void* a, const void* b) {
 
 /* Median latency of `n` runs of every OP on `in`; prints one line per OP. */
 static int bench_ops(qos_model* m, const unsigned char* in, size_t in_len, unsigned char* out, size_t out_len, long n) {
-  double* t = (double*)malloc((size_t)n * sizeof(double));
+  double* t = (n > 0) ? (double*)alloc_array((size_t)n, sizeof(double), 0) : NULL;
   uint32_t op;
   long r;
   if (!t) return QOS_ERR_NOMEM;
@@ -95,27 +161,76 @@ static int bench_ops(qos_model* m, const unsigned char* in, size_t in_len, unsig
 static long parse_ops(qos_model* m, const char* text, uint32_t* ops, long cap) {
   long n = 0;
   const char* p = text;
-  while (*p && n < cap) {
-    char name[128];
+  char name[4097];
+  for (;;) {
     size_t k = strcspn(p, ",");
-    char* end;
-    long op;
-    if (k == 0 || k >= sizeof name) return -1;
+    if (k == 0 || k >= sizeof name || n >= cap) return -1; /* empty entry, too long, too many */
     memcpy(name, p, k);
     name[k] = 0;
-    op = strtol(name, &end, 10);
-    if (*end) op = qos_find_op(m, name);
-    if (op < 0 || (uint32_t)op >= qos_num_ops(m)) return -1;
-    ops[n++] = (uint32_t)op;
-    p += k + (p[k] == ',');
+    if (!parse_op(m, name, &ops[n])) return -1;
+    n++;
+    if (!p[k]) return n;
+    p += k + 1; /* a trailing comma leaves an empty entry: an error above */
   }
-  return *p ? -1 : n;
+}
+
+/* Write len bytes to path atomically: a temporary file in the same folder, fsync, rename.
+ * The result gets the old file's mode, else 0666 less the umask. Returns 0, or -1 with errno. */
+static int write_atomic(const char* path, const unsigned char* data, size_t len) {
+  const char* slash = strrchr(path, '/');
+  size_t dirlen = slash ? (size_t)(slash - path) + 1 : 0, plen = strlen(path);
+  const char* base = path + dirlen;
+  char* tmp;
+  struct stat st;
+  mode_t mode, mask;
+  int fd, saved;
+  size_t done = 0;
+  if (!*base || plen > SIZE_MAX - 16) {
+    errno = EISDIR;
+    return -1;
+  }
+  tmp = (char*)malloc(plen + 16);
+  if (!tmp) return -1;
+  memcpy(tmp, path, dirlen);
+  snprintf(tmp + dirlen, plen - dirlen + 16, ".%s.XXXXXX", base);
+  fd = mkstemp(tmp);
+  if (fd < 0) {
+    saved = errno;
+    free(tmp);
+    errno = saved;
+    return -1;
+  }
+  mask = umask(0);
+  umask(mask);
+  mode = (stat(path, &st) == 0 && S_ISREG(st.st_mode)) ? (st.st_mode & 07777) : (0666 & ~mask);
+  while (done < len) {
+    ssize_t w = write(fd, data + done, len - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) goto fail;
+    done += (size_t)w;
+  }
+  if (fchmod(fd, mode) != 0 || fsync(fd) != 0) goto fail;
+  if (close(fd) != 0) {
+    fd = -1;
+    goto fail;
+  }
+  fd = -1;
+  if (rename(tmp, path) != 0) goto fail;
+  free(tmp);
+  return 0;
+fail:
+  saved = errno ? errno : EIO;
+  if (fd >= 0) close(fd);
+  unlink(tmp);
+  free(tmp);
+  errno = saved;
+  return -1;
 }
 
 /* --profile N: N inferences (zero input) at the selected OP; mean time of every plan step. */
 static int profile_steps(qos_model* m, long n) {
   uint32_t k, steps = qos_num_steps(m);
-  uint64_t* ns = (uint64_t*)calloc(steps ? steps : 1, sizeof *ns);
+  uint64_t* ns = (uint64_t*)alloc_array(steps, sizeof *ns, 1);
   qos_tensor_info ii, oi;
   unsigned char *in, *out;
   double total = 0;
@@ -123,8 +238,8 @@ static int profile_steps(qos_model* m, long n) {
   int rc = QOS_OK;
   qos_input_info(m, 0, &ii);
   qos_output_info(m, 0, &oi);
-  in = (unsigned char*)calloc(ii.nbytes ? ii.nbytes : 1, 1);
-  out = (unsigned char*)malloc(oi.nbytes ? oi.nbytes : 1);
+  in = (unsigned char*)alloc_array(ii.nbytes, 1, 1);
+  out = (unsigned char*)alloc_array(oi.nbytes, 1, 0);
   if (!ns || !in || !out) rc = QOS_ERR_NOMEM;
   if (rc == QOS_OK) rc = qos_run(m, in, ii.nbytes, out, oi.nbytes); /* warm-up, not counted */
   if (rc == QOS_OK) rc = qos_profile_steps(m, ns);
@@ -142,11 +257,22 @@ static int profile_steps(qos_model* m, long n) {
   return rc;
 }
 
+/* Exit status for a failed qos_open_*: a bad or unusable file is 2, running out of memory 1. */
+static int open_status(int rc) { return rc == QOS_ERR_NOMEM ? 1 : 2; }
+
+/* Exit status for a failed qos_run: the caller's input of the wrong size is 2, the rest 1. */
+static int run_status(int rc) { return (rc == QOS_ERR_SIZE || rc == QOS_ERR_ARG) ? 2 : 1; }
+
+static int bad_count(const char* opt, const char* val) {
+  fprintf(stderr, "qos-run: bad %s '%s' (a whole number from 1 to %ld)\n", opt, val, QOS_RUN_MAX_COUNT);
+  return 2;
+}
+
 int main(int argc, char** argv) {
   const char *model_path = NULL, *op_arg = NULL, *in_path = NULL, *out_path = NULL;
   long repeat = 1, bench = 0, switch_bench = 0, nseq = 0, profile = 0;
   const char* seq_arg = NULL;
-  uint32_t seq[256];
+  uint32_t seq[QOS_RUN_MAX_SEQ];
   int info = 0, rc, i;
   char err[QOS_ERROR_MAX];
   qos_model* m = NULL;
@@ -155,29 +281,50 @@ int main(int argc, char** argv) {
   size_t in_len = 0;
 
   for (i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--op") && i + 1 < argc) op_arg = argv[++i];
-    else if (!strcmp(argv[i], "--input") && i + 1 < argc) in_path = argv[++i];
-    else if (!strcmp(argv[i], "--output") && i + 1 < argc) out_path = argv[++i];
-    else if (!strcmp(argv[i], "--repeat") && i + 1 < argc) repeat = strtol(argv[++i], NULL, 10);
-    else if (!strcmp(argv[i], "--op-sequence") && i + 1 < argc) seq_arg = argv[++i];
-    else if (!strcmp(argv[i], "--bench") && i + 1 < argc) bench = strtol(argv[++i], NULL, 10);
-    else if (!strcmp(argv[i], "--switch-bench") && i + 1 < argc) switch_bench = strtol(argv[++i], NULL, 10);
-    else if (!strcmp(argv[i], "--profile") && i + 1 < argc) profile = strtol(argv[++i], NULL, 10);
-    else if (!strcmp(argv[i], "--info")) info = 1;
-    else if (argv[i][0] != '-' && !model_path) model_path = argv[i];
+    const char* a = argv[i];
+    long* count = NULL;
+    if (!strcmp(a, "--info")) {
+      info = 1;
+      continue;
+    }
+    if (a[0] != '-') {
+      if (model_path) {
+        usage();
+        return 2;
+      }
+      model_path = a;
+      continue;
+    }
+    if (i + 1 >= argc) {
+      usage();
+      return 2;
+    }
+    if (!strcmp(a, "--op")) op_arg = argv[++i];
+    else if (!strcmp(a, "--input")) in_path = argv[++i];
+    else if (!strcmp(a, "--output")) out_path = argv[++i];
+    else if (!strcmp(a, "--op-sequence")) seq_arg = argv[++i];
+    else if (!strcmp(a, "--repeat")) count = &repeat;
+    else if (!strcmp(a, "--bench")) count = &bench;
+    else if (!strcmp(a, "--switch-bench")) count = &switch_bench;
+    else if (!strcmp(a, "--profile")) count = &profile;
     else {
       usage();
       return 2;
     }
+    if (count && !parse_count(argv[++i], count)) return bad_count(a, argv[i]);
   }
-  if (!model_path || repeat < 1 || bench < 0 || switch_bench < 0 || profile < 0) {
+  if (!model_path) {
     usage();
     return 2;
   }
-  rc = qos_open_file(model_path, qos_linked_kernel_lookup, NULL, &m, err, sizeof err);
+  if (out_path && !in_path) {
+    fprintf(stderr, "qos-run: --output needs --input (the outputs of which inputs?)\n");
+    return 2;
+  }
+  rc = qos_open_file(model_path, qos_table_lookup, (void*)qos_linked_kernels, &m, err, sizeof err);
   if (rc != QOS_OK) {
     fprintf(stderr, "qos-run: %s: %s (%s)\n", model_path, err, qos_strerror(rc));
-    return 1;
+    return open_status(rc);
   }
   if (info) {
     uint32_t k;
@@ -197,17 +344,23 @@ int main(int argc, char** argv) {
            (unsigned long long)qos_file_bytes(m), (unsigned long)mlen);
   }
   if (op_arg) {
-    char* end;
-    long op = strtol(op_arg, &end, 10);
-    if (*end) op = qos_find_op(m, op_arg);
-    if (op < 0 || qos_select(m, (uint32_t)op) != QOS_OK) {
-      fprintf(stderr, "qos-run: no operating point '%s'\n", op_arg);
+    uint32_t op;
+    if (!parse_op(m, op_arg, &op) || qos_select(m, op) != QOS_OK) {
+      fprintf(stderr, "qos-run: no operating point '%s' (the model has %u: an index 0..%u or a name)\n", op_arg,
+              qos_num_ops(m), qos_num_ops(m) - 1);
       qos_close(m);
       return 2;
     }
   }
-  if (seq_arg && (nseq = parse_ops(m, seq_arg, seq, 256)) <= 0) {
-    fprintf(stderr, "qos-run: bad --op-sequence '%s' (OP indices or names, comma-separated)\n", seq_arg);
+  if (seq_arg && (nseq = parse_ops(m, seq_arg, seq, QOS_RUN_MAX_SEQ)) <= 0) {
+    fprintf(stderr, "qos-run: bad --op-sequence '%s' (1 to %d OP indices or names, comma-separated)\n", seq_arg,
+            QOS_RUN_MAX_SEQ);
+    qos_close(m);
+    return 2;
+  }
+  if ((bench || profile || in_path) && (qos_num_inputs(m) != 1 || qos_num_outputs(m) != 1)) {
+    fprintf(stderr, "qos-run: the model has %u inputs and %u outputs; qos-run handles 1 and 1\n",
+            qos_num_inputs(m), qos_num_outputs(m));
     qos_close(m);
     return 2;
   }
@@ -225,45 +378,49 @@ int main(int argc, char** argv) {
     rc = profile_steps(m, profile);
     if (rc != QOS_OK) fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
     qos_close(m);
-    return rc == QOS_OK ? 0 : 1;
+    return rc == QOS_OK ? 0 : run_status(rc);
   }
   if (bench && !in_path) {
     qos_input_info(m, 0, &ii);
     qos_output_info(m, 0, &oi);
-    in = (unsigned char*)calloc(ii.nbytes ? ii.nbytes : 1, 1);
-    out = (unsigned char*)malloc(oi.nbytes ? oi.nbytes : 1);
+    in = (unsigned char*)alloc_array(ii.nbytes, 1, 1);
+    out = (unsigned char*)alloc_array(oi.nbytes, 1, 0);
     rc = (in && out) ? bench_ops(m, in, ii.nbytes, out, oi.nbytes, bench) : QOS_ERR_NOMEM;
-    if (rc != QOS_OK) fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
+    if (rc != QOS_OK)
+      fprintf(stderr, "qos-run: %s (%s)\n", rc == QOS_ERR_NOMEM ? "out of memory" : qos_last_error(m),
+              qos_strerror(rc));
     free(in), free(out), qos_close(m);
-    return rc == QOS_OK ? 0 : 1;
+    return rc == QOS_OK ? 0 : run_status(rc);
   }
   if (in_path) {
-    double t0, t1;
+    double t0, t1, runs;
     long r;
     size_t items, it;
-    if (qos_num_inputs(m) != 1 || qos_num_outputs(m) != 1) {
-      fprintf(stderr, "qos-run: the model has %u inputs and %u outputs; qos-run handles 1 and 1\n",
-              qos_num_inputs(m), qos_num_outputs(m));
-      qos_close(m);
-      return 1;
-    }
     qos_input_info(m, 0, &ii);
     qos_output_info(m, 0, &oi);
     in = read_all(in_path, &in_len);
+    if (!in) {
+      fprintf(stderr, "qos-run: cannot read %s\n", in_path);
+      qos_close(m);
+      return 2;
+    }
     /* a stream: the file holds `items` inputs back to back (a single input when sizes differ,
        so qos_run reports the size mismatch) */
     items = (ii.nbytes && in_len > ii.nbytes && in_len % ii.nbytes == 0) ? in_len / ii.nbytes : 1;
-    out = (unsigned char*)malloc(oi.nbytes ? items * oi.nbytes : 1);
-    if (!in || !out) {
-      fprintf(stderr, "qos-run: cannot read %s\n", in_path);
-      free(in), free(out), qos_close(m);
+    out = (unsigned char*)alloc_array(items, oi.nbytes, 0);
+    if (!out) {
+      fprintf(stderr, "qos-run: out of memory for %lu outputs of %lu bytes\n", (unsigned long)items,
+              (unsigned long)oi.nbytes);
+      free(in), qos_close(m);
       return 1;
     }
     if (bench) {
       rc = bench_ops(m, in, items > 1 ? ii.nbytes : in_len, out, oi.nbytes, bench);
-      if (rc != QOS_OK) fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
+      if (rc != QOS_OK)
+        fprintf(stderr, "qos-run: %s (%s)\n", rc == QOS_ERR_NOMEM ? "out of memory" : qos_last_error(m),
+                qos_strerror(rc));
       free(in), free(out), qos_close(m);
-      return rc == QOS_OK ? 0 : 1;
+      return rc == QOS_OK ? 0 : run_status(rc);
     }
     t0 = now_s();
     for (r = 0; r < repeat; r++) {
@@ -274,20 +431,17 @@ int main(int argc, char** argv) {
         if (rc != QOS_OK) {
           fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
           free(in), free(out), qos_close(m);
-          return 1;
+          return run_status(rc);
         }
       }
     }
     t1 = now_s();
-    repeat *= (long)items;
-    if (repeat > 1) printf("mean time per inference: %.3f us over %ld runs\n", 1e6 * (t1 - t0) / (double)repeat, repeat);
-    if (out_path) {
-      FILE* f = fopen(out_path, "wb");
-      if (!f || fwrite(out, 1, items * oi.nbytes, f) != items * oi.nbytes || fclose(f) != 0) {
-        fprintf(stderr, "qos-run: cannot write %s\n", out_path);
-        free(in), free(out), qos_close(m);
-        return 1;
-      }
+    runs = (double)repeat * (double)items;
+    if (runs > 1) printf("mean time per inference: %.3f us over %.0f runs\n", 1e6 * (t1 - t0) / runs, runs);
+    if (out_path && write_atomic(out_path, out, items * oi.nbytes) != 0) {
+      fprintf(stderr, "qos-run: cannot write %s: %s\n", out_path, strerror(errno));
+      free(in), free(out), qos_close(m);
+      return 2;
     }
   }
   free(in);

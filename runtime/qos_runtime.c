@@ -327,7 +327,8 @@ static int build_model(qos_model* m, qos_kernel_lookup lookup, void* user, char*
       const char* name = qosm_str(d, d->kernel_names[i]);
       m->kernels[i] = lookup(name, user);
       if (!m->kernels[i])
-        return set_err(err, errlen, QOS_ERR_KERNEL_MISSING, "kernel '%s' not found by the lookup callback", name);
+        return set_err(err, errlen, QOS_ERR_KERNEL_MISSING,
+                       "kernel '%s' not found: not one of the kernels this program was built with", name);
     }
   }
   if (pthread_mutex_init(&m->run_lock, NULL) != 0)

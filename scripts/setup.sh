@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   python3 -m venv .venv
 fi
-stamp=$(cat pyproject.toml | sha256sum | cut -c1-16)
+stamp=$(cat pyproject.toml setup.py | sha256sum | cut -c1-16)
 if [ "$(cat .venv/.qos-stamp 2>/dev/null)" != "$stamp" ]; then
   echo "setup: installing Python packages into .venv (torch==2.13.0 CPU, apache-tvm==0.27.0.post1, ...)"
   # (pip warns about every missing extra-index folder of this machine's pip.conf: drop those lines)

@@ -15,7 +15,11 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -499,7 +503,7 @@ def test_replacing_a_previous_output(tmp_path):
     out.mkdir()
     (out / "report.json").write_text(json.dumps({"tool": "qos-compile"}))
     (out / "model.qosm").write_bytes(b"old")
-    (out / "stale.txt").write_text("old")
+    (out / "qos-run").write_bytes(b"old")
     _check_output_dir(out)                                   # accepted: a previous output
     new = tmp_path / ".out.tmp-x"
     new.mkdir()
@@ -510,3 +514,174 @@ def test_replacing_a_previous_output(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     _check_output_dir(empty)                                 # an empty folder is fine too
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "folder", "link", "model.qosm-folder"])
+def test_previous_output_with_anything_else_is_not_ours(tmp_path, extra):
+    """Replacing OUT needs exactly qos-compile's artefacts: one more file, a folder or a link
+    (even under an artefact's name) and OUT is the user's, refused before and at replacement."""
+    from qos_compile.compiler import _check_output_dir, _finalize
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"tool": "qos-compile"}))
+    if extra == "model.qosm-folder":
+        (out / "model.qosm").mkdir()
+        (out / "model.qosm" / "keep").write_text("mine")
+    else:
+        (out / "model.qosm").write_bytes(b"old")
+        if extra == "notes.txt":
+            (out / "notes.txt").write_text("mine")
+        elif extra == "folder":
+            (out / "kernels.o").mkdir()
+        else:
+            (out / "qos-run").symlink_to(tmp_path / "elsewhere")
+    before = _snapshot(out)
+    with pytest.raises(QosError, match="not a previous qos-compile output"):
+        _check_output_dir(out)
+    new = tmp_path / ".out.tmp-x"
+    new.mkdir()
+    (new / "model.qosm").write_bytes(b"new")
+    with pytest.raises(QosError, match="changed while compiling"):
+        _finalize(new, out)
+    assert _snapshot(out) == before
+
+
+def _tiny_qnet(nan_bn: bool = False):
+    """A small calibrated QoSNet (conv + BN + ReLU + linear on 1x8x8, 2 OPs): compiles in seconds."""
+    from torch import nn
+
+    from qos_compile.nn import wrap_model
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+    torch.manual_seed(0)
+    net = Tiny()
+    net.qos_arch = {"name": "tiny", "num_classes": 3, "in_channels": 1, "input_size": 8}
+    qnet = wrap_model(net, ["mul8u_1JFF", "mul8u_2AC"], num_ops=2, input_shape=(1, 8, 8))
+    n = len(qnet.approx_layers())
+    qnet.set_assignment([[0] * n, [1] * n])
+    qnet.set_mode("quant")
+    qnet.train()
+    with torch.no_grad():
+        qnet(torch.rand(32, 1, 8, 8))
+    qnet.eval()
+    qnet.freeze_observers(True)
+    qnet.set_mode("approx")
+    if nan_bn:
+        with torch.no_grad():
+            for name, t in qnet.state_dict().items():       # every per-OP copy of the BN weight
+                if name.endswith("weight") and "bn" in name and t.ndim == 1:
+                    t[1] = float("nan")
+    return qnet
+
+
+def test_out_created_while_compiling_is_left_alone(monkeypatch, tmp_path):
+    """The race: OUT does not exist at the start; while the compile runs, the user creates it with
+    a file. qos-compile must not replace (delete) it: exit 2, one line, the file intact, no
+    temporary folder left."""
+    import qos_compile.qosmodel as qm
+    from qos_compile.tvm import plan as P
+
+    qnet = _tiny_qnet()
+    monkeypatch.setattr(qm, "load_qos_model", lambda path: (qnet, {}))
+    out = tmp_path / "out"
+    real_link = P.link_qos_run
+
+    def link_and_race(*args, **kwargs):
+        out.mkdir()
+        (out / "thesis.tex").write_text("three years of work")
+        return real_link(*args, **kwargs)
+
+    monkeypatch.setattr(P, "link_qos_run", link_and_race)
+    rc, stdout, stderr = run_cli([str(_base().model_pt), "--target", "x86_64", "-o", str(out)])
+    assert rc == 2, (stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "changed while compiling" in lines[0] and "nothing was replaced" in lines[0], stderr
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert (out / "thesis.tex").read_text() == "three years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_unwritable_output_parent_is_one_line(tmp_path):
+    for bad in ("/proc/x", "/proc/self/no/such"):
+        rc, stdout, stderr = run_cli([str(_base().model_pt), "--target", "x86_64", "-o", bad])
+        lines = stderr.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("qos-compile: error: "), (bad, stderr)
+        assert "cannot create output folder" in lines[0] and "Traceback" not in stderr
+        assert not os.path.exists(bad)
+
+
+def test_failed_verification_is_an_error_unless_kept(monkeypatch, tmp_path):
+    """NaN BatchNorm weights: qos-run and onnxruntime both give NaN, which no tolerance accepts;
+    that is an error (exit 2, one line, nothing written) unless --keep-mismatch, which report.json
+    records."""
+    import qos_compile.qosmodel as qm
+
+    qnet = _tiny_qnet(nan_bn=True)
+    monkeypatch.setattr(qm, "load_qos_model", lambda path: (qnet, {}))
+    out = tmp_path / "out"
+    line = _expect_error([str(_base().model_pt), "--target", "x86_64", "-o", str(out)], out, "verification failed")
+    assert "--keep-mismatch" in line and not out.exists()
+    rc, stdout, stderr = run_cli([str(_base().model_pt), "--target", "x86_64", "-o", str(out), "--keep-mismatch"])
+    assert rc == 0, stderr
+    assert "MISMATCH" in stdout
+    report = json.loads((out / "report.json").read_text())
+    v = report["verification"]
+    assert v["ran"] and not v["ok"] and v["kept_mismatch"] is True
+    assert report["options"]["keep_mismatch"] is True
+
+
+def test_verification_mismatch_without_nan(monkeypatch, tmp_path):
+    """Any verification outside tolerance (here: the onnxruntime reference shifted) fails the compile."""
+    import qos_compile.compiler as C
+    import qos_compile.qosmodel as qm
+
+    qnet = _tiny_qnet()
+    monkeypatch.setattr(qm, "load_qos_model", lambda path: (qnet, {}))
+    real = C._check_onnx
+    monkeypatch.setattr(C, "_check_onnx", lambda *a: (lambda refs, d: ([r + 10.0 for r in refs], d))(*real(*a)))
+    out = tmp_path / "out"
+    _expect_error([str(_base().model_pt), "--target", "x86_64", "-o", str(out)], out, "verification failed")
+
+
+def _compile_subprocess(model: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "qos_compile.cli.compile", str(model), "--target", "x86_64",
+                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TVM_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("sig, after, delay, word, code", [
+    (signal.SIGTERM, "] load", 0.0, "terminated", 143),
+    (signal.SIGINT, "] plan", 0.3, "interrupted", 130),       # lands in the TVM kernel build
+])
+def test_signal_removes_the_temporary_folder(tmp_path, sig, after, delay, word, code):
+    """SIGTERM (and Ctrl-C during TVM's kernel build) end qos-compile with one line and its status,
+    no temporary folder left and OUT not created."""
+    out = tmp_path / "out"
+    p = _compile_subprocess(_base().model_pt, out)
+    seen = []
+    try:
+        for line in p.stdout:
+            seen.append(line)
+            if after in line:
+                time.sleep(delay)
+                p.send_signal(sig)
+                break
+        rest, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert any(after in ln for ln in seen), "".join(seen) + (err or "")
+    assert p.returncode == code, (p.returncode, err)
+    assert err.strip().splitlines() == [f"qos-compile: {word}"], err
+    assert not out.exists()
+    assert [q.name for q in tmp_path.iterdir()] == [], list(tmp_path.iterdir())

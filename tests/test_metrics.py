@@ -1,10 +1,8 @@
 """Error metrics: EvoApprox conventions, checked against every published figure of the 64 bundled circuits."""
 from __future__ import annotations
 
-import csv
 import math
 from decimal import Decimal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,6 @@ from qos_compile.multipliers.metrics import Metrics, compute_metrics
 
 ALL = [m.name for m in bundled()]
 BY_NAME = {m.name: m for m in bundled()}
-SHARED_CSV = Path(__file__).resolve().parents[1].parent / "shared" / "evoapprox" / "metrics.csv"
 
 # published key (Multiplier.published) -> Metrics field it is a rounding of
 PUBLISHED_FIELDS = {
@@ -23,7 +20,7 @@ PUBLISHED_FIELDS = {
     "mre_pct": "mre_pct", "wcre_pct": "wcre_pct", "ep_pct": "ep_pct", "mse_lsb2": "mse",
 }
 
-# The publisher's own rounding quirks (shared/evoapprox/README.md, "How the data were checked"),
+# The publisher's own rounding quirks (docs/design.md, "The publisher's rounding quirks"),
 # each present in both EvoApprox branches. Our values are right; the published strings are not
 # the correctly rounded values, so these pairs get a 7% relative check instead of the exact one.
 #   mul8s_1KRC MAE 36.535 is published as "36" (truncated), though its MAE% 0.056 matches.
@@ -68,24 +65,10 @@ def test_metrics_match_published_figures(name: str) -> None:
 
 
 def test_known_quirks_are_exactly_three_bundled_pairs() -> None:
-    # The README's six quirks are three pairs, each found in both branches; our library holds each circuit once.
+    # Six published numbers are off: three pairs, each found in both branches; our library holds each circuit once.
     assert len(ALL) == 64 and len(set(ALL)) == 64
     assert {n for n, _ in KNOWN_QUIRKS} == {"mul8s_1KRC", "mul8s_1KVA", "mul8s_1KVB"}
     assert all(n in ALL for n, _ in KNOWN_QUIRKS)
-
-
-@pytest.mark.skipif(not SHARED_CSV.is_file(), reason="../shared/evoapprox/metrics.csv not present")
-def test_metrics_equal_shared_recomputed_columns() -> None:
-    columns = {"mae_lsb": "mae", "mae_pct": "mae_pct", "wce_lsb": "wce", "wce_pct": "wce_pct", "mre_pct": "mre_pct",
-               "wcre_pct": "wcre_pct", "ep_pct": "ep_pct", "mse_lsb2": "mse", "mean_err_lsb": "mean_error",
-               "std_err_lsb": "std_error"}
-    rows = list(csv.DictReader(SHARED_CSV.read_text().splitlines()))
-    assert sorted(r["name"] for r in rows) == sorted(ALL)
-    for row in rows:
-        got = BY_NAME[row["name"]].metrics.to_dict()
-        for col, field in columns.items():
-            # the CSV prints about 10 significant digits
-            assert got[field] == pytest.approx(float(row[col]), rel=1e-9, abs=1e-12), (row["name"], col)
 
 
 @pytest.mark.parametrize("name, signed", [("mul8u_1JFF", False), ("master:mul8s_1KV8", True)])
@@ -108,6 +91,15 @@ def _reference(lut: np.ndarray, signed: bool) -> dict[str, float]:
     return dict(mae=np.abs(e).mean(), mae_pct=np.abs(e).mean() / 65536 * 100, wce=np.abs(e).max(),
                 wce_pct=np.abs(e).max() / 65536 * 100, mre_pct=rel.mean(), wcre_pct=rel.max(),
                 ep_pct=(e != 0).mean() * 100, mse=(e * e).mean(), mean_error=e.mean(), std_error=e.std())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_metrics_match_reference_formulas_on_bundled_circuits(name: str) -> None:
+    # every field, also those EvoApprox does not publish (bias, std), recomputed independently
+    m = BY_NAME[name]
+    got = m.metrics.to_dict()
+    for k, v in _reference(m.lut, m.signed).items():
+        assert got[k] == pytest.approx(v, rel=1e-12, abs=1e-12), (name, k)
 
 
 @pytest.mark.parametrize("signed", [False, True])

@@ -2,9 +2,10 @@
 Python binding (qos_compile.runtime.model.Model) agree bit for bit for every OP, and agree with the
 PyTorch APPROX emulation on the digits test split.
 
-The compiled network is also bit-identical to onnxruntime running the exported model.onnx (the
-compiler keeps float products from being contracted into FMAs, so the float parts after the
-accumulators are the same IEEE operations).
+The compiled network is also bit-identical to onnxruntime running the exported model.onnx on any
+x86-64 CPU (the compiler keeps float products from being contracted into FMAs, and the average
+pool is exported as adds in one fixed order, so the float parts after the accumulators are the
+same IEEE operations in the same order; tests/test_float_order.py checks that order directly).
 
 Stated tolerance against PyTorch, per OP: every logit within 2 % of that OP's largest |logit|;
 top-1 agreement >= 99.9 % on every sample that is not a tie at that resolution (a sample whose

@@ -13,6 +13,7 @@ from qos_compile.errors import QosError
 from qos_compile.models import build_model
 from qos_compile.multipliers import bundled, get
 from qos_compile.nn import Mode, wrap_model
+from qos_compile.model_schema import FORMAT_VERSION, Layer
 from qos_compile.qosmodel import (KIND, load_float_model, load_qos_model, save_float_model, save_qos_model)
 
 torch.set_num_threads(2)
@@ -55,7 +56,8 @@ def _outputs(q):
 def saved(tmp_path_factory):
     q = _model()
     path = tmp_path_factory.mktemp("qm") / "model.pt"
-    save_qos_model(path, q, {"ops": [{"op": 0}], "provenance": {"dataset": {"name": "digits"}}, "kind": "ignored"})
+    save_qos_model(path, q, {"ops": [{"op": j} for j in range(3)], "provenance": {"dataset": {"name": "digits"}},
+                             "kind": "ignored"})
     return q, path
 
 
@@ -68,14 +70,18 @@ def test_round_trip_every_op_identical(saved):
     assert q2.num_ops == 3 and q2.bank.names == q.bank.names and q2.assignment() == q.assignment()
     for a, b in zip(_outputs(q2), ref):
         assert torch.equal(a, b)
-    assert meta["kind"] == KIND and meta["stage"] == "final" and meta["provenance"]["dataset"]["name"] == "digits"
-    assert meta["arch"]["name"] == "resnet8" and meta["num_ops"] == 3 and meta["input_shape"] == [1, 8, 8]
-    assert meta["assign"][2][-1] == BANK[0].name and meta["assign"][1][0] == "mul8u_2NDH"
-    assert [b["sha256"] for b in meta["bank"]] == [m.sha256 for m in BANK]
-    assert [b["power_mw"] for b in meta["bank"]] == [m.power_mw for m in BANK]
-    assert meta["layers"][0] == {"name": "conv1", "kind": "conv", "macs": 16 * 9 * 64}
-    assert "bank._extra_state" in meta["extra_state"] and meta["versions"]["torch"] == torch.__version__
-    assert set(q.state_dict()) == set(load_checkpoint(path)[0]) | set(meta["extra_state"])
+    assert meta.kind == KIND and meta.stage == "final" and meta.provenance.dataset.name == "digits"
+    assert meta.zoo["name"] == "resnet8" and meta.num_ops == 3 and meta.input_shape == (1, 8, 8)
+    assert meta.output_shape == (10,) and meta.num_classes == 10 and meta.format_version == FORMAT_VERSION == 2
+    assert meta.assign_names[2][-1] == BANK[0].name and meta.assign_names[1][0] == "mul8u_2NDH"
+    assert [b.sha256 for b in meta.bank] == [m.sha256 for m in BANK]
+    assert [b.power_mw for b in meta.bank] == [m.power_mw for m in BANK]
+    assert meta.layers[0] == Layer("conv1", "conv", 16 * 9 * 64)
+    assert "bank._extra_state" in meta.extra_state and meta.versions["torch"] == torch.__version__
+    assert set(q.state_dict()) == set(load_checkpoint(path)[0]) | set(meta.extra_state)
+    # the JSON view is what the file holds
+    raw = load_checkpoint(path)[1]
+    assert dict(meta) == raw and raw["architecture"]["format"] == "qos-graph" and "arch" not in raw
 
 
 def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
@@ -115,7 +121,8 @@ def test_other_problems_are_one_line_errors(saved, tmp_path):
     cases["truncated"] = tmp_path / "truncated.pt"
     cases["truncated"].write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     cases["unknown_arch"] = tmp_path / "arch.pt"
-    _rewrite(path, cases["unknown_arch"], edit_meta=lambda m: m["arch"].update(name="resnet9000"))
+    _rewrite(path, cases["unknown_arch"], edit_meta=lambda m: m["architecture"]["modules"]["conv1"].update(
+        type="Conv9000d"))
     cases["wrong_shape"] = tmp_path / "shape.pt"
     _rewrite(path, cases["wrong_shape"], edit_tensors=lambda t: t.update({"net.fc.weight": torch.zeros(3, 3)}))
     cases["missing_tensor"] = tmp_path / "missing.pt"
@@ -124,6 +131,8 @@ def test_other_problems_are_one_line_errors(saved, tmp_path):
     _rewrite(path, cases["no_bank"], edit_meta=lambda m: m.pop("bank"))
     cases["assign"] = tmp_path / "assign.pt"
     _rewrite(path, cases["assign"], edit_meta=lambda m: m["assign"][0].reverse() or m["assign"][0].__setitem__(0, "x"))
+    cases["assign_differs"] = tmp_path / "assign_differs.pt"
+    _rewrite(path, cases["assign_differs"], edit_meta=lambda m: m["assign"][0].__setitem__(0, 2))
     cases["float_kind"] = tmp_path / "float.pt"
     save_float_model(cases["float_kind"], build_model("resnet8", 10, 1, 8))
     cases["missing"] = tmp_path / "does-not-exist.pt"
@@ -163,7 +172,7 @@ def test_float_model_round_trip(tmp_path):
     m = build_model("lenet5", 10, 1, 12)
     save_float_model(tmp_path / "f.pt", m, {"float": {"epochs": 0}})
     m2, meta = load_float_model(tmp_path / "f.pt")
-    assert meta["stage"] == "float" and meta["float"] == {"epochs": 0}
+    assert meta.stage == "float" and meta["float"] == {"epochs": 0} and meta.is_float and meta.zoo["name"] == "lenet5"
     for (k, v), (k2, v2) in zip(m.state_dict().items(), m2.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
     with pytest.raises(QosError):

@@ -1,34 +1,32 @@
-"""Bring your own model: a plain PyTorch CNN -> wrap_model -> short QAT -> per-OP approximate accuracy.
+"""Bring your own model: a plain PyTorch CNN (mynet.py) -> wrap_model -> short QAT -> per-OP approximate
+accuracy -> save model.pt -> qos-compile -> qos-run switching OPs mid-stream.
 
-    .venv/bin/python examples/bring_your_own_model/run.py [--epochs 3]
+    .venv/bin/python examples/bring_your_own_model/run.py [--epochs 3] [--out runs/byom]
+    .venv/bin/python examples/bring_your_own_model/run.py --cli     # the same model through the CLI tools
 
-Nothing here is specific to the model zoo: any nn.Module with Conv2d/Linear/BatchNorm2d layers works.
+Nothing here is specific to the model zoo: any nn.Module built from the supported ops works.
+``--cli`` writes the digits as ``data.npz`` (standing in for your data) and runs
+``qos-nets pipeline --model mynet.py:build --dataset npz:data.npz``, ``qos-compile`` and ``qos-run``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from mynet import SmallCNN  # noqa: E402  (your model file)
 
-class SmallCNN(nn.Module):
-    """Your model: nothing QoS-specific in it."""
-
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32, classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+BIN = Path(sys.executable).parent  # qos-nets / qos-compile of this environment
 
 
 def train(model, x, y, epochs: int, lr: float) -> None:
@@ -50,12 +48,75 @@ def accuracy(model, x, y) -> float:
     return 100.0 * float((model(x).argmax(1) == y).float().mean())
 
 
+def qos_run_stream(out: Path, x: np.ndarray, sequence: list[int]) -> np.ndarray:
+    """Feed ``x`` (N, C, H, W float32, normalised) through one ``qos-run`` process, item i at OP
+    ``sequence[i % len]`` (mid-stream switching); returns the (N, classes) logits."""
+    (out / "x.bin").write_bytes(np.ascontiguousarray(x, dtype="<f4").tobytes())
+    cmd = [str(out / "compiled" / "qos-run"), str(out / "compiled" / "model.qosm"), "--input", str(out / "x.bin"),
+           "--output", str(out / "y.bin"), "--op-sequence", ",".join(map(str, sequence))]
+    print("   $ " + " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return np.fromfile(out / "y.bin", dtype="<f4").reshape(len(x), -1)
+
+
+def device_report(out: Path, x: np.ndarray, y: np.ndarray, num_ops: int) -> None:
+    """Run the test images through qos-run, switching OP every 8 images, and print top-1 per OP."""
+    sequence = [op for op in range(num_ops) for _ in range(8)]
+    logits = qos_run_stream(out, x, sequence)
+    ops = np.array([sequence[i % len(sequence)] for i in range(len(x))])
+    hit = logits.argmax(1) == y
+    for op in range(num_ops):
+        print(f"   qos-run OP{op}: top-1 {100 * hit[ops == op].mean():.2f}% on {int((ops == op).sum())} images")
+
+
+def main_cli(a: argparse.Namespace) -> None:
+    """The QoS-Nets flow on your model file and your data, through the command-line tools."""
+    from qos_compile.checkpoint import load_checkpoint
+    from qos_compile.data.digits import load_digits_splits
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # 1. your data as an .npz: uint8 N,H,W images and integer labels (here: the bundled digits, 16x16)
+    splits = load_digits_splits(16, 0)
+
+    def pixels(ds):  # back to 0..255 uint8 pixels, as your own images would be
+        return np.round(ds.images[:, 0].numpy() * 255).clip(0, 255).astype(np.uint8), ds.labels.numpy()
+
+    (xtr, ytr), (xte, yte) = pixels(splits.train), pixels(splits.test)
+    np.savez(out / "data.npz", x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    print(f"1. wrote {out / 'data.npz'}: x_train {xtr.shape} uint8, x_test {xte.shape}")
+    # 2. the whole flow on mynet.py:build (your code runs in the float stage only)
+    run = [str(BIN / "qos-nets"), "pipeline", "--model", f"{HERE / 'mynet.py'}:build",
+           "--dataset", f"npz:{out / 'data.npz'}", "--multipliers", "evoapprox-unsigned", "--max-circuits", "3",
+           "--epochs-float", str(a.epochs), "--threads", "2", "--no-progress", "-o", str(out / "model.pt")]
+    print("2. $ " + " ".join(run))
+    subprocess.run(run, check=True)
+    # 3. compile for this machine (--target arm cross-compiles; run that qos-run under qemu-aarch64-static)
+    comp = [str(BIN / "qos-compile"), str(out / "model.pt"), "--target", "x86_64", "-o", str(out / "compiled")]
+    print("3. $ " + " ".join(comp))
+    subprocess.run(comp, check=True)
+    # 4. qos-run with the normalization the pipeline recorded in model.pt
+    _, meta = load_checkpoint(out / "model.pt")
+    norm = meta["normalization"]
+    mean, std = (np.array(norm[k], dtype=np.float32).reshape(1, -1, 1, 1) for k in ("mean", "std"))
+    x = ((xte[:, None].astype(np.float32) / 255 - mean) / std).astype(np.float32)
+    print(f"4. qos-run, inputs (pixel/255 - {norm['mean']}) / {norm['std']} as recorded in model.pt:")
+    device_report(out, x, yte, int(meta["num_ops"]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--out", default="runs/byom", help="output folder (default runs/byom)")
+    ap.add_argument("--cli", action="store_true", help="run the flow through qos-nets pipeline / qos-compile")
     a = ap.parse_args()
+    if a.cli:
+        main_cli(a)
+        return
+    from qos_compile.compiler import compile_model
     from qos_compile.data.digits import load_digits_splits
     from qos_compile.nn import wrap_model
+    from qos_compile.qosmodel import save_qos_model
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -63,7 +124,7 @@ def main() -> None:
     xtr, ytr = splits.train.tensors
     xte, yte = splits.test.tensors
 
-    model = SmallCNN()
+    model = SmallCNN(in_channels=1, classes=10)
     train(model, xtr, ytr, a.epochs, 3e-3)
     print(f"1. float training: top-1 {accuracy(model, xte, yte):.2f}%")
 
@@ -87,8 +148,23 @@ def main() -> None:
         qnet.set_operating_point(op)
         used = sorted({circuits[i] for i in qnet.assignment()[op]})
         print(f"4. set_operating_point({op}): top-1 {accuracy(qnet, xte, yte):.2f}% with {', '.join(used)}")
-    print("next: save it with qos_compile.qosmodel.save_qos_model('model.pt', qnet) and "
-          "`qos-compile model.pt --target x86_64 -o out`, or let `qos-nets pipeline` search the circuits.")
+
+    # 5. save: weights, quantization, circuits, per-OP BN, the traced architecture, and how inputs are made
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_qos_model(out / "model.pt", qnet, {"normalization": {"mean": list(splits.mean), "std": list(splits.std)}})
+    print(f"5. saved {out / 'model.pt'} (never executes code when loaded)")
+
+    # 6. compile for this machine: ONNX, TVM table-lookup kernels, the .qosm manifest and a static qos-run
+    res = compile_model(out / "model.pt", "x86_64", out / "compiled")
+    print(f"6. compiled -> {res.out_dir} (same as `qos-compile {out / 'model.pt'} --target x86_64 "
+          f"-o {out / 'compiled'}`)")
+
+    # 7. the device runtime: one process, OP switched mid-stream (qos_select: one atomic store)
+    print("7. qos-run, switching OP every 8 images:")
+    device_report(out, xte.numpy(), yte.numpy(), qnet.num_ops)
+    print("or let `qos-nets pipeline --model examples/bring_your_own_model/mynet.py:build ...` search the circuits "
+          "and fine-tune the BNs per OP (run.py --cli)")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
   PyTorch's TorchScript ONNX exporter (``torch.onnx.export(..., dynamo=False)``: offline, no
   ``onnxscript`` needed), then quantized statically with
   ``onnxruntime.quantization.quantize_static`` (QOperator format: QLinearConv / QGemm or
-  MatMulInteger-based ops, u8 activations x s8 weights, MinMax calibration). DESIGN.md
-  measured onnxruntime's QLinearConv as the practical exact-int8 limit on this CPU.
+  MatMulInteger-based ops, u8 activations x s8 weights, MinMax calibration). Its QLinearConv
+  was the fastest exact int8 conv measured on the development hosts (VNNI where present):
+  the practical limit for an exact int8 layer on a CPU.
 * ``tvm-exact-layers``: TVM's exact-product int8 conv kernel
   (``qos_compile.tvm.kernels.exact_conv2d``) for every conv layer shape of the network,
   built for the host; the sum of per-layer times is a layer-level baseline (it leaves out
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import QosError
+from ..runtime_env import import_tvm
 from .timing import Timing, measure
 
 
@@ -304,12 +306,10 @@ class TvmExactLayers:
 
     def __init__(self, layers: Sequence[ConvLayer], target: str = "x86_64", threads: int | None = None,
                  seed: int = 0) -> None:
-        os.environ.setdefault("TVM_NUM_THREADS", "2")
-        import tvm
-
         from ..tvm.build import build_kernels, set_host_threads
         from ..tvm.kernels import exact_conv2d_func
 
+        tvm = import_tvm()
         if not layers:
             raise QosError("the network has no conv layers")
         if threads:

@@ -160,7 +160,7 @@ def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int |
     if list(x.shape[1:]) != in_shape[1:]:
         raise QosError(f"dataset {splits.name} gives {tuple(x.shape[1:])} images but the model takes "
                        f"{tuple(in_shape[1:])}")
-    out_shape = rep["model"].get("output_shape") or [batch, int(meta["arch"]["num_classes"])]
+    out_shape = rep["model"].get("output_shape") or [batch, *meta.output_shape]
     ops = rep["operating_points"]
     num_ops = len(ops)
     chunks = _chunks(x, batch)
@@ -279,7 +279,7 @@ def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int |
     return {
         "tool": "qos-nets bench", "out": str(out), "checkpoint": str(ckpt), "target": target.name,
         "emulated": emulated, "emulator": prefix[0] if emulated else None,
-        "model": (meta.get("arch") or {}).get("name"), "dataset": splits.name, "split": "test", "samples": n,
+        "model": meta.model_name, "dataset": splits.name, "split": "test", "samples": n,
         "batch": batch, "repeats": repeats, "threads": threads,
         "ops": rows, "baselines": base_rows, "baseline_info": base_info, "switch_cost": switch,
         "rpc": rpc_res, "seconds": round(time.perf_counter() - t_start, 2),

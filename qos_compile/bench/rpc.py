@@ -28,10 +28,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .. import cbuild
 from ..errors import QosError
+from ..runtime_env import import_tvm
 from .timing import Timing
-
-os.environ.setdefault("TVM_NUM_THREADS", "2")   # DESIGN.md: before importing tvm
 
 LOOPBACK = "127.0.0.1"
 
@@ -63,10 +63,8 @@ def start_local_tracker_and_server(key: str = "qos-local", lifetime_s: float = 3
 
     Always cleaned up on exit; a watchdog stops both after ``lifetime_s`` whatever happens.
     """
-    import tvm.rpc
-    from tvm.rpc.tracker import Tracker
-
-    tracker = Tracker(host=LOOPBACK, port=_free_port(), port_end=65535, silent=True)
+    rpc = import_tvm("rpc")
+    tracker = import_tvm("rpc.tracker").Tracker(host=LOOPBACK, port=_free_port(), port_end=65535, silent=True)
     tport, stop_tracker = tracker.port, tracker.terminate
     server = None
     done = threading.Event()
@@ -86,7 +84,7 @@ def start_local_tracker_and_server(key: str = "qos-local", lifetime_s: float = 3
     watchdog.start()
     try:
         sport = _free_port()
-        server = tvm.rpc.Server(host=LOOPBACK, port=sport, port_end=min(sport + 200, 65535),
+        server = rpc.Server(host=LOOPBACK, port=sport, port_end=min(sport + 200, 65535),
                                 tracker_addr=(LOOPBACK, tport), key=key, custom_addr=LOOPBACK, silent=True)
         addr = f"{LOOPBACK}:{tport}"
         deadline = time.monotonic() + ready_timeout_s
@@ -102,7 +100,7 @@ def start_local_tracker_and_server(key: str = "qos-local", lifetime_s: float = 3
 
 
 def _summary(host: str, port: int, timeout: float = 5.0) -> dict:
-    from tvm.rpc import base
+    base = import_tvm("rpc.base")
 
     with socket.create_connection((host, port), timeout=timeout) as s:
         s.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
@@ -167,7 +165,8 @@ def _library_file(lib: Any, tmp: Path) -> Path:
         return Path(path)
     if hasattr(lib, "export_library"):
         p = tmp / "qos_rpc_lib.so"
-        lib.export_library(str(p))
+        # linked by the host compiler, as TVM's default would (a board's library: pass a BuiltKernels instead)
+        lib.export_library(str(p), fcompile=cbuild.tvm_fcompile(cbuild.find_compiler()))
         return p
     raise QosError("rpc_time_module wants a .so path, a shared BuiltKernels (built with out_dir) or an Executable")
 
@@ -182,13 +181,12 @@ def rpc_time_module(lib: Any, tracker: str, key: str, func_name: str, args: Sequ
     kernel ``name`` the symbol is ``built.symbols[name]``. Returns the remote outputs of one
     run and the time_evaluator timing (median/IQR over ``repeats`` samples, ms per call).
     """
-    import tvm.rpc
-
+    tvm, rpc = import_tvm(), import_tvm("rpc")
     host, port = check_tracker(tracker, key, connect_timeout_s)
     with tempfile.TemporaryDirectory(prefix="qos_rpc_") as d:
         path = _library_file(lib, Path(d))
         try:
-            remote = tvm.rpc.connect_tracker(host, port).request(key, priority=1, session_timeout=session_timeout_s,
+            remote = rpc.connect_tracker(host, port).request(key, priority=1, session_timeout=session_timeout_s,
                                                                  max_retry=2)
             remote.upload(str(path))
             rmod = remote.load_module(path.name)

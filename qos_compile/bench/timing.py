@@ -6,7 +6,7 @@ reports the median and the inter-quartile range of the per-call times in ms.
 
 Times taken under an emulator (qemu) are *emulation* times: ``Timing.emulated`` marks them
 and ``format_table`` labels them, so that nobody reads them as device latencies
-(DESIGN.md: compare ratios within one run only).
+(docs/design.md, section 7: compare ratios within one run only).
 """
 from __future__ import annotations
 

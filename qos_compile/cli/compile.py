@@ -9,11 +9,11 @@ OUT untouched.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
 from ..errors import QosError
+from ..runtime_env import configure_threads
 from . import run_cli
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target name or alias, e.g. x86_64 or arm (default: x86_64; see --list-targets)")
     p.add_argument("-o", "--output", metavar="OUT",
                    help="output folder (default: next to MODEL, named <model>-<target>); an existing one is "
-                        "replaced only if it is a previous qos-compile output")
+                        "replaced only if it is empty or holds exactly a previous qos-compile output's files")
     p.add_argument("--cross-compiler", metavar="CC", help="C (cross) compiler to use instead of the target file's")
     p.add_argument("--threads", type=int, metavar="N",
                    help="default worker threads of the compiled runtime (QOS_NUM_THREADS overrides it at run time)")
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size the model is compiled for (default 1)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip running the built qos-run against onnxruntime")
+    p.add_argument("--keep-mismatch", action="store_true",
+                   help="write OUT even when the built qos-run disagrees with onnxruntime beyond the tolerance "
+                        "(otherwise that is an error and nothing is written); report.json records it")
     p.add_argument("--lowering", default="auto", choices=("auto", "masked", "lowrank", "rows", "gather"),
                    help="conv kernels: auto (per layer the cheapest that fits: masked where every circuit of "
                         "the layer masks port A, lowrank = exact conv over a few factor terms (several "
@@ -48,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    # DESIGN.md: set the thread count before anything imports tvm
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+    # this process's threads (torch, TVM) before anything imports tvm (docs/design.md, section
+    # 6.5); --threads is the compiled runtime's
+    configure_threads()
     from ..compiler import compile_model, list_targets_text
 
     if args.list_targets:
@@ -63,7 +67,8 @@ def _main(argv: Sequence[str] | None) -> int:
         raise QosError(f"--batch must be at least 1, got {args.batch}")
     res = compile_model(args.model, args.target, args.output, cross_compiler=args.cross_compiler,
                         threads=args.threads, batch=args.batch, verify=not args.no_verify,
-                        progress=lambda line: print(line, flush=True), lowering=args.lowering)
+                        progress=lambda line: print(line, flush=True), lowering=args.lowering,
+                        keep_mismatch=args.keep_mismatch)
     total = res.report.get("times_s", {}).get("total")
     print(f"qos-compile: wrote {res.out_dir} ({res.report['target']['name']}"
           + (f", {total:.1f} s" if isinstance(total, (int, float)) else "") + ")", flush=True)

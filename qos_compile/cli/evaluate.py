@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING, Any
 
-from .stages import log, one_line_errors, setup_threads
+from .stages import add_data_args, log, one_line_errors, setup_threads
+
+if TYPE_CHECKING:
+    from ..model_schema import ModelMeta
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -20,18 +24,23 @@ def _eval(args: argparse.Namespace) -> int:
             raise QosError(f"cannot write {args.plot}: folder {parent} does not exist")
     setup_threads(args)
     qnet, meta = load_qos_model(args.model)
-    recorded = ((meta.get("provenance") or {}).get("dataset") or {})
-    splits = data_from_meta(meta, args.dataset, args.data_dir)
-    same = args.dataset is None or str(args.dataset).strip().lower() == str(recorded.get("name", "")).lower()
-    same = same and args.data_dir is None
-    if splits.in_channels != meta["input_shape"][0] or splits.image_size != meta["input_shape"][1]:
-        raise QosError(f"dataset {splits.name} has {splits.in_channels}x{splits.image_size}x{splits.image_size} "
-                       f"images but the model takes {'x'.join(map(str, meta['input_shape']))}")
-    if splits.num_classes != int(meta["arch"]["num_classes"]):
-        raise QosError(f"dataset {splits.name} has {splits.num_classes} classes but the model {meta['arch']['num_classes']}")
+    from ..data import canonical_dataset_name
+
+    recorded = meta.dataset.name if meta.dataset is not None else None
+    splits = data_from_meta(meta, args.dataset, args.data_dir, args.image_size, args.normalize)
+    same = args.dataset is None or (canonical_dataset_name(args.dataset, absolute=True)
+                                    == canonical_dataset_name(str(recorded or ""), absolute=True))
+    same = same and args.data_dir is None and args.image_size is None and args.normalize is None
+    want = list(meta.input_shape)
+    if list(splits.input_shape) != want:
+        raise QosError(f"dataset {splits.name} has {'x'.join(map(str, splits.input_shape))} images but the model "
+                       f"takes {'x'.join(map(str, want))}")
+    classes = _num_classes(qnet, meta, splits)
+    if splits.num_classes != classes:
+        raise QosError(f"dataset {splits.name} has {splits.num_classes} classes but the model {classes}")
     report = evaluate_qos_model(qnet, meta, splits, args.split, same_data=same)
     report["file"] = str(args.model)
-    report["stage"] = meta.get("stage")
+    report["stage"] = meta.stage
     if args.plot:
         from ..plots import plot_operating_points
 
@@ -51,6 +60,18 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _num_classes(qnet: Any, meta: ModelMeta, splits: Any) -> int:
+    """The model's class count: recorded (a per-sample output of rank 1), else the width of its
+    output on one sample."""
+    import torch
+
+    if meta.num_classes is not None:
+        return meta.num_classes
+    x, _ = splits.test[[0]]
+    with torch.no_grad():
+        return int(qnet(x).shape[-1])
+
+
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register `eval`."""
     p = one_line_errors(sub.add_parser(
@@ -60,8 +81,7 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("model", metavar="MODEL.pt", help="a QoS model (qos-nets pipeline/finetune output)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--plot", metavar="PNG", help="write accuracy against relative power as a PNG")
-    p.add_argument("--dataset", help="evaluate on this dataset instead of the recorded one")
-    p.add_argument("--data-dir", help="folder holding the dataset")
+    add_data_args(p, required=False)
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split (default test)")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.set_defaults(func=_eval)

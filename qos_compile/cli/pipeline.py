@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
-from .stages import (add_common_args, add_data_args, add_finetune_args, add_search_args, add_train_args,
-                     diverged_as_error, log, one_line_errors, overrides, setup_threads)
+from .stages import (add_common_args, add_data_args, add_finetune_args, add_model_args, add_search_args,
+                     add_train_args, diverged_as_error, log, one_line_errors, overrides, setup_threads)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -68,10 +68,12 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     """Register `pipeline`."""
     p = one_line_errors(sub.add_parser(
         "pipeline", help="the whole QoS-Nets flow to a model.pt",
-        description="Float training, QAT, noise tolerance (AGN), error prediction and operating points, BN-only "
-                    "fine-tuning of every OP; writes model.pt and prints the per-OP table. Stages are cached in "
-                    "the work folder, so a rerun resumes."))
-    p.add_argument("--model", default="resnet8", help="model zoo name: resnet8/14/20/32, mobilenetv2, lenet5 (default resnet8)")
+        description="Float training (or your trained --weights), QAT, noise tolerance (AGN), error prediction and "
+                    "operating points, BN-only fine-tuning of every OP; writes model.pt and prints the per-OP table. "
+                    "The model is a zoo model or your own (--model FILE.py:FUNC), the data built-in or your own "
+                    "(--dataset npz:FILE or imagefolder:DIR). Stages are cached in the work folder, so a rerun "
+                    "resumes."))
+    add_model_args(p)
     add_data_args(p, required=True)
     add_search_args(p, defaults=True)
     add_train_args(p)

@@ -60,14 +60,64 @@ def scales_arg(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"--scales wants positive numbers separated by commas, got {text!r}") from None
 
 
+def input_size_arg(text: str) -> int | tuple[int, int]:
+    """``16`` → 16; ``12x16`` → (12, 16) (height x width); every side 4..1024."""
+    from ..data.core import check_image_size
+
+    try:
+        sides = [int(v) for v in text.lower().replace("x", " ").split()]
+        if not 1 <= len(sides) <= 2 or text.strip().lower().count("x") != len(sides) - 1:
+            raise ValueError
+        return check_image_size(sides, None)  # type: ignore[no-any-return]
+    except (ValueError, QosError):
+        raise argparse.ArgumentTypeError(f"--input-size wants N or HxW with sides 4..1024, got {text!r}") from None
+
+
+def normalize_arg(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``0.49,0.48,0.45:0.25,0.24,0.26`` → ((mean...), (std...)); one value each applies to every channel."""
+    from ..pipeline import check_normalize
+
+    try:
+        mean, sep, std = text.partition(":")
+        if not sep:
+            raise ValueError
+        return check_normalize(([float(v) for v in mean.split(",")], [float(v) for v in std.split(",")]))
+    except (ValueError, QosError):
+        raise argparse.ArgumentTypeError(f"--normalize wants MEAN:STD, comma lists of numbers (one per channel, "
+                                         f"or one for all), std > 0, e.g. 0.5,0.5,0.5:0.25,0.25,0.25; "
+                                         f"got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model / --weights: the network the flow starts from (``pipeline`` and ``train``)."""
+    p.add_argument("--model", default="resnet8", metavar="NAME|FILE.py:FUNC|MODULE:FUNC",
+                   help="a zoo model (resnet8/14/20/32, mobilenetv2, lenet5; default resnet8), or your own: "
+                        "FILE.py:FUNC or package.module:FUNC, where FUNC() returns your float torch.nn.Module. "
+                        "This imports and runs your code, in this stage only: later stages, model.pt and "
+                        "qos-compile keep its traced architecture and its weights, never the code")
+    p.add_argument("--weights", "--float-weights", dest="float_weights", metavar="FLOAT.pt",
+                   help="start from these trained float weights and skip float training: a state dict "
+                        "(torch.save(model.state_dict(), FILE)), read with torch.load(weights_only=True)")
+
+
 def add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
-    """--dataset / --data-dir / --image-size."""
-    p.add_argument("--dataset", default="digits" if required else None,
-                   help="digits (bundled), cifar10, cifar100, tinyimagenet" + ("" if required else
-                                                                              " (default: the one in the file)"))
-    p.add_argument("--data-dir", help="folder holding the dataset (default $QOS_DATA_DIR or ./data)")
-    if required:
-        p.add_argument("--image-size", type=int, help="resize images to this size (digits default 16)")
+    """--dataset / --data-dir / --input-size / --normalize (every stage; ``required``: the flow's
+    first stage, where --dataset defaults to digits; later ones default to what the file records)."""
+    p.add_argument("--dataset", default="digits" if required else None, metavar="NAME|npz:FILE|imagefolder:DIR",
+                   help="digits (bundled), cifar10, cifar100, tinyimagenet, or your own files: npz:FILE.npz "
+                        "(arrays x_train, y_train, x_test, y_test; x uint8 N,H,W / N,H,W,C or float32 N,C,H,W) "
+                        "or imagefolder:DIR (DIR/train/<class>/*.png|jpg and DIR/test/<class>/...)"
+                        + ("" if required else " (default: the one in the file)"))
+    p.add_argument("--data-dir", help="folder holding a built-in dataset (default $QOS_DATA_DIR or ./data)")
+    p.add_argument("--input-size", "--image-size", dest="image_size", type=input_size_arg, metavar="N|HxW",
+                   help="resize images to N x N or H x W pixels (default: " +
+                        ("the data's own size; digits 16)" if required else "the size the model was made with)"))
+    p.add_argument("--normalize", type=normalize_arg, metavar="MEAN:STD",
+                   help="per-channel input normalization x = (image - MEAN) / STD, image in [0, 1] (uint8 pixels "
+                        "/ 255; float32 data as stored), comma lists, e.g. 0.49,0.48,0.45:0.25,0.24,0.26 or "
+                        "0.5:0.25 (negative means: --normalize=-0.1:0.5). Recorded in model.pt and the compiled "
+                        "model (default: " + ("computed on the training split)" if required else
+                                             "the model's recorded normalization)"))
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +134,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: per model and dataset, see qos_compile.search.presets)")
     g.add_argument("--epochs-float", type=int, help="float training epochs")
     g.add_argument("--lr-float", type=float, help="float training learning rate")
-    g.add_argument("--float-weights", help="start from these float weights (a state dict) instead of training")
     g.add_argument("--epochs-qat", type=int, help="quantization-aware training epochs")
     g.add_argument("--lr-qat", type=float, help="QAT learning rate")
     g.add_argument("--per-channel", action="store_true", help="per-output-channel weight quantization")
@@ -95,10 +144,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_search_args(p: argparse.ArgumentParser, defaults: bool) -> None:
-    """--multipliers, --n, --scales."""
+    """--multipliers, --max-circuits (alias --n; use the long name under torchrun, whose own options
+    --nnodes/--nproc-per-node/... make ``--n`` ambiguous), --scales."""
     p.add_argument("--multipliers", default="evoapprox-unsigned",
                    help="evoapprox-unsigned, evoapprox-signed, or a comma list of circuit names")
-    p.add_argument("--n", type=int, help="circuits for all OPs together (default: the model's preset)")
+    p.add_argument("--max-circuits", "--n", dest="n", type=int, metavar="N",
+                   help="at most N circuits for all OPs together (default: the model's preset); --n is short "
+                        "for it, except under torchrun")
     p.add_argument("--scales", type=scales_arg, default=None,
                    help="tolerance scale per OP, most accurate first (default 0.3,1,2)")
 
@@ -121,7 +173,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "agn_epochs": get("epochs_agn"), "agn_lambda": get("agn_lambda"), "agn_sigma_max": get("sigma_max"),
         "agn_sigma_init": get("sigma_init"), "n": get("n"), "scales": get("scales"),
         "ft_epochs": get("epochs_finetune"), "ft_lr": get("lr_finetune"),
-        "multipliers": get("multipliers"), "baseline": get("baseline"),
+        "multipliers": get("multipliers"), "baseline": get("baseline"), "normalize": get("normalize"),
     }
 
 
@@ -145,8 +197,8 @@ def _load_stage(path: str, command: str) -> tuple[Any, dict[str, Any]]:
 
     qnet, meta = load_qos_model(path)
     want = ACCEPTS[command]
-    if meta.get("stage") not in want:
-        raise QosError(f"{path}: a QoS model of stage {meta.get('stage')!r}; `qos-nets {command}` needs the output "
+    if meta.stage not in want:
+        raise QosError(f"{path}: a QoS model of stage {meta.stage!r}; `qos-nets {command}` needs the output "
                        f"of `qos-nets {'train' if want == ('agn',) else 'search'}` (stage {want[0]!r})")
     return qnet, meta
 
@@ -160,7 +212,7 @@ def _train(args: argparse.Namespace) -> int:
                          **{k: v for k, v in overrides(args).items() if v is not None and k in
                             {"image_size", "seed", "batch_size", "max_samples", "float_epochs", "float_lr",
                              "float_weights", "qat_epochs", "qat_lr", "agn_epochs", "agn_lambda", "agn_sigma_max",
-                             "agn_sigma_init"}},
+                             "agn_sigma_init", "normalize"}},
                          per_channel=args.per_channel).resolved()
     out = check_output_path(args.output)
     setup_threads(args)
@@ -190,11 +242,11 @@ def _search(args: argparse.Namespace) -> int:
     ov = overrides(args)
     cfg = config_from_meta(meta, **{k: ov[k] for k in ("n", "scales", "seed", "multipliers")})
     if cfg.n is None or cfg.n < 1:
-        raise QosError("--n must be a positive integer")
+        raise QosError("--max-circuits must be a positive integer")
     if candidates[0].signed != qnet.qconfig.signed:
         raise QosError(f"--multipliers are {'signed' if candidates[0].signed else 'unsigned'} but {args.input} was "
                        f"trained for {'signed' if qnet.qconfig.signed else 'unsigned'} codes")
-    splits = data_from_meta(meta, args.dataset, args.data_dir)
+    splits = data_from_meta(meta, args.dataset, args.data_dir, args.image_size, args.normalize)
     log(f"[1/1] search ({len(candidates)} circuits, n={cfg.n}, scales {','.join(f'{s:g}' for s in cfg.scales)}) ...")
     qops, meta = stage_search(cfg, splits, qnet, meta, candidates, not args.no_progress, log)
     meta.setdefault("provenance", {})["config"] = cfg.to_json()
@@ -213,7 +265,7 @@ def _finetune(args: argparse.Namespace) -> int:
     qops, meta = _load_stage(args.input, "finetune")
     ov = overrides(args)
     cfg = config_from_meta(meta, **{k: ov[k] for k in ("ft_epochs", "ft_lr", "seed", "batch_size", "baseline")})
-    splits = data_from_meta(meta, args.dataset, args.data_dir)
+    splits = data_from_meta(meta, args.dataset, args.data_dir, args.image_size, args.normalize)
     progress = not args.no_progress
     full_meta = None
     if cfg.baseline == "full":
@@ -243,9 +295,10 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     """Register `train`, `search` and `finetune`."""
     t = one_line_errors(sub.add_parser(
         "train", help="float → QAT → noise tolerance (AGN); writes a stage file for `search`",
-        description="Train a zoo model in float (or load --float-weights), quantization-aware at 8 bit, then learn "
-                    "each layer's noise tolerance (AGN). Writes a single-OP QoS model (stage 'agn')."))
-    t.add_argument("--model", default="resnet8", help="model zoo name: resnet8/14/20/32, mobilenetv2, lenet5 (default resnet8)")
+        description="Train a zoo model or your own (--model FILE.py:FUNC) in float (or load --weights), "
+                    "quantization-aware at 8 bit, then learn each layer's noise tolerance (AGN). Writes a single-OP "
+                    "QoS model (stage 'agn')."))
+    add_model_args(t)
     add_data_args(t, required=True)
     t.add_argument("--signed", action="store_true", help="train for signed circuits (codes -128..127)")
     add_train_args(t)

@@ -1,6 +1,7 @@
 """Shared pieces of the dataset loaders: the image dataset, the splits object, splitting and resizing."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,23 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from ..errors import QosError
 
 DATA_DIR_ENV = "QOS_DATA_DIR"
+MAX_BYTES_ENV = "QOS_MAX_DATA_BYTES"
+#: user data sets (npz, image folders) larger than this in memory are refused before loading
+DEFAULT_MAX_DATA_BYTES = 8 << 30
+
+
+def max_data_bytes() -> int:
+    """The in-memory size limit of a user data set: ``$QOS_MAX_DATA_BYTES`` or 8 GiB."""
+    text = os.environ.get(MAX_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_DATA_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise QosError(f"${MAX_BYTES_ENV} must be a positive number of bytes, got {text!r}")
+    return value
 
 
 def default_data_dir() -> Path:
@@ -108,9 +126,14 @@ class DatasetSplits:
         return Loaders(make(self.train, batch_size, True), make(self.val, eval_bs, False),
                        make(self.test, eval_bs, False))
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Per-sample model input (C, H, W), from the stored images (H may differ from W)."""
+        return self.in_channels, int(self.train.images.shape[-2]), int(self.train.images.shape[-1])
+
     def __repr__(self) -> str:
         return (f"DatasetSplits({self.name!r}, train={len(self.train)}, val={len(self.val)}, test={len(self.test)}, "
-                f"classes={self.num_classes}, {self.in_channels}x{self.image_size}x{self.image_size})")
+                f"classes={self.num_classes}, {'x'.join(map(str, self.input_shape))})")
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -141,28 +164,72 @@ def check_seed(seed: Any) -> int:
     return int(seed)
 
 
-def check_image_size(size: Any, default: int) -> int:
-    """Resolve ``image_size`` (None -> the dataset's native size) and check it."""
+def check_image_size(size: Any, default: Any) -> Any:
+    """Resolve ``image_size`` (None -> ``default``, the dataset's native size) and check it:
+    one int (square) or (height, width), each in 4..1024. A square (H, W) comes back as one int."""
     if size is None:
         return default
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 4 <= size <= 1024:
-        raise QosError(f"image_size must be an integer in 4..1024, got {size!r}")
-    return int(size)
+    sides = list(size) if isinstance(size, (tuple, list)) else [size]
+    if len(sides) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                                       or not 4 <= v <= 1024 for v in sides):
+        raise QosError(f"image_size must be an integer in 4..1024 or (height, width) of such, got {size!r}")
+    if len(sides) == 1 or sides[0] == sides[1]:
+        return int(sides[0])
+    return int(sides[0]), int(sides[1])
 
 
-def resize(images: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
-    """Bilinear resize of (N, C, H, W) images to size x size (antialiased when shrinking); keeps the dtype."""
-    if images.shape[-2:] == (size, size):
+def check_normalization(mean: Sequence[float], std: Sequence[float], channels: int,
+                        what: str = "normalization") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``mean``/``std`` for ``channels`` channels (one value is used for every channel);
+    finite, std > 0. QosError otherwise."""
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(mean) == 1:
+        mean *= channels
+    if len(std) == 1:
+        std *= channels
+    if len(mean) != channels or len(std) != channels:
+        raise QosError(f"{what}: {len(mean)} mean and {len(std)} std values for images with {channels} "
+                       f"channel(s); give one value or one per channel")
+    if not all(np.isfinite(v) for v in mean) or not all(np.isfinite(v) and v > 0 for v in std):
+        raise QosError(f"{what}: mean must be finite and std positive, got mean {list(mean)}, std {list(std)}")
+    return mean, std
+
+
+def with_normalization(splits: "DatasetSplits", mean: Sequence[float], std: Sequence[float],
+                       what: str = "normalization") -> "DatasetSplits":
+    """``splits`` normalised with the given per-channel mean/std instead of the training split's."""
+    m, s = check_normalization(mean, std, splits.in_channels, what)
+
+    def ds(d: ImageDataset) -> ImageDataset:
+        return ImageDataset(d.images, d.labels, m, s, d.source_indices)
+
+    return dataclasses.replace(splits, train=ds(splits.train), val=ds(splits.val), test=ds(splits.test),
+                               mean=m, std=s, notes={**splits.notes, "normalization": "given"})
+
+
+def size_hw(size: "int | Sequence[int]") -> tuple[int, int]:
+    """``16`` -> (16, 16); ``(12, 16)`` -> (12, 16) (height, width)."""
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def resize(images: torch.Tensor, size: "int | Sequence[int]", chunk: int = 2048) -> torch.Tensor:
+    """Bilinear resize of (N, C, H, W) images to ``size`` (one side, or (H, W)), antialiased when
+    shrinking; keeps the dtype."""
+    hw = size_hw(size)
+    if tuple(images.shape[-2:]) == hw:
         return images
-    shrink = size < images.shape[-1] or size < images.shape[-2]
+    shrink = hw[1] < images.shape[-1] or hw[0] < images.shape[-2]
     out = []
     for part in torch.split(images, chunk):
-        y = F.interpolate(part.to(torch.float32), size=(size, size), mode="bilinear", align_corners=False,
+        y = F.interpolate(part.to(torch.float32), size=hw, mode="bilinear", align_corners=False,
                           antialias=shrink)
         if images.dtype == torch.uint8:
             y = y.round().clamp_(0, 255).to(torch.uint8)
         out.append(y)
-    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
+    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], *hw))
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -222,3 +289,38 @@ def make_splits(name: str, train_pool: tuple[torch.Tensor, torch.Tensor],
         source=source,
         notes=dict(notes or {}),
     )
+
+
+#: share of a user data set's training samples held out (stratified) as the validation split
+USER_VAL_FRACTION = 0.1
+
+
+def user_splits(name: str, train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                classes: Sequence[str], image_size: Any, seed: int, source: str,
+                notes: dict[str, Any] | None = None) -> DatasetSplits:
+    """Splits of a user data set (npz, image folder): ``train`` split 90/10 into train/val
+    (stratified by ``seed``), ``test`` as given, both resized to ``image_size`` when given.
+
+    Images are (N, C, H, W) uint8 (0..255) or float32; labels int64 in 0..len(classes)-1.
+    QosError when the two sets disagree in channels or size (without ``image_size``) or the
+    validation split would be empty.
+    """
+    (x_tr, y_tr), (x_te, y_te) = train, test
+    if x_tr.shape[1] != x_te.shape[1]:
+        raise QosError(f"{name}: training images have {x_tr.shape[1]} channel(s), test images {x_te.shape[1]}")
+    if x_tr.dtype != x_te.dtype:
+        raise QosError(f"{name}: training images are {x_tr.dtype}, test images {x_te.dtype}; use one type")
+    size = check_image_size(image_size, None)
+    if size is None and tuple(x_tr.shape[-2:]) != tuple(x_te.shape[-2:]):
+        raise QosError(f"{name}: training images are {x_tr.shape[-2]}x{x_tr.shape[-1]}, test images "
+                       f"{x_te.shape[-2]}x{x_te.shape[-1]}; give --input-size to resize both")
+    if size is not None:
+        x_tr, x_te = resize(x_tr, size), resize(x_te, size)
+    elif not all(4 <= int(v) <= 1024 for v in x_tr.shape[-2:]):
+        raise QosError(f"{name}: images are {x_tr.shape[-2]}x{x_tr.shape[-1]}; models take 4..1024 pixels a side, "
+                       f"give --input-size to resize")
+    splits = make_splits(name, (x_tr, y_tr), (x_te, y_te), (USER_VAL_FRACTION,), seed, classes, source, notes)
+    if len(splits.val) == 0:
+        raise QosError(f"{name}: too few training samples to hold out a validation split ({len(y_tr)} samples; "
+                       f"{USER_VAL_FRACTION:.0%} of each class is held out, so a class needs at least 5)")
+    return splits

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..data import DatasetSplits
 from ..errors import QosError
-from ..nn import ApproxConv2d, ApproxLinear, Mode, MultiBatchNorm2d, QoSNet
+from ..nn import ApproxConv2d, ApproxLinear, Mode, MultiBatchNorm, QoSNet
 from ..train import EpochStats, evaluate
 from .expand import clone_qnet
 
@@ -84,7 +84,7 @@ def bn_only_parameters(qnet: QoSNet) -> list[nn.Parameter]:
     for p in qnet.parameters():
         p.requires_grad_(False)
     for mod in qnet.net.modules():
-        if isinstance(mod, MultiBatchNorm2d):
+        if isinstance(mod, MultiBatchNorm):
             for p in mod.parameters():
                 p.requires_grad_(True)
                 keep.append(p)

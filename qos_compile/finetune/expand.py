@@ -8,22 +8,37 @@ from typing import Sequence
 import torch
 
 from ..errors import QosError
-from ..models import build_from_arch
 from ..multipliers import Multiplier
 from ..nn import QoSNet, wrap_model
+from ..nn.graph import rebuild
 
 __all__ = ["expand_operating_points", "clone_qnet", "input_shape_of"]
 
 _BN_COPY = re.compile(r"\.bns\.(\d+)\.")
 
 
-def input_shape_of(qnet: QoSNet) -> tuple[int, int, int]:
-    """Per-sample input shape (C, H, W) from the model's architecture record."""
+def input_shape_of(qnet: QoSNet) -> tuple[int, ...]:
+    """Per-sample input shape (any rank): what ``wrap_model`` was given, else the zoo model's ``qos_arch``."""
+    if qnet.input_shape is not None:
+        return tuple(int(v) for v in qnet.input_shape)
     arch = getattr(qnet.net, "qos_arch", None)
     if not isinstance(arch, dict):
-        raise QosError("the model has no architecture record (qos_arch): build it with qos_compile.models")
+        raise QosError("the model's input shape is unknown: wrap it with wrap_model(..., input_shape=...)")
     size = int(arch.get("input_size", 32))
     return int(arch.get("in_channels", 3)), size, size
+
+
+def _fresh_float_net(src: QoSNet) -> torch.nn.Module:
+    """A new float network of ``src``'s architecture record (``nn.graph.rebuild``: exactly what
+    ``load_qos_model`` rebuilds, for zoo and user models alike; no user code runs)."""
+    if src.architecture is None:
+        raise QosError("the model has no architecture record (built with wrap_model(strict=False)), so it "
+                       "cannot be expanded, saved or compiled")
+    net = rebuild(src.architecture)
+    arch = getattr(src.net, "qos_arch", None)
+    if isinstance(arch, dict):
+        net.qos_arch = dict(arch)   # the zoo entry travels as provenance
+    return net
 
 
 def expand_operating_points(src: QoSNet, bank: Sequence[Multiplier], assign: Sequence[Sequence[int | str]]) -> QoSNet:
@@ -31,16 +46,13 @@ def expand_operating_points(src: QoSNet, bank: Sequence[Multiplier], assign: Seq
     OP 0 (weights, quantization state, BatchNorm, biases, σ's), and ``assign[op][layer]``
     (bank indices or circuit names) set. ``src`` is left unchanged.
 
-    The model is rebuilt from ``src.net.qos_arch`` (so the result is exactly what
-    ``load_qos_model`` rebuilds) and loaded with ``strict=True``.
+    The model is rebuilt from ``src.architecture`` (so the result is what ``load_qos_model``
+    rebuilds, with the layers in the same order) and loaded with ``strict=True``.
     """
-    arch = getattr(src.net, "qos_arch", None)
-    if not isinstance(arch, dict):
-        raise QosError("the model has no architecture record (qos_arch): build it with qos_compile.models")
     num_ops = len(assign)
     if num_ops < 1:
         raise QosError("at least one operating point is needed")
-    dst = wrap_model(build_from_arch(arch), list(bank), num_ops=num_ops, qconfig=src.qconfig,
+    dst = wrap_model(_fresh_float_net(src), list(bank), num_ops=num_ops, qconfig=src.qconfig,
                      input_shape=input_shape_of(src), sigma_init=0.0)
     src_state = src.state_dict()
     state = {}

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..nn import ApproxConv2d, ApproxLinear, MultiBatchNorm2d, QoSNet
+from ..nn import ApproxConv2d, ApproxLinear, MultiBatchNorm, QoSNet
 from ..search.power import param_overhead
 
 __all__ = ["ParamCounts", "count_params", "overhead_report"]
@@ -26,11 +26,11 @@ class ParamCounts:
 
 def count_params(model: nn.Module) -> ParamCounts:
     """Counts of a plain model, or of a QoSNet/converted model counting one OP's copy only
-    (``bns[0]`` of every MultiBatchNorm2d, one row of every ``bias_per_op``)."""
+    (``bns[0]`` of every MultiBatchNorm, one row of every ``bias_per_op``)."""
     net = model.net if isinstance(model, QoSNet) else model
     skip: set[int] = set()
     for mod in net.modules():
-        if isinstance(mod, MultiBatchNorm2d):
+        if isinstance(mod, MultiBatchNorm):
             for extra in list(mod.bns)[1:]:
                 skip.update(id(p) for p in extra.parameters())
     total = bn = bias = 0

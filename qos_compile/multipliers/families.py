@@ -39,7 +39,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import QosError
-from .multiplier import Multiplier, code_offset
+from ..numerics import table_codes
+from .multiplier import Multiplier
 
 P_EXACT_UNSIGNED_MW = 0.391  # mul8u_1JFF, EvoApproxLib PDK45_PWR
 P_EXACT_SIGNED_MW = 0.425    # mul8s_1KV8
@@ -71,7 +72,7 @@ def _table(mag_table: np.ndarray, signed: bool) -> np.ndarray:
     """Lay an unsigned magnitude table f(|a|, |b|) (256x256) out as a circuit table."""
     if not signed:
         return mag_table
-    codes = np.arange(256, dtype=np.int64) - code_offset(True)  # table index -> code
+    codes = table_codes(True)  # table index -> code
     mag = np.abs(codes)
     sign = np.sign(codes)
     return np.outer(sign, sign) * mag_table[mag[:, None], mag[None, :]]

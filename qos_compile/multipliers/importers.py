@@ -15,8 +15,6 @@ import dataclasses
 import io
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import tempfile
 import zipfile
@@ -25,16 +23,18 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .. import cbuild
 from ..errors import QosError
-from .multiplier import Multiplier, validate_table
+from ..numerics import code_offset
+from .multiplier import Multiplier
+from .multiplier_file import check_name, is_multiplier_file, load_multiplier_file
+from .table import validate_table
 
 #: Import kinds accepted by `import_multiplier` (and ``qos-nets multipliers import --kind``).
 KINDS = ("evoapprox-c", "npy", "tfapprox-bin")
 #: File suffix -> kind, used when no kind is given.
 SUFFIX_KINDS = {".c": "evoapprox-c", ".npy": "npy", ".npz": "npy", ".bin": "tfapprox-bin"}
 
-# Names become file names in the user library and must not look like `master:`/`v2022:` lookups.
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 # Generous caps that keep a wrong or hostile file from exhausting memory before it is rejected.
 _MAX_TABLE_FILE_BYTES = 8 << 20
 _MAX_C_SOURCE_BYTES = 64 << 20
@@ -44,20 +44,6 @@ _RUN_TIMEOUT_S = 60.0
 
 
 # --------------------------------------------------------------------------- helpers
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a valid circuit name, else raise QosError.
-
-    Valid: 1-64 characters from letters, digits and ``_ . + -``, starting with a letter
-    or digit (no ``:``, which is reserved for ``master:``/``v2022:`` lookups, no ``/``).
-    """
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise QosError(
-            f"invalid multiplier name {name!r}: use 1-64 letters, digits, '_', '.', '+' or '-', "
-            "starting with a letter or digit"
-        )
-    return name
-
-
 def signedness_from_name(name: str) -> bool | None:
     """True for ``mul8s*`` names, False for ``mul8u*``, None when the name does not say."""
     low = name.lower()
@@ -345,7 +331,7 @@ def _driver(func: CFunction, signed: bool, model: bytes, model_path: str) -> byt
     ia = func.port_a_index
     ports = ["a", "b"] if ia == 0 else ["b", "a"]
     call = f"{func.name}({arg(ports[0], func.params[0])}, {arg(ports[1], func.params[1])})"
-    off = 128 if signed else 0
+    off = code_offset(signed)
     head = (
         "#include <stdio.h>\n#include <stdint.h>\n#include <stdlib.h>\n"
         "#define main qos_compile_model_main_\n"  # a main() in the model must not clash with ours
@@ -373,17 +359,7 @@ int main(int argc, char **argv) {{
 
 def find_c_compiler() -> list[str]:
     """The C compiler command: ``$CC`` if set (may include flags), else ``cc``, ``gcc`` or ``clang`` on PATH."""
-    env = os.environ.get("CC", "").strip()
-    if env:
-        cmd = shlex.split(env)
-        if shutil.which(cmd[0]) is None:
-            raise QosError(f"the C compiler in $CC ({cmd[0]}) was not found")
-        return cmd
-    for cand in ("cc", "gcc", "clang"):
-        found = shutil.which(cand)
-        if found:
-            return [found]
-    raise QosError("no C compiler found (looked for $CC, cc, gcc, clang); install one to import C models")
+    return cbuild.find_compiler()
 
 
 # Most telling first: a compiler diagnostic, a linker's undefined symbol, any other error line.
@@ -409,15 +385,15 @@ def _tabulate_c(func: CFunction, signed: bool, model: bytes, model_path: str) ->
     with tempfile.TemporaryDirectory(prefix="qos-compile-cmodel-") as tmp:
         src, exe, out = Path(tmp, "driver.c"), Path(tmp, "driver"), Path(tmp, "table.bin")
         src.write_bytes(_driver(func, signed, model, model_path))
-        cmd = [*cc, "-std=gnu11", "-O1", "-w", "-o", str(exe), str(src)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=_COMPILE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise QosError(f"compiling {model_path} took longer than {_COMPILE_TIMEOUT_S:.0f} s") from None
-        except OSError as e:
-            raise QosError(f"cannot run the C compiler {cc[0]}: {e.strerror or e}") from None
-        if res.returncode != 0:
-            raise QosError(f"the C model {model_path} does not compile: {_first_error_line(res.stderr)}")
+        try:   # the user's C, not ours: no warnings (-w), not cached
+            cbuild.compile_c(cc, [src], exe, flags=["-std=gnu11", "-O1", "-w"], warnings=False,
+                             what=model_path, timeout=_COMPILE_TIMEOUT_S)
+        except cbuild.CompileError as e:
+            if e.timed_out:
+                raise QosError(f"compiling {model_path} took longer than {_COMPILE_TIMEOUT_S:.0f} s") from None
+            if e.returncode is None:
+                raise QosError(f"cannot run the C compiler {cc[0]}: {e.stderr}") from None
+            raise QosError(f"the C model {model_path} does not compile: {_first_error_line(e.stderr)}") from None
         try:
             run = subprocess.run([str(exe), str(out)], capture_output=True, text=True, errors="replace",
                                  timeout=_RUN_TIMEOUT_S)
@@ -477,7 +453,7 @@ def import_evoapprox_c(path: str | os.PathLike[str], name: str, signed: bool | N
     bad = np.argwhere((values < lo) | (values > hi))
     if bad.size:
         i, j = (int(x) for x in bad[0])
-        off = 128 if is_signed else 0
+        off = code_offset(is_signed)
         raise QosError(
             f"C function {func.name} returned {int(values[i, j])} for A={i - off}, B={j - off}: "
             f"not a 16-bit {'signed' if is_signed else 'unsigned'} product ({len(bad)} such outputs)"
@@ -521,7 +497,7 @@ def import_multiplier(path: str | os.PathLike[str], name: str, kind: str | None 
         raise QosError("--function applies only to C models")
     if k == "evoapprox-c":
         m = import_evoapprox_c(path, name, signed, function=function)
-    elif k == "npy" and key is None and _is_own_file(path):
+    elif k == "npy" and key is None and is_multiplier_file(path):
         m = _import_own_file(path, name, signed)
     elif k == "npy":
         m = import_table(path, name, signed, key=key)
@@ -532,16 +508,8 @@ def import_multiplier(path: str | os.PathLike[str], name: str, kind: str | None 
     return m
 
 
-def _is_own_file(path: str | os.PathLike[str]) -> bool:
-    from .user_library import is_multiplier_file  # late: user_library imports this module
-
-    return is_multiplier_file(path)
-
-
 def _import_own_file(path: str | os.PathLike[str], name: str, signed: bool | None) -> Multiplier:
     """A file written by qos-compile (``--output``): keep its metadata, take the new name, drop aliases."""
-    from .user_library import load_multiplier_file
-
     check_name(name)
     m = load_multiplier_file(path)
     if signed is not None and bool(signed) != m.signed:

@@ -17,7 +17,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import QosError
-from .multiplier import Multiplier, exact_table
+from .multiplier import Multiplier
+from .table import exact_table
 
 NAMINGS = ("master", "v2022")
 _DATA = "data"

@@ -9,13 +9,14 @@ integer). Then
 * ``mre_pct`` / ``wcre_pct`` are the mean / max of |e| / |exact| * 100 over the pairs with
   ``exact != 0`` only: pairs with a zero product are left out of both numerator and
   denominator (EvoApprox's convention; it ignores circuits that output non-zero for a
-  zero operand, see the caveats in ``shared/evoapprox/README.md``);
+  zero operand, see docs/design.md, "Odd circuits");
 * ``ep_pct`` = share of pairs with ``e != 0``, in %;
 * ``mean_error`` = mean e (bias: > 0 means the circuit overestimates), ``std_error`` =
   population standard deviation of e (ddof = 0).
 
 These reproduce every published EvoApprox figure to its published number of digits,
-except for six known rounding quirks of the publisher (tests/test_metrics.py lists them).
+except for six known rounding quirks of the publisher (docs/design.md, "The publisher's
+rounding quirks"; tests/test_metrics.py checks them).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .multiplier import exact_table, validate_table
+from .table import exact_table, validate_table
 
 #: Number of operand pairs of an 8x8 multiplier.
 N_PAIRS = 256 * 256

@@ -1,63 +1,21 @@
 """The `Multiplier`: one 8x8 approximate multiplier circuit as an exhaustive table.
 
-Numerics contract (DESIGN.md): ``lut[A, B]`` is int32 of shape (256, 256); port A
+Numerics contract (docs/design.md, section 3): ``lut[A, B]`` is int32 of shape (256, 256); port A
 takes the weight code, port B the activation code. Unsigned circuits index with
 the code itself (0..255); signed circuits with ``code + 128`` (codes -128..127).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..errors import QosError
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
-
-LUT_SHAPE = (256, 256)
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-
-
-def code_range(signed: bool) -> tuple[int, int]:
-    """Inclusive range of the 8-bit operand codes of a signed or unsigned circuit."""
-    return (-128, 127) if signed else (0, 255)
-
-
-def code_offset(signed: bool) -> int:
-    """What to add to a code to get its table index (128 for signed circuits)."""
-    return 128 if signed else 0
-
-
-def exact_table(signed: bool) -> np.ndarray:
-    """The exact product table ``a*b`` in the table layout (int64)."""
-    codes = np.arange(256, dtype=np.int64) - code_offset(signed)
-    return np.outer(codes, codes)
-
-
-def validate_table(table: Any, what: str = "multiplier table") -> np.ndarray:
-    """Check that ``table`` is a (256, 256) integer table within int32; return it as read-only int32.
-
-    Raises QosError (one line) on a wrong shape, a non-integer dtype or values outside int32.
-    """
-    arr = np.asarray(table)
-    if arr.shape != LUT_SHAPE:
-        raise QosError(f"{what} must have shape (256, 256), got {tuple(arr.shape)}")
-    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
-        raise QosError(f"{what} must hold integers, got dtype {arr.dtype}")
-    if arr.size and (int(arr.min()) < INT32_MIN or int(arr.max()) > INT32_MAX):
-        raise QosError(f"{what} has values outside int32 (min {int(arr.min())}, max {int(arr.max())})")
-    out = np.ascontiguousarray(arr, dtype=np.int32).copy()
-    out.flags.writeable = False
-    return out
-
-
-def table_sha256(lut: np.ndarray) -> str:
-    """SHA-256 of the table as little-endian int32, row-major (the hash stored in checkpoints)."""
-    return hashlib.sha256(np.ascontiguousarray(lut, dtype="<i4").tobytes()).hexdigest()
+from ..numerics import code_offset, code_range
+from .metrics import Metrics, compute_metrics
+from .table import exact_table, table_sha256, validate_table
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,8 +92,6 @@ class Multiplier:
         return self.lut[w, x]
 
     @cached_property
-    def metrics(self) -> "Metrics":
+    def metrics(self) -> Metrics:
         """Error metrics of the table (EvoApprox conventions)."""
-        from .metrics import compute_metrics
-
         return compute_metrics(self.lut, self.signed)

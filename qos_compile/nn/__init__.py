@@ -11,9 +11,9 @@ quantize, term expansion), built on first use.
 """
 from .bank import MultiplierBank
 from .layers import ApproxConv2d, ApproxLinear
-from .multibn import MultiBatchNorm2d
+from .multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from .quant import Mode, QuantConfig
 from .wrap import LayerInfo, QoSNet, approx_layers, wrap_model
 
-__all__ = ["Mode", "QuantConfig", "ApproxConv2d", "ApproxLinear", "MultiBatchNorm2d", "MultiplierBank", "QoSNet",
-           "wrap_model", "approx_layers", "LayerInfo"]
+__all__ = ["Mode", "QuantConfig", "ApproxConv2d", "ApproxLinear", "MultiBatchNorm", "MultiBatchNorm1d",
+           "MultiBatchNorm2d", "MultiplierBank", "QoSNet", "wrap_model", "approx_layers", "LayerInfo"]

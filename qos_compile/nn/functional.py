@@ -26,21 +26,21 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import QosError
-from ..multipliers.multiplier import INT32_MAX, INT32_MIN, Multiplier
-from ..reference import conv_pads
+from ..multipliers.multiplier import Multiplier
+from ..numerics import FLOAT32_EXACT, FLOAT64_EXACT, INT32_MAX, INT32_MIN, conv_pads, pair
 from . import kernels
 from .emulation import EmulationPlan, forced_strategy, plan_for
 
 __all__ = ["approx_conv2d_acc", "approx_linear_acc", "conv_centered", "conv_prepared", "prepare_weights",
            "PreparedWeights", "ConvGeometry", "conv_geometry", "linear_geometry", "resolve_plan"]
 
-_F32_EXACT = float(2**24)
-_F64_EXACT = float(2**53)
+#: Exactness bounds of float32 / float64 partial sums (module-level so tests can lower them).
+_F32_EXACT = float(FLOAT32_EXACT)
+_F64_EXACT = float(FLOAT64_EXACT)
 _LOOKUP_CHUNK = 1 << 22  # elements of the per-chunk index tensor in the straightforward lookup
 
 
@@ -56,15 +56,6 @@ class ConvGeometry:
     kernel: tuple[int, int]
 
 
-def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    t = tuple(int(i) for i in v)
-    if len(t) != 2:
-        raise QosError(f"{what} must be an int or a pair, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
 def _geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, padding: Any, dilation: Any,
               groups: int) -> ConvGeometry:
     if len(x_shape) != 4 or len(w_shape) != 4:
@@ -74,8 +65,8 @@ def _geometry(x_shape: Sequence[int], w_shape: Sequence[int], stride: Any, paddi
     o, cg, kh, kw = w_shape
     if groups < 1 or c % groups or o % groups or c // groups != cg:
         raise QosError(f"groups={groups} does not fit x channels {c}, w {tuple(w_shape)}")
-    sh, sw = _pair(stride, "stride")
-    dh, dw = _pair(dilation, "dilation")
+    sh, sw = pair(stride, "stride")
+    dh, dw = pair(dilation, "dilation")
     pads = conv_pads(padding)
     if min(sh, sw, dh, dw) < 1 or min(pads) < 0:
         raise QosError("stride and dilation must be >= 1 and padding >= 0")
@@ -335,7 +326,7 @@ def _table_acc(x_idx: torch.Tensor, w_idx: torch.Tensor, table: torch.Tensor, ge
     cols = _im2col(x_idx.cpu(), geo, pad_idx)
     w_rows = w_idx.cpu().reshape(g, o // g, k).contiguous()
     table = table.cpu()
-    fits = k * int(table.abs().max()) < 2**31  # the kernel accumulates in int32
+    fits = k * int(table.abs().max()) <= INT32_MAX  # the kernel accumulates in int32
     out = None
     if not lookup and fits:
         out = kernels.lut_gemm(cols, w_rows, table, groups=g, key=key)

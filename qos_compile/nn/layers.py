@@ -216,7 +216,8 @@ class _ApproxMixin:
         prep = self._prepared_weights(plan, int(z_x) + self.qconfig.offset, s_w, z_w)
         q = conv_prepared(x_idx, prep, geo, x_range=x_range)
         scale = s_x * s_w
-        return q * (scale.view(1, -1, 1, 1) if scale.ndim else scale)
+        # some strategies leave a permuted memory layout; a user's forward may .view() the output
+        return (q * (scale.view(1, -1, 1, 1) if scale.ndim else scale)).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer in its current mode at its current operating point (see Mode)."""

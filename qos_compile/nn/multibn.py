@@ -1,11 +1,12 @@
-"""Per-operating-point BatchNorm: one registered BatchNorm2d per OP."""
+"""Per-operating-point BatchNorm: one registered BatchNorm1d/BatchNorm2d copy per OP."""
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import QosError
 
@@ -23,24 +24,31 @@ def op_index(op: object, num_ops: int) -> int:
     return i
 
 
-class MultiBatchNorm2d(nn.Module):
-    """``num_ops`` BatchNorm2d copies in ``bns`` (an nn.ModuleList, so the optimizer,
-    ``.to()`` and ``state_dict`` see every OP's γ, β and running statistics); forward
-    uses the active OP's copy (``op``)."""
+class MultiBatchNorm(nn.Module):
+    """``num_ops`` copies of one BatchNorm class in ``bns`` (an nn.ModuleList, so the optimizer,
+    ``.to()`` and ``state_dict`` see every OP's γ, β and running statistics, as ``bns.<op>.*``);
+    forward uses the active OP's copy (``op``). Subclasses name the class in ``bn_class``."""
+
+    #: the BatchNorm class every OP gets a copy of (set by the subclass)
+    bn_class: ClassVar[type[_BatchNorm]]
 
     def __init__(self, num_features: int, num_ops: int = 1, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device: Any = None, dtype: Any = None) -> None:
         super().__init__()
+        if getattr(type(self), "bn_class", None) is None:
+            raise QosError("MultiBatchNorm is abstract: use MultiBatchNorm1d or MultiBatchNorm2d")
         if int(num_ops) < 1:
             raise QosError(f"num_ops must be >= 1, got {num_ops}")
         self.num_features = num_features
-        self.bns = nn.ModuleList([nn.BatchNorm2d(num_features, eps, momentum, affine, track_running_stats,
-                                                 device=device, dtype=dtype) for _ in range(int(num_ops))])
+        self.bns = nn.ModuleList([self.bn_class(num_features, eps, momentum, affine, track_running_stats,
+                                                device=device, dtype=dtype) for _ in range(int(num_ops))])
         self.op = 0
 
     @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d, num_ops: int) -> "MultiBatchNorm2d":
+    def from_bn(cls, bn: _BatchNorm, num_ops: int) -> "MultiBatchNorm":
         """Every OP starts as a copy of ``bn`` (parameters, running statistics, requires_grad)."""
+        if not isinstance(bn, cls.bn_class):
+            raise QosError(f"{cls.__name__}.from_bn needs an nn.{cls.bn_class.__name__}, got {type(bn).__name__}")
         ref = bn.weight if bn.weight is not None else bn.running_mean
         new = cls(bn.num_features, num_ops, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
                   device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
@@ -62,8 +70,28 @@ class MultiBatchNorm2d(nn.Module):
         self.op = op_index(op, self.num_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The active OP's BatchNorm2d applied to ``x``."""
+        """The active OP's BatchNorm applied to ``x``."""
         return self.bns[self.op](x)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, num_ops={self.num_ops}, op={self.op}"
+
+
+class MultiBatchNorm2d(MultiBatchNorm):
+    """Per-OP ``nn.BatchNorm2d`` (inputs ``[N, C, H, W]``)."""
+
+    bn_class = nn.BatchNorm2d
+
+
+class MultiBatchNorm1d(MultiBatchNorm):
+    """Per-OP ``nn.BatchNorm1d`` (inputs ``[N, C]`` or ``[N, C, L]``)."""
+
+    bn_class = nn.BatchNorm1d
+
+
+def multi_batchnorm(bn: _BatchNorm, num_ops: int) -> MultiBatchNorm:
+    """The per-OP replacement of ``bn`` (an ``nn.BatchNorm1d`` or ``nn.BatchNorm2d``)."""
+    for cls in (MultiBatchNorm2d, MultiBatchNorm1d):
+        if isinstance(bn, cls.bn_class):
+            return cls.from_bn(bn, num_ops)
+    raise QosError(f"no per-OP BatchNorm for {type(bn).__name__} (BatchNorm1d and BatchNorm2d are supported)")

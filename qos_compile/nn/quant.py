@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QosError
-from ..multipliers.multiplier import code_offset, code_range
+from ..numerics import code_offset, code_range
 
 _EPS = float(torch.finfo(torch.float32).eps)
 

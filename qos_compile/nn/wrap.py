@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -13,8 +13,10 @@ from ..errors import QosError
 from ..multipliers import Multiplier, bundled
 from ..multipliers import get as get_multiplier
 from .bank import MultiplierBank
+from .graph import capture
+from .pooling import ordered_pooling
 from .layers import ApproxConv2d, ApproxLinear
-from .multibn import MultiBatchNorm2d, op_index
+from .multibn import MultiBatchNorm, multi_batchnorm, op_index
 from .quant import Mode, QuantConfig, as_mode
 
 ApproxLayer = ApproxConv2d | ApproxLinear
@@ -45,16 +47,19 @@ def approx_layers(model: nn.Module) -> list[LayerInfo]:
 
 def _convert(module: nn.Module, qconfig: QuantConfig, num_ops: int, sigma_init: float) -> nn.Module:
     """The replacement of one module (converted itself, or its children converted in place)."""
-    if isinstance(module, (ApproxConv2d, ApproxLinear, MultiBatchNorm2d)):
+    if isinstance(module, (ApproxConv2d, ApproxLinear, MultiBatchNorm)):
         raise QosError("the model is already converted to approximate layers")
     if isinstance(module, nn.Conv2d):
         return ApproxConv2d.from_float(module, qconfig, num_ops, sigma_init)
     if isinstance(module, nn.Linear):
         return ApproxLinear.from_float(module, qconfig, num_ops, sigma_init)
-    if isinstance(module, nn.BatchNorm2d):
-        return MultiBatchNorm2d.from_bn(module, num_ops)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return multi_batchnorm(module, num_ops)
     if isinstance(module, nn.MultiheadAttention):
         return module  # reads its projection weights directly, never calls their forward
+    pool = ordered_pooling(module)
+    if pool is not None:
+        return pool   # sums in the exported graph's order, so pooled values match the device
     for name, child in list(module.named_children()):
         new = _convert(child, qconfig, num_ops, sigma_init)
         if new is not child:
@@ -77,19 +82,28 @@ class QoSNet(nn.Module):
     ``assign`` buffers, observers, AGN sigmas and the bank (tables + names/SHA-256).
     """
 
-    def __init__(self, net: nn.Module, bank: MultiplierBank, num_ops: int, qconfig: QuantConfig) -> None:
+    def __init__(self, net: nn.Module, bank: MultiplierBank, num_ops: int, qconfig: QuantConfig,
+                 architecture: dict[str, Any] | None = None, input_shape: Sequence[int] | None = None) -> None:
         super().__init__()
         self.net = net
         self.bank = bank
         self.num_ops = num_ops
         self.qconfig = qconfig
+        #: the float network's architecture record (``nn.graph.capture``), taken before
+        #: conversion; None when ``wrap_model(strict=False)`` met an op outside the allowlist
+        self.architecture = architecture
+        #: per-sample input shape, e.g. (3, 32, 32), when known
+        self.input_shape = tuple(int(v) for v in input_shape) if input_shape is not None else None
         self._op = 0
         self._mode = Mode.FLOAT
         for info in approx_layers(self):
             info.module.attach_bank(bank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the converted model."""
+        """Run the converted model (the first input's per-sample shape becomes ``input_shape``
+        when it was not given)."""
+        if self.input_shape is None and isinstance(x, torch.Tensor):
+            self.input_shape = tuple(int(v) for v in x.shape[1:])
         return self.net(x)
 
     def approx_layers(self) -> list[LayerInfo]:
@@ -121,7 +135,7 @@ class QoSNet(nn.Module):
         """Select OP ``op`` in every approximate layer and every per-OP BatchNorm."""
         op = op_index(op, self.num_ops)
         for mod in self.net.modules():
-            if isinstance(mod, (ApproxConv2d, ApproxLinear, MultiBatchNorm2d)):
+            if isinstance(mod, (ApproxConv2d, ApproxLinear, MultiBatchNorm)):
                 mod.set_operating_point(op)
         self._op = op
 
@@ -175,9 +189,9 @@ class QoSNet(nn.Module):
 
 def wrap_model(model: nn.Module, multipliers: Iterable[Multiplier | str] | None = None, num_ops: int = 1,
                qconfig: QuantConfig | None = None, *, input_shape: Sequence[int] | None = None,
-               sigma_init: float = 0.01) -> QoSNet:
+               sigma_init: float = 0.01, strict: bool = True) -> QoSNet:
     """Convert ``model`` in place (Conv2d -> ApproxConv2d, Linear -> ApproxLinear, BatchNorm2d ->
-    MultiBatchNorm2d) and wrap it with its MultiplierBank.
+    MultiBatchNorm2d, BatchNorm1d -> MultiBatchNorm1d) and wrap it with its MultiplierBank.
 
     ``multipliers``: circuits (or bundled names) of one signedness, which sets
     ``QuantConfig.signed``; default: the exact circuit of the qconfig's signedness.
@@ -185,13 +199,23 @@ def wrap_model(model: nn.Module, multipliers: Iterable[Multiplier | str] | None 
     ``input_shape`` (per sample, e.g. (3, 32, 32)): run one float forward pass (eval,
     no grad; observers untouched) so layer MAC counts are known at once; otherwise they
     are recorded on the first forward. ``sigma_init``: initial AGN sigma of every layer.
+    ``strict``: the network must use only the allowlisted ops (``nn.graph``: what the exporter
+    and ``model.pt`` support); QosError naming the first other op and the line that calls it.
+    ``strict=False`` allows any network for emulation only (no architecture record: it cannot
+    be saved or compiled).
     """
     if not isinstance(num_ops, int) or isinstance(num_ops, bool) or num_ops < 1:
         raise QosError(f"num_ops must be a positive integer, got {num_ops!r}")
     bank = MultiplierBank(_as_multipliers(multipliers, qconfig))
     qcfg = dataclasses.replace(qconfig or QuantConfig(), signed=bank.signed)
+    try:
+        architecture: dict[str, Any] | None = capture(model)
+    except QosError:
+        if strict:
+            raise
+        architecture = None
     net = _convert(model, qcfg, num_ops, sigma_init)
-    qnet = QoSNet(net, bank, num_ops, qcfg)
+    qnet = QoSNet(net, bank, num_ops, qcfg, architecture, input_shape)
     if not qnet.approx_layers():
         raise QosError("the model has no Conv2d or Linear layer to approximate")
     if input_shape is not None:

@@ -1,9 +1,11 @@
 """QoSNet -> ONNX: the whole network for all operating points (docs/onnx_ops.md).
 
 The converted model (``qnet.net``) is traced with ``torch.fx`` (ApproxConv2d,
-ApproxLinear and MultiBatchNorm2d are leaves), shapes are propagated once with a
+ApproxLinear and MultiBatchNorm1d/2d are leaves), shapes are propagated once with a
 float forward pass, and every fx node is mapped to ONNX nodes by hand with
-``onnx.helper``. Per approximate layer the graph computes
+``onnx.helper``. What may appear is ``nn.graph``'s allowlist (the one table of
+supported modules, functions and methods), with Conv2d/Linear/BatchNorm replaced by
+the layers ``wrap_model`` turns them into. Per approximate layer the graph computes
 
     codes = Cast(Clip(Round(x * (1/s_x)) + z_x, qmin, qmax))       (== PyTorch's codes)
     lut   = Gather(luts, Gather(assign_l, operating_point))         (or the input slot.<l>.lut)
@@ -12,14 +14,13 @@ float forward pass, and every fx node is mapped to ONNX nodes by hand with
     y     = Cast(q, float) * scale[op, o] + shift[op, o]
 
 ``scale``/``shift`` fold dequantization, the layer's per-OP bias and, when a
-MultiBatchNorm2d directly follows the layer, that OP's BatchNorm (eval statistics).
+MultiBatchNorm2d (after a conv) or MultiBatchNorm1d (after a linear layer on [N, K])
+directly follows the layer, that OP's BatchNorm (eval statistics).
 """
 from __future__ import annotations
 
 import json
 import operator
-import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +35,16 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..atomic import write_bytes
 from ..errors import QosError
 from ..nn.layers import ApproxConv2d, ApproxLinear
-from ..nn.multibn import MultiBatchNorm2d
+from ..nn.pooling import OrderedAdaptiveAvgPool2d, OrderedAvgPool2d
+from ..nn.graph import FUNCTIONS, METHODS, MODULES, function_name, source_line
+from ..nn.multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from ..nn.quant import Mode
 from ..nn.wrap import QoSNet
+from ..numerics import FLOAT32_EXACT, INT32_MAX, conv_pads, pair
+from .. import reference
 from . import ops
 
 __all__ = ["export_onnx", "OnnxExport", "LayerExport", "DEFAULT_OPSET", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -50,8 +56,6 @@ INPUT_NAME = "input"
 OP_INPUT_NAME = "operating_point"
 OUTPUT_NAME = "output"
 _TRACE_BATCH = 2  # batch used for shape propagation (tells the batch axis from size-1 axes)
-_F32_EXACT = 2**24
-_INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class LayerExport:
 
     ``attrs``: the ApproxConv attributes (empty for ApproxGemm); ``x_scale``/``x_zero_point``:
     activation quantization; ``w_scale``/``w_zero_point``: weight quantization, shape ()
-    per tensor or (O,) per channel; ``folded_bn``: name of the MultiBatchNorm2d folded
+    per tensor or (O,) per channel; ``folded_bn``: name of the MultiBatchNorm1d/2d folded
     into ``scale``/``shift`` (None if none); ``assign``: bank index per OP; shapes are per
     sample (no batch axis); ``terms``: products per accumulator (K).
     """
@@ -172,10 +176,14 @@ def _batched(shape: Sequence[int]) -> list[Any]:
 
 # --- tracing ----------------------------------------------------------------------------------
 
-_LEAVES = (ApproxConv2d, ApproxLinear, MultiBatchNorm2d)
+_LEAVES = (ApproxConv2d, ApproxLinear, MultiBatchNorm, OrderedAvgPool2d, OrderedAdaptiveAvgPool2d)
 
 
 class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.record_stack_traces = True  # error messages name the user's source line
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
 
@@ -186,20 +194,6 @@ def _type_name(obj: Any) -> str:
     if mod.startswith("torch.nn.modules") or mod.startswith("torch.ao.nn"):
         return f"nn.{cls.__name__}"
     return f"{mod}.{cls.__qualname__}" if mod and mod != "builtins" else cls.__qualname__
-
-
-def _function_name(fn: Any) -> str:
-    name = getattr(fn, "__name__", None) or repr(fn)
-    mod = getattr(fn, "__module__", None) or ""
-    if fn in (torch.flatten, torch.add, torch.cat):  # builtins report torch._C._VariableFunctions
-        mod = "torch"
-    if mod in ("_operator", "operator"):
-        mod = "operator"
-    elif mod.startswith("torch.nn.functional") or mod == "torch._C._nn":
-        mod = "F"
-    elif mod.startswith("torch") or mod == "":
-        mod = "torch"
-    return f"{mod}.{name}"
 
 
 def _scope(node: fx.Node) -> str:
@@ -218,32 +212,36 @@ def _where(node: fx.Node) -> str:
     return f"net.{s}" if s else "net"
 
 
-_MODULES = (ApproxConv2d, ApproxLinear, MultiBatchNorm2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh,
-            nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softmax, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten,
-            nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+#: nn.graph's module allowlist as the converted network holds it: wrap_model replaces these
+#: float layers by the approximate layers / per-OP BatchNorms (plain BatchNorm exports too)
+_CONVERTED: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: ApproxConv2d, nn.Linear: ApproxLinear,
+                                                      nn.BatchNorm2d: MultiBatchNorm2d,
+                                                      nn.BatchNorm1d: MultiBatchNorm1d,
+                                                      nn.AvgPool2d: OrderedAvgPool2d,
+                                                      nn.AdaptiveAvgPool2d: OrderedAdaptiveAvgPool2d}
+_MODULES: frozenset[type[nn.Module]] = frozenset(
+    {_CONVERTED.get(cls, cls) for cls, _ in MODULES.values()} | set(_CONVERTED))
+_FUNCTIONS: frozenset[Any] = frozenset(FUNCTIONS.values())
+_METHODS: frozenset[str] = frozenset(METHODS)
 _BINARY = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", operator.sub: "Sub", torch.sub: "Sub",
            operator.mul: "Mul", torch.mul: "Mul", operator.imul: "Mul", operator.truediv: "Div", torch.div: "Div"}
 _UNARY = {F.relu: "Relu", torch.relu: "Relu", torch.sigmoid: "Sigmoid", torch.tanh: "Tanh", F.sigmoid: "Sigmoid",
           F.tanh: "Tanh"}
-_FUNCTIONS = set(_BINARY) | set(_UNARY) | {F.relu6, F.hardtanh, F.dropout, F.dropout2d, torch.flatten,
-                                           F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.pad,
-                                           operator.getitem, torch.cat}
-_METHODS = {"size", "view", "reshape", "flatten", "contiguous", "clone", "relu", "sigmoid", "tanh", "add", "mul",
-            "sub", "div", "relu_", "add_", "mul_", "mean"}
 
 
 def _check_supported(gm: fx.GraphModule) -> None:
-    """QosError naming the first module / function / method the exporter cannot map."""
+    """QosError naming the first module / function / method outside the allowlist, and the user's line."""
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
+        line = source_line(node)
         if node.op == "call_module":
             mod = modules[str(node.target)]
-            if not isinstance(mod, _MODULES):
-                raise QosError(f"unsupported layer {_type_name(mod)} at net.{node.target}")
+            if type(mod) not in _MODULES:  # exact types, as nn.graph.capture checks them
+                raise QosError(f"unsupported layer {_type_name(mod)} at net.{node.target}{line}")
         elif node.op == "call_function" and node.target not in _FUNCTIONS:
-            raise QosError(f"unsupported function {_function_name(node.target)} at {_where(node)}")
+            raise QosError(f"unsupported function {function_name(node.target)} at {_where(node)}{line}")
         elif node.op == "call_method" and node.target not in _METHODS:
-            raise QosError(f"unsupported method Tensor.{node.target} at {_where(node)}")
+            raise QosError(f"unsupported method Tensor.{node.target} at {_where(node)}{line}")
 
 
 def _trace(qnet: QoSNet, input_shape: tuple[int, ...]) -> fx.GraphModule:
@@ -350,7 +348,7 @@ def _emit_quantize(ctx: _Ctx, name: str, x: str, layer: ApproxConv2d | ApproxLin
 
 
 def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x: str,
-                 bn: tuple[str, MultiBatchNorm2d] | None) -> str:
+                 bn: tuple[str, MultiBatchNorm] | None) -> str:
     g, qnet = ctx.g, ctx.qnet
     name = str(node.target)
     where = f"net.{name}"
@@ -406,7 +404,7 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
     w_int = w_codes.astype(np.int64).reshape(out_ch, -1)
     bound_x = 255 * terms
     lut_max = int(np.abs(luts[list(set(assign))]).max())
-    if lut_max * terms + 255 * int(np.abs(w_int).sum(1).max()) + 255 * bound_x > _INT32_MAX:
+    if lut_max * terms + 255 * int(np.abs(w_int).sum(1).max()) + 255 * bound_x > INT32_MAX:
         raise QosError(f"layer {where}: {terms} products per output may overflow the int32 accumulator")
     sum_w = w_int.sum(1)
     q = acc
@@ -420,7 +418,7 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
         if z_x != 0:
             xc = g.node("Sub", [xc, g.const(z_x, np.int32)], f"{name}/zero_point/center")
         if conv:
-            if bound_x >= _F32_EXACT:
+            if bound_x >= FLOAT32_EXACT:
                 raise QosError(f"layer {where}: {terms} products per output are too many for the exact "
                                "float32 window sum of the zero-point correction")
             xf = g.node("Cast", [xc], f"{name}/zero_point/codes_float", to=TensorProto.FLOAT)
@@ -469,8 +467,8 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
     return y
 
 
-def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm2d, rank: int) -> str:
-    """A standalone per-OP BatchNorm as ``x * scale[op] + shift[op]``."""
+def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm, rank: int) -> str:
+    """A standalone per-OP BatchNorm as ``x * scale[op] + shift[op]`` (channels on axis 1, any rank)."""
     shape = (bn.num_features,) + (1,) * (rank - 2)
     scales, shifts = [], []
     for op in range(ctx.num_ops):
@@ -478,7 +476,7 @@ def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm2d, rank: int)
         scales.append(a.astype(np.float32).reshape(shape))
         shifts.append(b.astype(np.float32).reshape(shape))
     if bn.num_ops != ctx.num_ops:
-        raise QosError(f"MultiBatchNorm2d at net.{name} has {bn.num_ops} OPs, the QoSNet {ctx.num_ops}")
+        raise QosError(f"{type(bn).__name__} at net.{name} has {bn.num_ops} OPs, the QoSNet {ctx.num_ops}")
     sc = _per_op(ctx, name, "scale", scales, f"{name}/scale")
     sh = _per_op(ctx, name, "shift", shifts, f"{name}/shift")
     y = ctx.g.node("Mul", [x, sc], f"{name}/affine/mul")
@@ -486,15 +484,6 @@ def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm2d, rank: int)
 
 
 # --- float ops ----------------------------------------------------------------------------------
-
-def _pair(v: Any) -> list[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(t) for t in v]
-
-
-def _pool_pads(padding: Any) -> list[int]:
-    p = _pair(padding)
-    return [p[0], p[1], p[0], p[1]]
-
 
 class _Emitter:
     """Maps fx nodes to ONNX nodes."""
@@ -580,9 +569,9 @@ class _Emitter:
             raise QosError(f"unsupported call of {_type_name(mod)} at {where} ({len(args)} arguments)")
         x = args[0]
         rank = len(_shape(node.args[0]))
-        if isinstance(mod, MultiBatchNorm2d):
+        if isinstance(mod, MultiBatchNorm):
             return _emit_multibn(self.ctx, name, x, mod, rank)
-        if isinstance(mod, nn.BatchNorm2d):
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
             a, b = _bn_affine(mod, where)
             shape = (-1,) + (1,) * (rank - 2)
             y = g.node("Mul", [x, g.init(f"{name}.scale", a.astype(np.float32).reshape(shape))], f"{name}/mul")
@@ -598,6 +587,13 @@ class _Emitter:
             return g.node("LeakyRelu", [x], name, alpha=float(mod.negative_slope))
         if isinstance(mod, nn.Sigmoid):
             return g.node("Sigmoid", [x], name)
+        if isinstance(mod, nn.Hardswish):
+            return self.hardswish(x, name)
+        if isinstance(mod, nn.SiLU):
+            return self.silu(x, name)
+        if isinstance(mod, nn.Upsample):
+            return self.upsample(node, x, mod.size, mod.scale_factor, mod.mode, mod.align_corners,
+                                 mod.recompute_scale_factor, False, name, where)
         if isinstance(mod, nn.Tanh):
             return g.node("Tanh", [x], name)
         if isinstance(mod, nn.Softmax):
@@ -611,50 +607,194 @@ class _Emitter:
             if mod.return_indices:
                 raise QosError(f"unsupported layer nn.MaxPool2d(return_indices=True) at {where}")
             stride = mod.stride if mod.stride is not None else mod.kernel_size
-            return g.node("MaxPool", [x], name, kernel_shape=_pair(mod.kernel_size), strides=_pair(stride),
-                          pads=_pool_pads(mod.padding), dilations=_pair(mod.dilation), ceil_mode=int(mod.ceil_mode))
+            return g.node("MaxPool", [x], name, kernel_shape=pair(mod.kernel_size, "kernel_size"),
+                          strides=pair(stride, "stride"), pads=conv_pads(mod.padding),
+                          dilations=pair(mod.dilation, "dilation"), ceil_mode=int(mod.ceil_mode))
         if isinstance(mod, nn.AvgPool2d):
-            return self.avg_pool(name, x, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+            return self.avg_pool(node, name, x, mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
                                  mod.count_include_pad, mod.divisor_override, where)
         if isinstance(mod, nn.AdaptiveAvgPool2d):
             return self.adaptive_avg(node, x, mod.output_size, name, where)
         raise QosError(f"unsupported layer {_type_name(mod)} at {where}")
 
-    def _following_bn(self, node: fx.Node) -> tuple[str, MultiBatchNorm2d] | None:
+    def _following_bn(self, node: fx.Node) -> tuple[str, MultiBatchNorm] | None:
+        """The per-OP BatchNorm to fold into approximate layer ``node``: the node's only user, and
+        normalising its channels (MultiBatchNorm2d after a conv, MultiBatchNorm1d after a linear
+        layer's [N, O] output; BatchNorm1d on [N, C, L] normalises another axis and stays apart)."""
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module":
             return None
         mod = self.modules.get(str(users[0].target))
-        if not isinstance(mod, MultiBatchNorm2d) or users[0].args != (node,) or users[0].kwargs:
+        if not isinstance(mod, MultiBatchNorm) or users[0].args != (node,) or users[0].kwargs:
             return None
         if mod.num_ops != self.ctx.num_ops:
-            raise QosError(f"MultiBatchNorm2d at net.{users[0].target} has {mod.num_ops} OPs, "
+            raise QosError(f"{type(mod).__name__} at net.{users[0].target} has {mod.num_ops} OPs, "
                            f"the QoSNet {self.ctx.num_ops}")
-        if len(_shape(node)) != 4:
+        layer = self.modules[str(node.target)]
+        rank = len(_shape(node))
+        if not (isinstance(mod, MultiBatchNorm2d) and isinstance(layer, ApproxConv2d) and rank == 4
+                or isinstance(mod, MultiBatchNorm1d) and isinstance(layer, ApproxLinear) and rank == 2):
             return None
         return str(users[0].target), mod
 
-    def avg_pool(self, name: str, x: str, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
+    def ordered_sum(self, terms: list[str], name: str) -> str:
+        """``reference.ordered_sum`` of same-shape tensors as Add nodes (the fixed halving order)."""
+        level, depth = list(terms), 0
+        while len(level) > 1:
+            half = (1 << (len(level) - 1).bit_length()) // 2
+            depth += 1
+            level = [self.g.node("Add", [level[i], level[i + half]], f"{name}/sum{depth}")
+                     if i + half < len(level) else level[i] for i in range(half)]
+        return level[0]
+
+    def avg_pool(self, node: fx.Node, name: str, x: str, kernel: Any, stride: Any, padding: Any, ceil_mode: bool,
                  count_include_pad: bool, divisor_override: Any, where: str) -> str:
+        """Average pooling as ``reference.avg_pool2d`` computes it: zero Pad, one strided Slice per
+        window tap (row-major), ``ordered_sum``, Div by the per-position divisor. Not ONNX
+        AveragePool: onnxruntime's kernel sums in an order of its own (see reference.py)."""
         if divisor_override is not None:
             raise QosError(f"unsupported avg_pool2d(divisor_override=...) at {where}")
-        stride = stride if stride not in (None, []) else kernel
-        return self.g.node("AveragePool", [x], name, kernel_shape=_pair(kernel), strides=_pair(stride),
-                           pads=_pool_pads(padding), ceil_mode=int(bool(ceil_mode)),
-                           count_include_pad=int(bool(count_include_pad)))
+        in_shape = _shape(node.args[0] if node.args else node.kwargs.get("input"))
+        if len(in_shape) != 4:
+            raise QosError(f"unsupported average pooling of a rank-{len(in_shape)} tensor at {where}")
+        h, w = in_shape[2], in_shape[3]
+        try:
+            (ho, wo), pads, div = reference.pool_geometry(h, w, kernel, stride, padding, bool(ceil_mode),
+                                                          bool(count_include_pad))
+        except QosError as e:
+            raise QosError(f"{e} at {where}") from None
+        kh, kw = pair(kernel, "kernel_size")
+        sh, sw = pair(stride if stride not in (None, [], ()) else kernel, "stride")
+        g = self.g
+        if any(pads):
+            pt, pl, pb, pr = pads
+            x = g.node("Pad", [x, g.const([0, 0, pt, pl, 0, 0, pb, pr], np.int64), g.const(0.0, np.float32)],
+                       f"{name}/pad")
+        taps = [g.node("Slice", [x, g.const([u, v], np.int64),
+                                 g.const([u + sh * (ho - 1) + 1, v + sw * (wo - 1) + 1], np.int64),
+                                 g.const([2, 3], np.int64), g.const([sh, sw], np.int64)], f"{name}/tap")
+                for u in range(kh) for v in range(kw)]
+        total = self.ordered_sum(taps, name)
+        divisor = g.const(div[0, 0], np.float32) if np.all(div == div[0, 0]) else g.init(f"{name}.divisor", div)
+        return g.node("Div", [total, divisor], name)
+
+    def global_mean(self, x: str, in_shape: Sequence[int], dims: Sequence[int], keepdim: bool, name: str) -> str:
+        """``reference.mean`` over non-batch ``dims``: Transpose them last (if needed), Reshape to one
+        axis, zero-Pad it to a power of two, halve it with Slice + Add, Div by the count."""
+        g = self.g
+        rank = len(in_shape)
+        dims = sorted({int(d) % rank for d in dims})
+        keep = [d for d in range(rank) if d not in dims]
+        if keep + dims != list(range(rank)):
+            x = g.node("Transpose", [x], f"{name}/transpose", perm=keep + dims)
+        count = int(np.prod([in_shape[d] for d in dims]))
+        x = g.node("Reshape", [x, g.const([0, *[in_shape[d] for d in keep[1:]], count], np.int64)],
+                   f"{name}/flatten")
+        size = 1 << (count - 1).bit_length()
+        axis = len(keep)
+        if size > count:
+            pads = [0] * (2 * (axis + 1))
+            pads[-1] = size - count
+            x = g.node("Pad", [x, g.const(pads, np.int64), g.const(0.0, np.float32)], f"{name}/pad")
+        depth = 0
+        while size > 1:
+            size //= 2
+            depth += 1
+            lo = g.node("Slice", [x, g.const([0], np.int64), g.const([size], np.int64), g.const([axis], np.int64)],
+                        f"{name}/low{depth}")
+            hi = g.node("Slice", [x, g.const([size], np.int64), g.const([2 * size], np.int64),
+                                  g.const([axis], np.int64)], f"{name}/high{depth}")
+            x = g.node("Add", [lo, hi], f"{name}/sum{depth}")
+        out_shape = [1 if d in dims else in_shape[d] for d in range(rank)] if keepdim else [in_shape[d] for d in keep]
+        x = g.node("Reshape", [x, g.const([0, *out_shape[1:]], np.int64)], f"{name}/shape")
+        return g.node("Div", [x, g.const(float(count), np.float32)], name)
 
     def adaptive_avg(self, node: fx.Node, x: str, output_size: Any, name: str, where: str) -> str:
         in_shape = _shape(node.args[0])
         h, w = in_shape[-2:]
-        oh, ow = _pair(output_size) if not isinstance(output_size, int) else (output_size, output_size)
+        # not numerics.pair: an adaptive output size may leave an axis as None (keep the input's)
+        oh, ow = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
         oh, ow = (h if oh is None else oh), (w if ow is None else ow)
         if (oh, ow) == (1, 1):
-            return self.g.node("GlobalAveragePool", [x], name)
+            return self.global_mean(x, in_shape, [len(in_shape) - 2, len(in_shape) - 1], True, name)
         if h % oh or w % ow:
             raise QosError(f"unsupported adaptive average pooling {h}x{w} -> {oh}x{ow} at {where} "
                            "(input size must be a multiple of the output size)")
         k = [h // oh, w // ow]
-        return self.g.node("AveragePool", [x], name, kernel_shape=k, strides=k)
+        return self.avg_pool(node, name, x, k, k, 0, False, True, None, where)
+
+    def hardswish(self, x: str, name: str) -> str:
+        """``x * clamp(x + 3, 0, 6) / 6`` as Add, Clip, Mul, Div in PyTorch's order (its CPU kernel
+        rounds exactly these four steps), not ONNX HardSwish (``x * max(0, min(1, x/6 + 1/2))``)."""
+        g = self.g
+        t = g.node("Add", [x, g.const(3.0, np.float32)], f"{name}/add")
+        t = g.node("Clip", [t, g.const(0.0, np.float32), g.const(6.0, np.float32)], f"{name}/clip")
+        t = g.node("Mul", [x, t], f"{name}/mul")
+        return g.node("Div", [t, g.const(6.0, np.float32)], name)
+
+    def silu(self, x: str, name: str) -> str:
+        """``x * sigmoid(x)`` (a transcendental op: not bit-exact across runtimes)."""
+        return self.g.node("Mul", [x, self.g.node("Sigmoid", [x], f"{name}/sigmoid")], name)
+
+    def upsample(self, node: fx.Node, x: str, size: Any, scale_factor: Any, mode: Any, align_corners: Any,
+                 recompute_scale_factor: Any, antialias: Any, name: str, where: str) -> str:
+        """Nearest upsampling by integer factors as pure data movement, exact on every backend:
+        Unsqueeze to ``[N, C, H, 1, W, 1]``, Expand by ``[kh, kw]``, Reshape to ``[N, C, H·kh, W·kw]``
+        (not ONNX Resize, whose index arithmetic is each runtime's own). Other modes and
+        non-integer factors are refused."""
+        if mode != "nearest" or antialias or align_corners:
+            raise QosError(f"unsupported upsampling mode={mode!r} at {where} (only mode='nearest' by an integer "
+                           "factor is supported)")
+        if isinstance(scale_factor, fx.Node) or isinstance(scale_factor, (tuple, list)) and any(
+                isinstance(v, fx.Node) for v in scale_factor):
+            raise QosError(f"unsupported data-dependent upsampling scale factor at {where}")
+        in_shape, out_shape = _shape(node.args[0] if node.args else node.kwargs.get("input")), _shape(node)
+        if len(in_shape) != 4:
+            raise QosError(f"unsupported upsampling of a rank-{len(in_shape)} tensor at {where} (only [N, C, H, W])")
+        (h, w), (ho, wo) = in_shape[2:], out_shape[2:]
+        if ho % h or wo % w:
+            raise QosError(f"unsupported nearest upsampling {h}x{w} -> {ho}x{wo} at {where} (only integer factors)")
+        kh, kw = ho // h, wo // w
+        # torch computes nearest source indices in float (index * (1/scale)); make sure they are
+        # exactly dst // k for these sizes by running torch itself on an index grid
+        grid = torch.arange(h * w, dtype=torch.float64).reshape(1, 1, h, w)
+        if scale_factor is not None:
+            got = F.interpolate(grid, scale_factor=scale_factor, mode="nearest",
+                                recompute_scale_factor=recompute_scale_factor)
+        else:
+            got = F.interpolate(grid, size=(ho, wo), mode="nearest")
+        want = grid.repeat_interleave(kh, 2).repeat_interleave(kw, 3)
+        if got.shape != want.shape or not torch.equal(got, want):
+            raise QosError(f"unsupported nearest upsampling {h}x{w} -> {ho}x{wo} at {where} (torch's source "
+                           "indices are not a plain repetition for this scale factor)")
+        if (kh, kw) == (1, 1):
+            return x
+        g = self.g
+        t = g.node("Unsqueeze", [x, g.const([3, 5], np.int64)], f"{name}/unsqueeze")
+        t = g.node("Expand", [t, g.const([1, 1, 1, kh, 1, kw], np.int64)], f"{name}/expand")
+        return g.node("Reshape", [t, g.const([0, in_shape[1], ho, wo], np.int64)], name)
+
+    def unsqueeze(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any], name: str, where: str) -> str:
+        """``torch.unsqueeze(x, dim)`` / ``x.unsqueeze(dim)`` as Unsqueeze."""
+        p = self._bind(["input", "dim"], args, kwargs, {}, where)
+        if not isinstance(p.get("dim"), int) or isinstance(p["dim"], bool):
+            raise QosError(f"unsupported unsqueeze at {where} (dim must be a constant integer)")
+        axis = int(p["dim"]) % len(_shape(node))
+        if axis == 0:
+            raise QosError(f"unsupported unsqueeze of the batch axis at {where}")
+        return self.g.node("Unsqueeze", [self.val(p["input"], where), self.g.const([axis], np.int64)], name)
+
+    def mean(self, node: fx.Node, args: list[Any], kwargs: dict[str, Any], name: str, where: str) -> str:
+        """``x.mean(dims, keepdim)`` / ``torch.mean``: ``reference.mean`` (not over the batch axis)."""
+        p = self._bind(["input", "dim", "keepdim"], args, kwargs, {"dim": None, "keepdim": False}, where)
+        if p["dim"] is None:
+            raise QosError(f"unsupported mean over all axes at {where}")
+        src = p["input"]
+        rank = len(_shape(src))
+        dims = [int(d) % rank for d in ([p["dim"]] if isinstance(p["dim"], int) else p["dim"])]
+        if 0 in dims:
+            raise QosError(f"unsupported mean over the batch axis at {where}")
+        return self.global_mean(self.val(src, where), _shape(src), dims, bool(p["keepdim"]), name)
 
     def reshape_like(self, node: fx.Node, x: str, name: str) -> str:
         """Reshape to the propagated output shape, keeping the (symbolic) batch axis."""
@@ -676,24 +816,41 @@ class _Emitter:
         binary, unary = _BINARY, _UNARY
         if fn in binary:
             if kwargs.get("alpha", 1) != 1 or kwargs.get("rounding_mode") is not None or len(args) != 2:
-                raise QosError(f"unsupported call of {_function_name(fn)} at {where}")
+                raise QosError(f"unsupported call of {function_name(fn)} at {where}")
             if not any(isinstance(a, fx.Node) for a in args):
                 raise QosError(f"unsupported constant expression at {where}")
             return g.node(binary[fn], [self.val(args[0], where), self.val(args[1], where)], name)
         if fn in unary:
-            if kwargs.get("inplace"):
-                kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
+            # in-place or not computes the same value (torch.fx records inplace=False too)
+            kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
             if kwargs or len(args) != 1 and not (len(args) == 2 and isinstance(args[1], bool)):
-                raise QosError(f"unsupported call of {_function_name(fn)} at {where}")
+                raise QosError(f"unsupported call of {function_name(fn)} at {where}")
             return g.node(unary[fn], [self.val(args[0], where)], name)
         if fn in (F.relu6, F.hardtanh):
             lo, hi = (0.0, 6.0) if fn is F.relu6 else (kwargs.get("min_val", args[1] if len(args) > 1 else -1.0),
                                                        kwargs.get("max_val", args[2] if len(args) > 2 else 1.0))
             return g.node("Clip", [self.val(args[0], where), g.const(lo, np.float32), g.const(hi, np.float32)], name)
+        if fn in (F.hardswish, F.silu):
+            if {k for k in kwargs if k != "inplace"} or len(args) != 1 and not (len(args) == 2 and
+                                                                             isinstance(args[1], bool)):
+                raise QosError(f"unsupported call of {function_name(fn)} at {where}")
+            x = self.val(args[0], where)
+            return self.hardswish(x, name) if fn is F.hardswish else self.silu(x, name)
+        if fn is F.interpolate:
+            p = self._bind(["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
+                            "antialias"], args, kwargs, {"size": None, "scale_factor": None, "mode": "nearest",
+                                                         "align_corners": None, "recompute_scale_factor": None,
+                                                         "antialias": False}, where)
+            return self.upsample(node, self.val(p["input"], where), p["size"], p["scale_factor"], p["mode"],
+                                 p["align_corners"], p["recompute_scale_factor"], p["antialias"], name, where)
         if fn in (F.dropout, F.dropout2d):
             return self.val(args[0], where)
-        if fn is torch.flatten:
+        if fn in (torch.flatten, torch.reshape):
             return self.reshape_like(node, self.val(args[0], where), name)
+        if fn is torch.mean:
+            return self.mean(node, args, kwargs, name, where)
+        if fn is torch.unsqueeze:
+            return self.unsqueeze(node, args, kwargs, name, where)
         if fn is F.adaptive_avg_pool2d:
             size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
             return self.adaptive_avg(node, self.val(args[0], where), size, name, where)
@@ -702,7 +859,7 @@ class _Emitter:
                             "divisor_override"], args, kwargs, {"stride": None, "padding": 0, "ceil_mode": False,
                                                                  "count_include_pad": True,
                                                                  "divisor_override": None}, where)
-            return self.avg_pool(name, self.val(p["input"], where), p["kernel_size"], p["stride"], p["padding"],
+            return self.avg_pool(node, name, self.val(p["input"], where), p["kernel_size"], p["stride"], p["padding"],
                                  p["ceil_mode"], p["count_include_pad"], p["divisor_override"], where)
         if fn is F.max_pool2d:
             p = self._bind(["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"],
@@ -711,19 +868,20 @@ class _Emitter:
             if p["return_indices"]:
                 raise QosError(f"unsupported max_pool2d(return_indices=True) at {where}")
             stride = p["stride"] if p["stride"] not in (None, []) else p["kernel_size"]
-            return g.node("MaxPool", [self.val(p["input"], where)], name, kernel_shape=_pair(p["kernel_size"]),
-                          strides=_pair(stride), pads=_pool_pads(p["padding"]), dilations=_pair(p["dilation"]),
+            return g.node("MaxPool", [self.val(p["input"], where)], name,
+                          kernel_shape=pair(p["kernel_size"], "kernel_size"), strides=pair(stride, "stride"),
+                          pads=conv_pads(p["padding"]), dilations=pair(p["dilation"], "dilation"),
                           ceil_mode=int(bool(p["ceil_mode"])))
         if fn is F.pad:
             return self.pad(node, args, kwargs, name, where)
         if fn is operator.getitem:
             return self.getitem(node, args, name, where)
-        if fn is torch.cat:
+        if fn in (torch.cat, torch.concat):
             tensors = args[0] if args else kwargs["tensors"]
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
             rank = len(_shape(node))
             return g.node("Concat", [self.val(t, where) for t in tensors], name, axis=int(dim) % rank)
-        raise QosError(f"unsupported function {_function_name(fn)} at {where}")
+        raise QosError(f"unsupported function {function_name(fn)} at {where}")
 
     @staticmethod
     def _bind(names: list[str], args: list[Any], kwargs: dict[str, Any], defaults: dict[str, Any],
@@ -818,16 +976,9 @@ class _Emitter:
         if meth in table:
             return self.function(node, table[meth], args, kwargs)
         if meth == "mean":
-            dims = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            keep = bool(kwargs.get("keepdim", args[2] if len(args) > 2 else False))
-            if dims is None:
-                raise QosError(f"unsupported Tensor.mean over all axes at {where}")
-            rank = len(_shape(args[0]))
-            dims = [int(d) % rank for d in ([dims] if isinstance(dims, int) else dims)]
-            if 0 in dims:
-                raise QosError(f"unsupported mean over the batch axis at {where}")
-            return self.g.node("ReduceMean", [self.val(args[0], where), self.g.const(dims, np.int64)], name,
-                               keepdims=int(keep))
+            return self.mean(node, args, kwargs, name, where)
+        if meth == "unsqueeze":
+            return self.unsqueeze(node, args, kwargs, name, where)
         raise QosError(f"unsupported method Tensor.{meth} at {where}")
 
 
@@ -838,15 +989,19 @@ def _resolve_input_shape(qnet: QoSNet, input_shape: Sequence[int] | None) -> tup
         arch = getattr(qnet.net, "qos_arch", None)
         if isinstance(arch, dict) and "in_channels" in arch and "input_size" in arch:
             input_shape = (int(arch["in_channels"]), int(arch["input_size"]), int(arch["input_size"]))
+        elif getattr(qnet, "input_shape", None) is not None:
+            input_shape = qnet.input_shape   # given to wrap_model, or seen by the first forward pass
         else:
             first = qnet.approx_layers()[0].module
-            if isinstance(first, ApproxConv2d) and first.input_shape is not None and len(first.input_shape) == 3:
+            if (first.input_shape is not None and len(first.input_shape) == (3 if isinstance(first, ApproxConv2d)
+                                                                              else 1)):
                 input_shape = first.input_shape
     if input_shape is None:
-        raise QosError("input shape unknown: pass input_shape=(C, H, W)")
+        raise QosError("input shape unknown: pass input_shape=(C, H, W) (or (F,) for a network on [N, F])")
     shape = tuple(int(v) for v in input_shape)
-    if len(shape) < 1 or any(v < 1 for v in shape):
-        raise QosError(f"input_shape must be positive sizes per sample, e.g. (3, 32, 32), got {input_shape!r}")
+    if len(shape) < 1 or len(shape) > 5 or any(v < 1 for v in shape):
+        raise QosError(f"input_shape must be 1 to 5 positive sizes per sample, e.g. (3, 32, 48) or (64,), "
+                       f"got {input_shape!r}")
     return shape
 
 
@@ -874,29 +1029,14 @@ def _metadata(qnet: QoSNet, ex: OnnxExport, variant: str, extra: dict[str, Any] 
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def _write_atomic(model: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def export_onnx(qnet: QoSNet, path: str | Path | None = None, *, input_shape: Sequence[int] | None = None,
                 slots: bool = False, opset: int = DEFAULT_OPSET, debug: bool = False,
                 quantize: str = "exact", metadata: dict[str, Any] | None = None) -> OnnxExport:
     """Export a calibrated QoSNet with every operating point to ONNX (docs/onnx_ops.md).
 
-    ``input_shape``: per-sample input (C, H, W); default from the model zoo's ``qos_arch``.
+    ``input_shape``: per-sample input, (C, H, W) (any H, W) or (F,) for a network on [N, F];
+    default from the model zoo's ``qos_arch``, else ``qnet.input_shape`` (``wrap_model``'s, or
+    the first forward pass's).
     ``slots=False``: inputs ``input`` and ``operating_point`` (int64 scalar), per-OP tensors
     stacked and gathered. ``slots=True``: no ``operating_point``; every per-OP tensor is a
     graph input ``slot.<layer>.lut|scale|shift`` (values in ``OnnxExport.slots``).
@@ -956,5 +1096,6 @@ def export_onnx(qnet: QoSNet, path: str | Path | None = None, *, input_shape: Se
         "defined by model-local functions. See metadata_props qos.* and docs/onnx_ops.md.")
     if path is not None:
         result.path = Path(path)
-        _write_atomic(model, result.path)
+        result.path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(result.path, model.SerializeToString())
     return result

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -28,6 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import write_bytes
 from ..errors import QosError
 
 __all__ = [
@@ -626,18 +626,11 @@ class ManifestWriter:
         return data_bytes
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write atomically (temporary file in the same folder, then rename)."""
+        """Write atomically (``qos_compile.atomic``: temporary file in the same folder, then rename)."""
         path = Path(path)
         data = self.to_bytes()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_bytes(path, data)
         return path
 
 

@@ -19,18 +19,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..multipliers import table as tables
+from ..numerics import code_offset, table_codes
 from .manifest import Arg, ManifestWriter, Role
 
 TEST_KERNELS = ("qos_test_lut_dot", "qos_test_requant", "qos_test_scale")
 
 
 def exact_table() -> np.ndarray:
-    a = np.arange(-128, 128, dtype=np.int32)
-    return np.outer(a, a).astype(np.int32)          # [A, B], A = weight code
+    """The exact signed product table, int32 [A, B] (A = weight code)."""
+    return tables.exact_table(True).astype(np.int32)
 
 
 def truncated_table(bits: int = 2) -> np.ndarray:
-    a = np.arange(-128, 128, dtype=np.int32)
+    a = table_codes(True).astype(np.int32)
     at = (a >> bits) << bits
     return np.outer(at, a).astype(np.int32)
 
@@ -57,11 +59,12 @@ class TinyModel:
         """What the C test kernels compute for OP ``op`` (float32 arithmetic as in C without FMA)."""
         x = np.asarray(x, dtype=np.int8).reshape(self.input_shape)
         l0, l1 = (self.luts[b] for b in self.assign[op])
-        acc0 = l0[self.w0.astype(np.int32) + 128, x.astype(np.int32)[0][None, :] + 128].sum(axis=1, dtype=np.int32)
+        off = code_offset(True)
+        acc0 = l0[self.w0.astype(np.int32) + off, x.astype(np.int32)[0][None, :] + off].sum(axis=1, dtype=np.int32)
         v = acc0.astype(np.float32) * self.scale[op][0]
         v = (v + self.shift[op][0]).astype(np.float32)
         h = np.clip(v, np.float32(-128), np.float32(127)).astype(np.int32).astype(np.int8)
-        acc1 = l1[self.w1.astype(np.int32) + 128, h.astype(np.int32)[None, :] + 128].sum(axis=1, dtype=np.int32)
+        acc1 = l1[self.w1.astype(np.int32) + off, h.astype(np.int32)[None, :] + off].sum(axis=1, dtype=np.int32)
         y = acc1.astype(np.float32) * self.scale[op][1]
         y = (y + self.shift[op][1]).astype(np.float32)
         return y.reshape(1, -1)

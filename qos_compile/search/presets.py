@@ -1,8 +1,8 @@
 """Per-model hyper-parameters of the tolerance (AGN) stage and per-dataset stage defaults.
 
-AGN values are the method notes' table (QOS_NETS_METHOD.md section 3), taken from the
-authors' research code. Where the notes publish nothing (MobileNetV2) the values are
-ours and marked as such. Every value can be overridden by the caller (CLI flags).
+AGN values come from the authors' public research code (the table in docs/design.md,
+section 2). Where nothing is published (MobileNetV2) the values are ours and marked as
+such. Every value can be overridden by the caller (CLI flags).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class AGNPreset:
         return asdict(self)
 
 
-_PAPER = "method notes (authors' research code)"
+_PAPER = "authors' research code"
 
 #: (model, dataset) -> preset; dataset None = any dataset.
 PRESETS: dict[tuple[str, str | None], AGNPreset] = {

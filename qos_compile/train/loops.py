@@ -122,5 +122,5 @@ def fit(
 
 
 def sgd(params: Iterable[torch.nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.SGD:
-    """SGD with momentum, the optimizer of every stage in the method notes."""
+    """SGD with momentum, the optimizer of every stage of the method (docs/design.md, section 2)."""
     return torch.optim.SGD(list(params), lr=lr, momentum=momentum, weight_decay=weight_decay)

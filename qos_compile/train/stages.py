@@ -1,6 +1,6 @@
 """The first two pipeline stages: float training and quantization-aware training (QAT).
 
-Schedules follow the method notes: SGD with momentum 0.9; QAT runs its first
+Schedules follow the method (docs/design.md, section 2): SGD with momentum 0.9; QAT runs its first
 ``observer_epochs`` epochs in float mode while the activation observers settle
 (fake quantization off), then fake-quantizes at 8 bit.
 """

@@ -7,5 +7,10 @@
   library on the host, statically linkable system-lib object elsewhere),
   ``run_on_target``, ``link_executable``, the C shim (``shim/``) and QTNS tensor files.
 
-Importing the submodules imports tvm; set ``TVM_NUM_THREADS`` first (DESIGN.md).
+Importing the submodules imports tvm. Python runs this file first, and it sets
+``TVM_NUM_THREADS`` (``runtime_env.ensure_tvm_threads``) so that tvm never starts with its
+default (which can pin the whole process to one CPU); the submodules then import tvm directly.
 """
+from ..runtime_env import ensure_tvm_threads
+
+ensure_tvm_threads()

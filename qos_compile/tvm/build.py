@@ -20,9 +20,7 @@ into one program. A kernel's outputs are its last ``n_outputs`` buffer parameter
 """
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -32,13 +30,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import tvm
 
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
-
-import tvm  # noqa: E402
-
-from ..errors import QosError  # noqa: E402
-from ..targets import Target, get_target  # noqa: E402
+from .. import cbuild
+from ..errors import QosError
+from ..targets import Target, get_target
 
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
 SHIM_SOURCES = ("qos_tvm_shim.c",)
@@ -78,18 +74,13 @@ def link_executable(target: "str | Target", output: "str | Path", objects: Seque
                     extra_ldflags: Sequence[str] = ()) -> Path:
     """Compile ``sources`` + the shim with the target's compiler and link them statically with ``objects``.
 
-    The command is ``cc <cflags> -I<shim> -I<tvm_ffi/include> <shim.c> <sources> <objects> -o out <ldflags> -lm``.
+    The command (``qos_compile.cbuild``, warnings on, output written atomically) is
+    ``cc -Wall -Wextra <cflags> -I<shim> -I<tvm_ffi/include> <shim.c> <sources> <objects> -o out <ldflags> -lm``.
     """
     t = get_target(target)
-    cc = t.check_toolchain()
-    out = Path(output)
-    cmd = [cc, *t.cflags, *extra_cflags, *(f"-I{d}" for d in include_dirs()),
-           *map(str, shim_sources()), *map(str, sources), *map(str, objects),
-           "-o", str(out), *t.ldflags, *extra_ldflags, "-lm"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise QosError(f"linking for {t.name} failed ({' '.join(cmd)}): {proc.stderr.strip()[-2000:]}")
-    return out
+    return cbuild.compile_c(cbuild.target_compiler(t), [*shim_sources(), *sources, *objects], output,
+                            flags=[*t.cflags, *extra_cflags, *(f"-I{d}" for d in include_dirs())],
+                            ldflags=[*t.ldflags, *extra_ldflags, "-lm"], what=f"{Path(output).name} for {t.name}")
 
 
 # --------------------------------------------------------------------------- QTNS tensor files
@@ -305,7 +296,9 @@ def build_kernels(kernels: "Mapping[str, Any]", target: "str | Target", *, out_d
     except QosError:
         raise
     except Exception as e:  # noqa: BLE001 - TVM raises its own error types
-        raise QosError(f"TVM could not compile the kernels for {t.name}: {str(e).strip().splitlines()[-1]}") from None
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]   # TVM may raise with no message at all
+        raise QosError(f"TVM could not compile the kernels for {t.name}: "
+                       f"{lines[-1] if lines else type(e).__name__}") from None
 
     tmp = None
     if out_dir is None:
@@ -325,7 +318,7 @@ def build_kernels(kernels: "Mapping[str, Any]", target: "str | Target", *, out_d
             module = ex.jit()
         else:
             path = workdir / "kernels.so"
-            ex.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(shutil.which(t.cc) or t.cc))
+            ex.export_library(str(path), fcompile=cbuild.tvm_fcompile(cbuild.target_compiler(t)))
             if t.is_host:
                 module = tvm.runtime.load_module(str(path))
     return BuiltKernels(target=t, kind=kind, prefix=prefix, symbols=symbols, signatures=sigs, path=path,

@@ -1,6 +1,6 @@
 """TIR table-lookup kernels for approximate conv2d / dense, their schedules, and an exact int8 conv.
 
-Numerics (DESIGN.md "Numerics contract"; ``qos_compile.reference`` is the definition)::
+Numerics (docs/design.md, section 3 "Numerics contract"; ``qos_compile.reference`` is the definition)::
 
     acc[n, o, i, j] = sum_{c, u, v} lut[w[o, c, u, v] + off, xp[n, g*Cg + c, i*sh + u*dh, j*sw + v*dw] + off]
 
@@ -54,36 +54,19 @@ sized to <= 16 KiB); every style splits ``n x o_outer`` across threads (``∥`` 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
+import tvm
+from tvm import te
 
-import tvm  # noqa: E402
-from tvm import te  # noqa: E402
-
-from ..errors import QosError  # noqa: E402
-from ..reference import conv_pads  # noqa: E402
+from ..errors import QosError
+from ..numerics import LUT_SHAPE, code_dtype, code_offset, code_range, conv_pads, pair
 
 KERNEL_ATTR = "qos_kernel"
-LUT_SHAPE = (256, 256)
 
 
 # --------------------------------------------------------------------------- specs
-def _pair(v: int | Sequence[int], what: str) -> tuple[int, int]:
-    if hasattr(v, "__index__"):          # int, numpy integer, tvm IntImm
-        return int(v), int(v)
-    t = tuple(int(a) for a in v)
-    if len(t) != 2:
-        raise QosError(f"{what} must be an int or a pair, got {v!r}")
-    return t  # type: ignore[return-value]
-
-
-def _code_dtype(signed: bool) -> str:
-    return "int8" if signed else "uint8"
-
-
 @dataclass(frozen=True)
 class ConvSpec:
     """Shapes and attributes of one conv layer (NCHW activations, OIHW weights)."""
@@ -111,11 +94,11 @@ class ConvSpec:
             raise QosError(f"conv wants x (N, C, H, W) and w (O, C/groups, kh, kw), got {x_shape} and {w_shape}")
         n, c, h, w = (int(v) for v in x_shape)
         o, cg, kh, kw = (int(v) for v in w_shape)
-        spec = cls(n, c, h, w, o, kh, kw, _pair(stride, "stride"), conv_pads(padding),
-                   _pair(dilation, "dilation"), int(groups), int(pad_code), bool(signed))
+        spec = cls(n, c, h, w, o, kh, kw, pair(stride, "stride"), conv_pads(padding),
+                   pair(dilation, "dilation"), int(groups), int(pad_code), bool(signed))
         if groups < 1 or c % groups or o % groups or c // groups != cg:
             raise QosError(f"groups={groups} does not fit x channels {c} and w {tuple(w_shape)}")
-        lo, hi = (-128, 127) if signed else (0, 255)
+        lo, hi = code_range(signed)
         if not lo <= pad_code <= hi:
             raise QosError(f"pad code {pad_code} outside the {'signed' if signed else 'unsigned'} code range {lo}..{hi}")
         if min(spec.stride + spec.dilation) < 1 or min(spec.padding) < 0:
@@ -148,7 +131,7 @@ class ConvSpec:
 
     @property
     def code_dtype(self) -> str:
-        return _code_dtype(self.signed)
+        return code_dtype(self.signed)
 
     @property
     def macs(self) -> int:
@@ -170,7 +153,7 @@ class DenseSpec:
 
     @property
     def code_dtype(self) -> str:
-        return _code_dtype(self.signed)
+        return code_dtype(self.signed)
 
 
 # --------------------------------------------------------------------------- TE definitions
@@ -219,7 +202,7 @@ def approx_conv2d(x: te.Tensor, w: te.Tensor, lut: te.Tensor, stride: int | Sequ
         raise QosError(f"lut must be an int32 (256, 256) tensor, got {lut.dtype} {tuple(lut.shape)}")
     spec = ConvSpec.make([int(v) for v in x.shape], [int(v) for v in w.shape], stride, padding, dilation,
                          groups, pad_code, s)
-    off = 128 if s else 0
+    off = code_offset(s)
     xp = _padded_index(x, spec.padding, spec.pad_code, off, name + "_pad")
     cg, og = spec.c // spec.groups, spec.o // spec.groups
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
@@ -282,7 +265,7 @@ def masked_conv2d(x: te.Tensor, w: te.Tensor, lut: te.Tensor, stride: int | Sequ
     circuits stays a pointer swap.
     """
     s = _signed_of(x, w, signed)
-    off = 128 if s else 0
+    off = code_offset(s)
     wm = te.compute(tuple(int(v) for v in w.shape),
                     lambda *i: lut[w[i].astype("int32") + off, off + 1].astype(w.dtype),
                     name=name + "_weights", attrs={KERNEL_ATTR: "masked_weights"})
@@ -297,7 +280,7 @@ def approx_dense(x: te.Tensor, w: te.Tensor, lut: te.Tensor, signed: bool | None
         raise QosError(f"lut must be an int32 (256, 256) tensor, got {lut.dtype} {tuple(lut.shape)}")
     if len(x.shape) != 2 or len(w.shape) != 2 or int(x.shape[1]) != int(w.shape[1]):
         raise QosError(f"dense shapes do not match: x {tuple(x.shape)}, w {tuple(w.shape)} (want (N, K), (O, K))")
-    off = 128 if s else 0
+    off = code_offset(s)
     k = te.reduce_axis((0, int(x.shape[1])), "rk")
 
     def idx(v):

@@ -5,8 +5,9 @@ points (the kernel is shared by the OPs; per-OP tensors switch at run time), and
 on every one of their 65,536 table entries before it is used:
 
 * ``masked``  - every circuit is "clear low bits of port A, then multiply exactly"
-  (``lut[a, b] == lut[a, code 1] * code(b)``, the exact circuit included): an exact int8
-  conv on the weights read from the LUT's code-1 column (``kernels.masked_conv2d``).
+  (``multipliers.structure.is_masked``, the exact circuit included; then ``lut[a, b] ==
+  lut[a, code 1] * code(b)``): an exact int8 conv on the weights read from the LUT's code-1
+  column (``kernels.masked_conv2d``).
 * ``lowrank`` - every table is a sum of at most ``lut_factors.MAX_TERMS`` separable
   integer terms (the exact product plus low-rank corrections, or the table's own factors):
   one exact conv over ``T`` factor terms, with the per-OP (T, 256) weight and activation
@@ -15,8 +16,8 @@ on every one of their 65,536 table entries before it is used:
   the terms share its lanes (``lut_dot``, ``lowrank-T-ISA``); else the TE kernel
   (``lut_factors``, ``lowrank-T``).
 * ``rows``    - the target has a byte permute (``lut_rows.rows_isa``: AVX-512 VBMI, NEON)
-  and every table fits 16 bits after one common bias: the per-weight table-row kernel
-  (``lut_rows``).
+  and every table fits 16 bits after one common bias (``multipliers.structure.fits_rows``):
+  the per-weight table-row kernel (``lut_rows``).
 * ``gather``  - the fallback that always works: the scheduled TE lookup conv
   (``kernels.approx_conv2d``).
 
@@ -32,9 +33,10 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import QosError
+from ..multipliers.structure import fits_rows, is_masked
 from . import lut_factors
 from .lut_dot import DOT_ISAS, dot_isa, groups_of
-from .lut_rows import fits_rows, rows_isa
+from .lut_rows import rows_isa
 
 LOWERINGS = ("masked", "lowrank", "rows", "gather")
 #: Kernel time / exact int8 conv time over ResNet-20's convs, measured on the x86-64 host
@@ -71,24 +73,6 @@ class ConvLowering:
         if self.kind != "lowrank":
             return 0
         return groups_of(self.terms, self.isa) * DOT_ISAS[self.isa].group if self.isa else self.terms
-
-
-def _codes(signed: bool) -> np.ndarray:
-    return np.arange(-128, 128, dtype=np.int64) if signed else np.arange(256, dtype=np.int64)
-
-
-def is_masked(lut: np.ndarray, signed: bool) -> bool:
-    """True when ``lut[a, b] == lut[a, code 1] * code(b)`` for all 65,536 entries and the
-    code-1 column is itself a valid weight code (so the exact conv can consume it)."""
-    t = np.asarray(lut, dtype=np.int64)
-    if t.shape != (256, 256):
-        raise QosError(f"a LUT must be (256, 256), got {t.shape}")
-    codes = _codes(signed)
-    col = t[:, int(np.nonzero(codes == 1)[0][0])]
-    lo, hi = (-128, 127) if signed else (0, 255)
-    if col.min() < lo or col.max() > hi:
-        return False
-    return bool(np.array_equal(t, np.outer(col, codes)))
 
 
 def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: frozenset[str],

@@ -34,20 +34,17 @@ Stages (each its own PrimFunc):
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import tvm
+from tvm import te
+from tvm.script import tirx as T
 
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
-
-import tvm  # noqa: E402
-from tvm import te  # noqa: E402
-from tvm.script import tirx as T  # noqa: E402
-
-from ..errors import QosError  # noqa: E402
-from .kernels import _largest_divisor  # noqa: E402
+from ..errors import QosError
+from ..numerics import code_offset
+from .kernels import _largest_divisor
 
 KERNEL_ATTR = "qos_kernel"
 
@@ -150,7 +147,7 @@ def dot_inputs(x: te.Tensor, xtab: te.Tensor, layout: DotLayout, spec: Any, name
     n, c, h, w = spec.x_shape
     pt, pl, pb, pr = spec.padding
     sw = spec.stride[1]
-    off = 128 if spec.signed else 0
+    off = code_offset(spec.signed)
     pad_idx = spec.pad_code + off
 
     def f(nc, q, i, ph, jj, e):
@@ -170,7 +167,7 @@ def dot_weights(w: te.Tensor, wtab: te.Tensor, layout: DotLayout, signed: bool,
     g = layout.group
     bits = 32 // g
     mask = (1 << bits) - 1
-    off = 128 if signed else 0
+    off = code_offset(signed)
 
     def pack(q, a):
         out = tvm.tirx.bitwise_and(wtab[q * g, a].astype("int32"), mask)
@@ -190,7 +187,7 @@ def dot_bias(w: te.Tensor, wtab: te.Tensor, layout: DotLayout, signed: bool, nam
     """(O,) int32: what the activations' ``xoffset`` adds to each output channel, negated
     (``-xoffset * sum`` of every weight factor of the channel)."""
     xoff = DOT_ISAS[layout.isa].xoffset
-    off = 128 if signed else 0
+    off = code_offset(signed)
     t_ = int(wtab.shape[0])
     per_code = te.compute((256,), lambda a: _sum_terms(wtab, a, t_) * (-xoff), name=name + "_codes")
     o, cg, kh, kw = (int(s) for s in w.shape)

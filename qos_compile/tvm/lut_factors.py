@@ -1,8 +1,8 @@
 """Low-rank lowering: an approximate conv as an exact conv over a few factor terms.
 
-Most circuits' tables are a short sum of separable terms (the PyTorch emulator's
-``lowrank`` strategy, ``nn.emulation.plan_for``; every signed EvoApprox circuit has error
-rank <= 4)::
+Most circuits' tables are a short sum of separable terms (``multipliers.structure``, the
+analysis the PyTorch emulator's ``lowrank`` strategy uses too; every signed EvoApprox
+circuit has error rank <= 4)::
 
     lut[a, b] == sum_t wterms[t, a] * xterms[t, b]        (a = weight index, b = activation index)
 
@@ -27,51 +27,27 @@ Cost: about ``T`` exact convs (measured in ``python -m qos_compile.bench.kernels
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import tvm
+from tvm import te
 
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
-
-import tvm  # noqa: E402
-from tvm import te  # noqa: E402
-
-from ..errors import QosError  # noqa: E402
+from ..errors import QosError
+from ..multipliers.structure import Factors, integer_factors
+from ..numerics import INT32_MAX, code_offset
 
 KERNEL_ATTR = "qos_kernel"
 #: Most terms of a layer's factorisation (beyond it the gather kernel is as fast).
 MAX_TERMS = 5
 #: The per-OP graph inputs a low-rank layer adds: ``slot.<layer>.<suffix>``.
 SLOT_SUFFIXES = ("wterms", "xterms")
-_INT32_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class Factors:
-    """Factor tables of one circuit: ``lut == wterms.T @ xterms`` (both (T, 256) int64)."""
-
-    wterms: np.ndarray
-    xterms: np.ndarray
-
-    @property
-    def terms(self) -> int:
-        return int(self.wterms.shape[0])
 
 
 def circuit_factors(lut: np.ndarray, signed: bool, max_terms: int = MAX_TERMS) -> Factors | None:
-    """The emulator's verified integer factorisation of one table (None: none with
-    ``denom == 1`` and at most ``max_terms`` terms), re-checked on all 65,536 entries."""
-    from ..nn.emulation import plan_for
-
-    plan = plan_for(np.asarray(lut, dtype=np.int32), signed=signed, max_terms=max_terms)
-    if plan.strategy == "general" or plan.denom != 1 or plan.terms > max_terms:
-        return None
-    f = Factors(np.asarray(plan.wterms, dtype=np.int64), np.asarray(plan.xterms, dtype=np.int64))
-    if not np.array_equal(f.wterms.T @ f.xterms, np.asarray(lut, dtype=np.int64)):
-        raise QosError("internal error: an emulation plan does not reproduce its table")
-    return f
+    """The verified integer factorisation of one table (``multipliers.structure.integer_factors``;
+    None: none with at most ``max_terms`` terms)."""
+    return integer_factors(lut, signed, max_terms)
 
 
 def _padded(f: Factors, terms: int) -> Factors:
@@ -83,8 +59,8 @@ def operand_dtype(factors: Sequence[Factors]) -> str:
     """Narrowest signed integer type holding every factor of every circuit."""
     hi = max(max(int(f.wterms.max()), int(f.xterms.max())) for f in factors)
     lo = min(min(int(f.wterms.min()), int(f.xterms.min())) for f in factors)
-    for dt, (a, b) in (("int8", (-128, 127)), ("int16", (-2**15, 2**15 - 1))):
-        if a <= lo and hi <= b:
+    for dt in ("int8", "int16"):
+        if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
             return dt
     return "int32"
 
@@ -101,7 +77,7 @@ def layer_terms(luts: Sequence[np.ndarray], signed: bool, taps: int) -> tuple[in
     fs = [circuit_factors(t, signed) for t in luts]
     if any(f is None for f in fs):
         return None
-    if accumulator_bound(fs, taps) > _INT32_MAX:
+    if accumulator_bound(fs, taps) > INT32_MAX:
         return None
     return max(f.terms for f in fs), operand_dtype(fs)
 
@@ -135,7 +111,7 @@ def factored_conv2d(x: te.Tensor, w: te.Tensor, wtab: te.Tensor, xtab: te.Tensor
         raise QosError(f"factor tables must both be (T, 256), got {tuple(wtab.shape)} and {tuple(xtab.shape)}")
     spec = ConvSpec.make([int(v) for v in x.shape], [int(v) for v in w.shape], stride, padding, dilation, groups,
                          pad_code, s)
-    off = 128 if s else 0
+    off = code_offset(s)
     pt, pl, pb, pr = spec.padding
     n, c, h, wd = spec.x_shape
     pad_idx = pad_code + off

@@ -30,19 +30,17 @@ first ``Ho*Wo`` positions. Threads split ``n x o`` (output channels).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import tvm
+from tvm import te
+from tvm.script import tirx as T
 
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
-
-import tvm  # noqa: E402
-from tvm import te  # noqa: E402
-from tvm.script import tirx as T  # noqa: E402
-
-from ..errors import QosError  # noqa: E402
+from ..errors import QosError
+from ..multipliers.structure import fits_rows  # noqa: F401 - the kernel's condition, importable from here
+from ..numerics import LUT_SHAPE, code_offset
 
 #: Byte-permute ISAs with a rows microkernel: lanes (positions per vector) per ISA.
 ROW_ISAS = {"avx512vbmi": 64, "neon": 16}
@@ -60,14 +58,6 @@ def rows_isa(features: frozenset[str]) -> str | None:
     if "neon" in features or "asimd" in features:
         return "neon"
     return None
-
-
-def fits_rows(luts: Sequence[np.ndarray]) -> int | None:
-    """The ``bias`` that makes every table a 16-bit unsigned value, or None if none does."""
-    lo = min(int(np.min(t)) for t in luts)
-    hi = max(int(np.max(t)) for t in luts)
-    bias = -lo if lo < 0 else 0
-    return bias if hi + bias <= 0xFFFF else None
 
 
 @dataclass(frozen=True)
@@ -90,7 +80,7 @@ def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str) -> RowsLa
     """Distinct weight rows and the tile shape for weights ``w`` (O, Cg, kh, kw) codes."""
     if isa not in ROW_ISAS:
         raise QosError(f"no rows microkernel for {isa!r} (have {', '.join(ROW_ISAS)})")
-    idx = w.astype(np.int64).reshape(w.shape[0], -1) + (128 if signed else 0)
+    idx = w.astype(np.int64).reshape(w.shape[0], -1) + code_offset(signed)
     codes, inv = np.unique(idx, return_inverse=True)
     lanes = ROW_ISAS[isa]
     vectors = max(1, min(MAX_VECTORS, -(-positions // lanes)))
@@ -212,7 +202,7 @@ def rows_inputs(x: te.Tensor, kh: int, kw: int, stride: tuple[int, int], padding
     """TE for ``bb.call_te``: the padded table indices of ``x`` packed by ``taps``."""
     from .kernels import _padded_index
 
-    xp = _padded_index(x, padding, pad_code, 128 if signed else 0, "rows_pad")
+    xp = _padded_index(x, padding, pad_code, code_offset(signed), "rows_pad")
     return taps(xp, groups, kh, kw, stride, dilation, ho, wo, p_pad)
 
 
@@ -226,7 +216,7 @@ def rows_stage_funcs(spec: Any, w: np.ndarray, isa: str, bias: int) -> tuple[Row
     """Stand-alone PrimFuncs of the three stages for one conv ``spec`` (kernels.ConvSpec) with
     weights ``w``: ``taps(x) -> tp``, ``planes(lut, codes) -> pl``, ``micro(tp, pl, wrow) -> acc``
     (N, O, P_pad). For benchmarks and tests; the compiler builds the same stages through Relax."""
-    from .kernels import LUT_SHAPE, _finish
+    from .kernels import _finish
 
     layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa)
     xs = te.placeholder(spec.x_shape, spec.code_dtype, name="x")

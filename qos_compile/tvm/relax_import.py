@@ -2,7 +2,7 @@
 
 The stock importer ``tvm.relax.frontend.onnx.from_onnx`` has no hook for custom ops and
 ignores node domains; it looks every converter up through the module-level
-``_get_convert_map()`` (DESIGN.md, "Apache TVM 0.27"). ``from_onnx`` here extends that
+``_get_convert_map()`` (docs/design.md, section 6.2). ``from_onnx`` here extends that
 map, for the duration of one import (under a lock), with two converters:
 
 * ``ApproxConv(X, W, LUT)`` (Conv attributes + ``pad_value``) ->
@@ -27,16 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))   # DESIGN.md: before importing tvm
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend as _frontend
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import tvm  # noqa: E402
-from tvm import relax  # noqa: E402
-from tvm.relax.frontend.onnx import onnx_frontend as _frontend  # noqa: E402
-
-from ..errors import QosError  # noqa: E402
-from . import kernels, lut_dot, lut_factors, lut_rows  # noqa: E402
+from ..errors import QosError
+from ..numerics import code_range
+from . import kernels, lut_dot, lut_factors, lut_rows
 
 __all__ = ["CUSTOM_DOMAIN", "CUSTOM_OPS", "ImportedModel", "from_onnx", "custom_converters"]
 
@@ -103,7 +102,7 @@ class ApproxConvConverter(_frontend.OnnxOpConverter):
             raise QosError(f"ApproxConv: kernel_shape {kshape} does not match W {ws}")
         signed = _dtype(x) == "int8"
         pad_code = int(attr.get("pad_value", 0))
-        lo, hi = (-128, 127) if signed else (0, 255)
+        lo, hi = code_range(signed)
         if not lo <= pad_code <= hi:
             raise QosError(f"ApproxConv: pad_value {pad_code} is not a {_dtype(x)} code")
         conv = dict(stride=_ints(attr, "strides", (1, 1), 2, "ApproxConv"),

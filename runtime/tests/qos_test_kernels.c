@@ -13,7 +13,8 @@
  *   qos_test_scale(acc int32 (1,O), scale f32 (O), shift f32 (O), y f32 (1,O)):
  *       y = float(acc) * scale + shift
  *
- * qos_linked_kernel_lookup() resolves these names (for programs linked with this file).
+ * qos_linked_kernels (the table qos_run_main.c uses) and qos_linked_kernel_lookup() resolve these
+ * names (for programs linked with this file).
  * qos_test_spin (default 0) adds a busy loop per kernel call (race tests widen their window with it).
  */
 #include <stddef.h>
@@ -118,7 +119,8 @@ int32_t qos_test_scale(void* self, const qos_ffi_any* args, int32_t n, qos_ffi_a
   return affine("qos_test_scale", args, n, 0);
 }
 
-static const qos_kernel_entry kTestKernels[] = {
+/* The table qos-run (qos_run_main.c) resolves kernel names through. */
+const qos_kernel_entry qos_linked_kernels[] = {
     {"qos_test_lut_dot", qos_test_lut_dot},
     {"qos_test_requant", qos_test_requant},
     {"qos_test_scale", qos_test_scale},
@@ -127,5 +129,5 @@ static const qos_kernel_entry kTestKernels[] = {
 
 qos_packed_fn qos_linked_kernel_lookup(const char* name, void* user) {
   (void)user;
-  return qos_table_lookup(name, (void*)kTestKernels);
+  return qos_table_lookup(name, (void*)qos_linked_kernels);
 }

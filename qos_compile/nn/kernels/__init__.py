@@ -2,10 +2,11 @@
 GEMM and the activation quantize/expand helpers of the convolution strategies.
 
 The shared object is compiled with the system C compiler (``$CC``, else cc/gcc/clang)
-into ``$QOS_COMPILE_CACHE`` (default ``~/.cache/qos-compile``) under a name keyed by a
-hash of the source, the flags, the compiler and the host CPU (``-march=native`` code
-must not travel to another CPU through a shared home directory). It is written to a
-temporary file and renamed into place, so concurrent processes never see half a file.
+through ``qos_compile.cbuild`` into ``$QOS_COMPILE_CACHE`` (default ``~/.cache/qos-compile``)
+under a name keyed by a hash of the source, the flags, the compiler and the host CPU
+(``-march=native`` code must not travel to another CPU through a shared home directory).
+It is written to a temporary file and renamed into place, so concurrent processes never
+see half a file.
 The kernels use OpenMP with ``torch.get_num_threads()`` threads; in a torch process they
 bind to torch's own GNU OpenMP runtime (same soname) and share its thread pool. Without
 OpenMP support the build falls back to single-threaded kernels.
@@ -14,12 +15,7 @@ OpenMP support the build falls back to single-threaded kernels.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from functools import lru_cache
@@ -28,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ... import cbuild
 from ...errors import QosError
 
 _SOURCE = Path(__file__).with_name("lut_gemm.c")
@@ -44,49 +41,12 @@ _SIGNATURES = {
 
 def cache_dir() -> Path:
     """Where compiled kernels are kept (``$QOS_COMPILE_CACHE`` or ``~/.cache/qos-compile``)."""
-    env = os.environ.get("QOS_COMPILE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "qos-compile"
+    return cbuild.cache_dir()
 
 
-def _compiler() -> str | None:
-    cc = os.environ.get("CC")
-    if cc and shutil.which(cc):
-        return shutil.which(cc)
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _cpu_id() -> str:
-    """Identity of the host CPU's instruction set (the cache key for -march=native builds)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return "\n".join([ln for ln in text.splitlines() if ln.startswith(("flags", "Features", "model name"))][:3])
-    except OSError:
-        return platform.processor()
-
-
-def _build(cc: str, flags: tuple[str, ...]) -> Path:
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), cc.encode(), platform.machine().encode(),
-                                     _cpu_id().encode()])).hexdigest()[:20]
-    out = cache_dir() / f"lut_gemm-{key}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".lut_gemm-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise QosError(f"compiling {_SOURCE.name} failed: {proc.stderr.strip()[:500]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+def _build(cc: list[str], flags: tuple[str, ...]) -> Path:
+    """``lut_gemm-<hash>.so`` in the cache (the hash covers the CPU: the flags ask for -march=native)."""
+    return cbuild.cached_compile(cc, [_SOURCE], "lut_gemm.so", flags=flags, out_dir=cache_dir(), what=_SOURCE.name)
 
 
 @lru_cache(maxsize=2)
@@ -97,9 +57,10 @@ def load(portable: bool = False) -> ctypes.CDLL | None:
     """
     if os.environ.get("QOS_COMPILE_NO_CKERNEL"):
         return None
-    cc = _compiler()
-    if cc is None:
-        warnings.warn("qos-compile: no C compiler found; approximate layers use slower torch fallbacks",
+    try:
+        cc = cbuild.find_compiler()
+    except QosError as exc:
+        warnings.warn(f"qos-compile: {exc}; approximate layers use slower torch fallbacks",
                       RuntimeWarning, stacklevel=2)
         return None
     extra = ("-DQOS_PORTABLE",) if portable else ()

@@ -13,6 +13,14 @@
 #include <stdint.h>
 #include <string.h>
 
+/* OpenMP loops only in the -fopenmp build; the single-threaded fallback build (a compiler
+ * without OpenMP) drops them instead of warning about unknown pragmas. */
+#ifdef _OPENMP
+#define QOS_OMP(directive) _Pragma(directive)
+#else
+#define QOS_OMP(directive)
+#endif
+
 #define PBLK 256 /* positions per tile: 4 zmm of 64 bytes */
 #define KCHUNK 256 /* k steps per 16-bit flush: 256 * 255 < 2^16 */
 
@@ -110,7 +118,7 @@ int qos_lut_gemm(const uint8_t *x, const uint8_t *w, const int32_t *lut, const u
     (void)lo;
     const uint32_t *t = (const uint32_t *)lut;
 #endif
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+QOS_OMP("omp parallel for schedule(dynamic, 1) num_threads(nthreads)")
     for (int64_t tile = 0; tile < tiles; tile++) {
         int64_t o = tile % O, pb = (tile / O) % npb, bg = tile / O / npb;
         int64_t g = bg % G, p0 = pb * PBLK, npos = P - p0 < PBLK ? P - p0 : PBLK;
@@ -148,7 +156,7 @@ int qos_quantize(const float *x, int64_t n, float inv, float z, float qmin, floa
                  uint8_t *range, int nthreads) {
     if (n < 0 || nthreads < 1) return -1;
     int lo = 255, hi = 0;
-#pragma omp parallel for reduction(min : lo) reduction(max : hi) schedule(static) num_threads(nthreads)
+QOS_OMP("omp parallel for reduction(min : lo) reduction(max : hi) schedule(static) num_threads(nthreads)")
     for (int64_t i = 0; i < n; i++) {
         float q = nearbyintf(x[i] * inv) + z;
         q = q < qmin ? qmin : (q > qmax ? qmax : q);
@@ -168,7 +176,7 @@ int qos_quantize(const float *x, int64_t n, float inv, float z, float qmin, floa
 int qos_expand(const uint8_t *idx, const float *tab, float *out, int64_t rows, int64_t T, int64_t inner,
                int nthreads) {
     if (rows < 0 || T < 1 || inner < 0 || nthreads < 1) return -1;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
+QOS_OMP("omp parallel for schedule(static) num_threads(nthreads)")
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *src = idx + (r / T) * inner;
         const float *row = tab + (r % T) * 256;

@@ -50,14 +50,23 @@ void* qos_shim_lookup_symbol(const char* name) {
   return NULL;
 }
 
+/* Only kernel entries: a kernel registers as "__tvm_ffi_<symbol>"; the registry also holds data
+ * ("<prefix>__tvm_ffi__library_ctx"), which must never be returned as a function. */
 qos_shim_packed_fn qos_shim_get_function(const char* name) {
+  static const char kCtx[] = "__tvm_ffi__library_ctx";
   char buf[512];
-  void* p = NULL;
-  if (strncmp(name, "__tvm_ffi_", 10) != 0 && strlen(name) + 11 <= sizeof(buf)) {
+  const char* key = name;
+  size_t n;
+  void* p;
+  if (name == NULL) return NULL;
+  if (strncmp(name, "__tvm_ffi_", 10) != 0) {
+    if (strlen(name) + 11 > sizeof(buf)) return NULL;
     snprintf(buf, sizeof(buf), "__tvm_ffi_%s", name);
-    p = qos_shim_lookup_symbol(buf);
+    key = buf;
   }
-  if (p == NULL) p = qos_shim_lookup_symbol(name);
+  n = strlen(key);
+  if (n >= sizeof(kCtx) - 1 && strcmp(key + n - (sizeof(kCtx) - 1), kCtx) == 0) return NULL;
+  p = qos_shim_lookup_symbol(key);
   /* data pointer -> function pointer: the registry stores both kinds (POSIX allows this) */
   return p ? *(qos_shim_packed_fn*)&p : NULL;
 }

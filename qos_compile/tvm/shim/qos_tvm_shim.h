@@ -33,7 +33,9 @@ typedef int (*qos_shim_packed_fn)(void* self, const TVMFFIAny* args, int32_t num
 /* Raw registry: the pointer registered under exactly `name`, or NULL. */
 void* qos_shim_lookup_symbol(const char* name);
 
-/* The kernel whose global symbol is `name` ("foo" or "__tvm_ffi_foo"), or NULL. */
+/* The kernel whose global symbol is `name` ("foo" or "__tvm_ffi_foo"), or NULL: only kernel entries
+ * ("__tvm_ffi_<symbol>"), never other registered data such as a library context. A compiled model's
+ * qos-run resolves manifest names through its own kernel table instead (qos_compile/tvm/plan.py). */
 qos_shim_packed_fn qos_shim_get_function(const char* name);
 
 /* Registered symbols, for listing: count and the i-th name (NULL when out of range). */

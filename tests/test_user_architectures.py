@@ -1,0 +1,456 @@
+"""A user's own networks, not from the model zoo, end to end: wrap_model with a few circuits and
+2-3 operating points (different circuits per OP), brief calibration, ``compile_qnet`` for x86-64
+(and aarch64 when the cross compiler and qemu are installed), then ``qos-run`` at every OP against
+
+* onnxruntime on the compiled output's ``model.onnx``: bit for bit, except for the network with
+  sigmoid/SiLU (each runtime has its own ``exp``), which is held to the PyTorch tolerance below;
+* the PyTorch APPROX emulation: the tolerance of tests/test_qos_run.py (every logit within 2 % of
+  the OP's largest |logit|; top-1 agreement >= 99.9 % on samples that are not ties at the
+  measured resolution, >= 99 % on all);
+* qos-run on aarch64 (under qemu): bit for bit with x86-64.
+
+The eight networks are written here with plain ``F.relu``/``torch.cat``/... spellings and cover
+depthwise and grouped/dilated convolutions, 5x5 with padding 0, non-square inputs and pools,
+concatenation, squeeze-and-excitation (sigmoid, broadcast multiply, hardswish, SiLU), biases
+with and without BatchNorm, an MLP with per-OP BatchNorm1d on [N, F] inputs and residual
+1x1 projections with nearest upsampling. Each is built and compiled once per session.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from qos_compile.nn import Mode, MultiBatchNorm, MultiBatchNorm1d, QoSNet, QuantConfig, wrap_model  # noqa: E402
+from test_compile import HAVE_ARM  # noqa: E402
+
+pytest.importorskip("onnxruntime")
+
+TOP1_MIN = 0.999          # samples that are not ties at the measured resolution
+TOP1_MIN_ALL = 0.99       # all samples
+REL_TOL = 0.02
+BATCH = 32                # compiled batch; qos-run streams EVAL_SAMPLES / BATCH inputs in one process
+EVAL_SAMPLES = 256
+UNSIGNED = ["mul8u_1JFF", "mul8u_1446", "mul8u_27Y", "mul8u_Y48", "mul8u_JQQ"]   # 1JFF = exact
+SIGNED = ["mul8s_1KVB", "mul8s_1KX2", "mul8s_1L2H", "mul8s_1KR6"]
+
+
+# --------------------------------------------------------------------------- the networks
+class DepthwiseSeparable(nn.Module):
+    """MobileNet-v1 style: 3x3 stem, twice depthwise 3x3 stride 2 + pointwise 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw1, self.bn1 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.pw1, self.bn2 = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.dw2, self.bn3 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.pw2, self.bn4 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.bn0(self.stem(x)))
+        x = F.relu(self.bn1(self.dw1(x)))
+        x = F.relu6(self.bn2(self.pw1(x)))
+        x = F.relu(self.bn3(self.dw2(x)))
+        x = F.relu(self.bn4(self.pw2(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class GroupedDilated(nn.Module):
+    """A conv with bias followed by BatchNorm, a grouped dilated 5x5 and a grouped 5x5, both padding 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8)
+        self.g1, self.bn1 = nn.Conv2d(8, 16, 5, dilation=2, padding=0, groups=4, bias=False), nn.BatchNorm2d(16)
+        self.g2, self.bn2 = nn.Conv2d(16, 16, 5, padding=0, groups=2, bias=False), nn.BatchNorm2d(16)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn0(self.stem(x)))        # 16x16
+        x = self.bn1(self.g1(x)).relu()              # 16 - 2*4 = 8x8
+        x = F.hardtanh(self.bn2(self.g2(x)), 0.0, 4.0)   # 4x4
+        return self.fc(self.pool(x).flatten(1))
+
+
+class NonSquarePools(nn.Module):
+    """12x16 input, non-square kernels/strides, max, average (count_include_pad=False) and adaptive pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(1, 8, (3, 5), padding=(1, 2), bias=False), nn.BatchNorm2d(8)
+        self.pool1 = nn.MaxPool2d(2)
+        self.c2, self.bn2 = nn.Conv2d(8, 16, 3, stride=(1, 2), padding=1, bias=False), nn.BatchNorm2d(16)
+        self.pool2 = nn.AvgPool2d(2)
+        self.c3, self.bn3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.gap = nn.AdaptiveAvgPool2d((1, 2))
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(F.relu(self.bn1(self.c1(x))))          # 6x8
+        x = self.pool2(F.relu(self.bn2(self.c2(x))))          # 6x4 -> 3x2
+        x = F.relu(self.bn3(self.c3(x)))
+        x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return self.fc(self.flat(self.gap(x)))
+
+
+class DenseConcat(nn.Module):
+    """DenseNet style: pre-activation BatchNorm (standalone, per OP), torch.cat growth, 1x1 transition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bns = nn.ModuleList([nn.BatchNorm2d(8), nn.BatchNorm2d(12)])
+        self.convs = nn.ModuleList([nn.Conv2d(8, 4, 3, padding=1, bias=False), nn.Conv2d(12, 4, 3, padding=1,
+                                                                                          bias=False)])
+        self.trans_bn, self.trans = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1, bias=False)
+        self.bn3, self.conv3 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.final_bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for bn, conv in zip(self.bns, self.convs):
+            x = torch.cat([x, conv(F.relu(bn(x)))], 1)
+        x = F.avg_pool2d(self.trans(F.relu(self.trans_bn(x))), 2)     # 16 -> 8 channels, 8x8
+        x = torch.cat((x, self.conv3(F.relu(self.bn3(x)))), dim=1)
+        x = F.relu(self.final_bn(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class SqueezeExcite(nn.Module):
+    """Hardswish activations, a squeeze-and-excitation block (sigmoid gate, y * s with s [N, C, 1, 1]), SiLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.hs = nn.Hardswish()
+        self.dw, self.bn1 = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False), nn.BatchNorm2d(16)
+        self.se1, self.se2 = nn.Linear(16, 4), nn.Linear(4, 16)
+        self.pw, self.bn2 = nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.silu = nn.SiLU()
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.hs(self.bn0(self.stem(x)))
+        y = F.hardswish(self.bn1(self.dw(x)))                          # 8x8
+        s = F.adaptive_avg_pool2d(y, 1).flatten(1)
+        s = torch.sigmoid(self.se2(F.relu(self.se1(s))))
+        y = y * s.view(-1, 16, 1, 1)
+        y = self.silu(self.bn2(self.pw(y)))
+        y = F.avg_pool2d(y, 2)
+        return self.fc(y.mean((2, 3)))
+
+
+class BiasNoBatchNorm(nn.Module):
+    """LeNet style: every layer has a bias and no BatchNorm; Tensor-method spellings; dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 5, padding=2)
+        self.c2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.c1(x).relu(), 2)                          # 8x8
+        x = torch.relu(self.c2(x))                                      # 4x4
+        x = x.view(x.size(0), -1)
+        return self.fc2(self.drop(F.relu(self.fc1(x))))
+
+
+class MlpBatchNorm1d(nn.Module):
+    """An MLP on [N, 64] with per-OP BatchNorm1d after a linear layer without and with bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(64, 16, bias=False), nn.BatchNorm1d(16)
+        self.fc2, self.bn2 = nn.Linear(16, 16), nn.BatchNorm1d(16)
+        self.fc3 = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.fc1(x)))
+        x = F.dropout(F.relu6(self.bn2(self.fc2(x))), 0.1, self.training)
+        return self.fc3(x)
+
+
+class ResidualUpsample(nn.Module):
+    """A residual block with a strided 1x1 projection, nearest upsampling (F.interpolate and nn.Upsample)
+    merged with a lateral 1x1 projection (FPN style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.a1, self.bn1 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.a2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.proj, self.bnp = nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16)
+        self.lateral, self.bnl = nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.up = nn.Upsample(size=(16, 16), mode="nearest")
+        self.head, self.bnh = nn.Conv2d(16, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = F.relu(self.bn0(self.stem(x)))                                        # 8x8
+        y = F.relu(self.bn2(self.a2(F.relu(self.bn1(self.a1(s))))) + self.bnp(self.proj(s)))   # 4x4
+        z = F.relu(F.interpolate(y, scale_factor=2, mode="nearest") + self.bnl(self.lateral(s)))   # 8x8
+        z = F.relu(self.bnh(self.head(self.up(z))))                               # 16x16 -> 8x8
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
+
+
+@dataclass(frozen=True)
+class Spec:
+    make: Callable[[], nn.Module]
+    circuits: list[str]
+    num_ops: int
+    data: str = "image"               # "image" 1x16x16, "nonsquare" 1x12x16, "vector" 64
+    transcendental: bool = False      # sigmoid / SiLU: onnxruntime vs qos-run within tolerance
+    qconfig: QuantConfig | None = None
+
+
+ARCHS: dict[str, Spec] = {
+    "depthwise_separable": Spec(DepthwiseSeparable, UNSIGNED, 3),
+    "grouped_dilated_5x5": Spec(GroupedDilated, UNSIGNED, 3),
+    "nonsquare_pools": Spec(NonSquarePools, UNSIGNED[:3], 2, data="nonsquare"),
+    "dense_concat": Spec(DenseConcat, UNSIGNED, 3),
+    "squeeze_excite": Spec(SqueezeExcite, UNSIGNED, 3, transcendental=True),
+    "bias_no_bn": Spec(BiasNoBatchNorm, SIGNED, 2, qconfig=QuantConfig(per_channel=True)),
+    "mlp_batchnorm1d": Spec(MlpBatchNorm1d, SIGNED, 3, data="vector", qconfig=QuantConfig(per_channel=True)),
+    "residual_upsample": Spec(ResidualUpsample, UNSIGNED, 3),
+}
+
+
+# --------------------------------------------------------------------------- building (once per arch)
+@dataclass
+class Built:
+    qnet: QoSNet
+    x: np.ndarray                          # EVAL_SAMPLES inputs, float32
+    torch_out: list[np.ndarray]            # PyTorch APPROX emulation per OP
+    outs: dict[str, Path] = field(default_factory=dict)        # target -> compile_qnet output
+    reports: dict[str, dict] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from qos_compile.data.digits import load_digits_splits
+
+    splits = load_digits_splits(16, 0)
+    xtr, ytr = splits.train.tensors
+    xte, _ = splits.test.tensors
+    return xtr, ytr, xte
+
+
+def _inputs(x: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "nonsquare":
+        return x[:, :, 2:14, :].contiguous()
+    if kind == "vector":
+        return F.avg_pool2d(x, 2).flatten(1)
+    return x
+
+
+def _assign(qnet: QoSNet) -> None:
+    """OP 0 on circuit 0 everywhere; every later OP alternates two circuits of its own."""
+    n, m = len(qnet.approx_layers()), len(qnet.bank)
+    rows = [[0] * n]
+    for op in range(1, qnet.num_ops):
+        a, b = (2 * op - 1) % m, (2 * op) % m
+        rows.append([a if i % 2 else b for i in range(n)])
+    qnet.set_assignment(rows)
+
+
+def _calibrate(qnet: QoSNet, x: torch.Tensor) -> None:
+    """Observers from QUANT-mode training passes; each OP's BatchNorm statistics re-estimated in APPROX
+    mode and perturbed a little per OP (as per-OP fine-tuning would leave them); eval + APPROX."""
+    qnet.set_mode(Mode.QUANT)
+    qnet.train()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i in range(0, len(x), 128):
+            qnet(x[i:i + 128])
+        qnet.freeze_observers()
+        qnet.set_mode(Mode.APPROX)
+        bns = [m for m in qnet.modules() if isinstance(m, MultiBatchNorm)]
+        for op in range(qnet.num_ops):
+            qnet.set_operating_point(op)
+            for m in bns:
+                m.bns[op].reset_running_stats()
+                m.bns[op].momentum = None              # cumulative average over these passes
+            for i in range(0, len(x), 128):
+                qnet(x[i:i + 128])
+            for m in bns:
+                m.bns[op].momentum = 0.1
+                m.bns[op].weight.mul_(1 + 0.05 * torch.randn(m.num_features, generator=gen))
+                m.bns[op].bias.add_(0.02 * torch.randn(m.num_features, generator=gen))
+    qnet.eval()
+    qnet.set_operating_point(0)
+
+
+@functools.lru_cache(maxsize=None)
+def built(name: str) -> Built:
+    """Train the float network briefly (real logit margins), wrap, assign, calibrate, compile for x86-64."""
+    spec = ARCHS[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # many tiny ops: one thread is faster on a shared 2-core machine
+    try:
+        xtr, ytr, xte = _digits()
+        xtr, xte = _inputs(xtr, spec.data), _inputs(xte, spec.data)
+        torch.manual_seed(0)
+        model = spec.make()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        model.train()
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(60):
+            idx = torch.randint(0, len(xtr), (64,), generator=gen)
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        qnet = wrap_model(model, spec.circuits, num_ops=spec.num_ops, qconfig=spec.qconfig,
+                          input_shape=tuple(xtr.shape[1:]))
+        _assign(qnet)
+        _calibrate(qnet, xtr[:512])
+        x = torch.cat([xte, xtr[:EVAL_SAMPLES]])[:EVAL_SAMPLES]
+        torch_out = []
+        with torch.no_grad():
+            for op in range(qnet.num_ops):
+                qnet.set_operating_point(op)
+                torch_out.append(qnet(x).numpy())
+        qnet.set_operating_point(0)
+        b = Built(qnet, x.numpy().astype(np.float32), torch_out)
+        _compile(b, name, "x86_64")
+    finally:
+        torch.set_num_threads(threads)
+    return b
+
+
+_ROOT = Path(tempfile.mkdtemp(prefix="qos_user_arch_"))
+atexit.register(shutil.rmtree, _ROOT, True)
+
+
+def _compile(b: Built, name: str, target: str) -> Path:
+    from qos_compile.compiler import compile_qnet
+
+    if target not in b.outs:
+        out = _ROOT / f"{name}-{target}"
+        # aarch64: the test runs qos-run under qemu itself, the compiler's own check would repeat it
+        res = compile_qnet(b.qnet, target, out, batch=BATCH, threads=2, verify=target == "x86_64")
+        b.outs[target], b.reports[target] = out, res.report
+    return b.outs[target]
+
+
+def _qos_run(out: Path, x: np.ndarray, op: int, prefix: tuple[str, ...] = ()) -> np.ndarray:
+    """qos-run at ``op`` over ``x`` streamed as len(x) / BATCH inputs of the compiled batch."""
+    inp, res = out / f"_in_{op}.bin", out / f"_out_{op}.bin"
+    np.ascontiguousarray(x).tofile(inp)
+    proc = subprocess.run([*prefix, str(out / "qos-run"), str(out / "model.qosm"), "--op", str(op), "--input",
+                           str(inp), "--output", str(res)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return np.fromfile(res, dtype=np.float32).reshape(len(x), -1)
+
+
+@functools.lru_cache(maxsize=None)
+def x86_outputs(name: str) -> tuple[np.ndarray, ...]:
+    b = built(name)
+    return tuple(_qos_run(b.outs["x86_64"], b.x, op) for op in range(b.qnet.num_ops))
+
+
+def _assert_close(y: np.ndarray, t: np.ndarray, what: str) -> None:
+    """test_qos_run.py's tolerance: every logit within REL_TOL of the largest |logit|, top-1 agreement."""
+    agree = y.argmax(1) == t.argmax(1)
+    top2 = np.sort(t, 1)[:, -2:]
+    tie = (top2[:, 1] - top2[:, 0]) <= 2 * np.max(np.abs(y - t), 1)
+    assert float(np.mean(agree[~tie])) >= TOP1_MIN, (what, np.nonzero(~agree & ~tie)[0])
+    assert float(np.mean(agree)) >= TOP1_MIN_ALL, (what, float(np.mean(agree)))
+    assert np.max(np.abs(y - t)) <= REL_TOL * np.max(np.abs(t)), (what, float(np.max(np.abs(y - t))))
+
+
+NAMES = list(ARCHS)
+
+
+# --------------------------------------------------------------------------- tests
+def test_eight_architectures_outside_the_zoo():
+    import qos_compile.models as zoo
+
+    assert len(ARCHS) == 8
+    zoo_classes = {v.__name__ for v in vars(zoo).values() if isinstance(v, type)}
+    assert not zoo_classes & {spec.make.__name__ for spec in ARCHS.values()}
+    assert not set(zoo.model_names()) & set(ARCHS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrapped_per_op_layers(name):
+    """Every Conv2d/Linear became approximate and every BatchNorm (1d too) one copy per OP, saved as bns.<op>."""
+    b = built(name)
+    net, n_ops = b.qnet, b.qnet.num_ops
+    assert net.architecture is not None
+    copies = {id(c) for m in net.modules() if isinstance(m, MultiBatchNorm) for c in m.bns}
+    float_left = [n for n, m in net.net.named_modules()
+                  if type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d) and id(m) not in copies]
+    assert not float_left
+    keys = net.state_dict().keys()
+    for mname, mod in net.net.named_modules():
+        if isinstance(mod, MultiBatchNorm):
+            assert len(mod.bns) == n_ops
+            assert all(f"net.{mname}.bns.{op}.running_mean" in keys for op in range(n_ops))
+    if name == "mlp_batchnorm1d":
+        assert isinstance(net.net.bn1, MultiBatchNorm1d) and isinstance(net.net.bn2, MultiBatchNorm1d)
+    # the OPs really differ (different circuits per OP)
+    assert len({o.tobytes() for o in b.torch_out}) == n_ops
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_qos_run_matches_onnxruntime(name):
+    """qos-run (x86-64) == onnxruntime on the exported model.onnx, every OP; bit for bit unless the
+    network has a transcendental op."""
+    from qos_compile.onnx import run_onnxruntime
+
+    b, spec = built(name), ARCHS[name]
+    report = b.reports["x86_64"]["verification"]
+    assert report["ran"] and report["ok"], report
+    for op, got in enumerate(x86_outputs(name)):
+        want = run_onnxruntime(b.outs["x86_64"] / "model.onnx", b.x, op, batch_size=64, threads=1)
+        if spec.transcendental:
+            _assert_close(got, want, f"{name} OP {op}: qos-run vs onnxruntime")
+        else:
+            assert np.array_equal(got, want), (name, op, float(np.max(np.abs(got - want))))
+    if not spec.transcendental:
+        assert report["bit_exact"], report
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_qos_run_matches_pytorch_emulation(name):
+    b = built(name)
+    for op, got in enumerate(x86_outputs(name)):
+        _assert_close(got, b.torch_out[op], f"{name} OP {op}: qos-run vs PyTorch APPROX")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_aarch64_bit_exact_with_x86(name):
+    if not HAVE_ARM:
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64-static")
+    from qos_compile.targets import get_target
+
+    b = built(name)
+    out = _compile(b, name, "aarch64")
+    prefix = tuple(get_target("aarch64").run_prefix())
+    for op, want in enumerate(x86_outputs(name)):
+        got = _qos_run(out, b.x, op, prefix)
+        assert np.array_equal(got, want), (name, op, float(np.max(np.abs(got - want))))
