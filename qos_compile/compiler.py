@@ -305,11 +305,23 @@ def _layer_macs(layer: Any) -> int:
     return int(layer.terms) * int(np.prod(layer.output_shape))
 
 
+def _assign_column(qnet: Any, ex: Any) -> dict[str, int]:
+    """Export layer name -> its column in ``qnet.assignment()``. The columns follow the layers'
+    definition order, ``ex.layers`` their call order; a user's model may differ in the two."""
+    col = {info.name: j for j, info in enumerate(qnet.approx_layers())}
+    missing = [layer.name for layer in ex.layers if layer.name not in col]
+    if missing:
+        raise QosError(f"exported layer {missing[0]} is not an approximate layer of the model")
+    return col
+
+
 def _per_op_table(qnet: Any, ex: Any, meta: dict[str, Any], op_names: list[str]) -> list[dict[str, Any]]:
     """Per OP: circuits per layer, relative multiplication power (checkpoint meta, else the
     MAC-weighted power model of qos_compile.search.power), accuracy if the meta has it."""
     bank = qnet.bank
-    assign = np.asarray(qnet.assignment(), dtype=np.int64)
+    col = _assign_column(qnet, ex)
+    # assignment columns in export order, so they pair with the MACs of the same layer
+    assign = np.asarray(qnet.assignment(), dtype=np.int64)[:, [col[layer.name] for layer in ex.layers]]
     macs = [_layer_macs(layer) for layer in ex.layers]
     computed: list[float | None] = [None] * qnet.num_ops
     try:
@@ -344,18 +356,22 @@ def _per_op_table(qnet: Any, ex: Any, meta: dict[str, Any], op_names: list[str])
 # --------------------------------------------------------------------------- stages
 def _layer_lowerings(qnet: Any, ex: Any, t: Any, lowering: str) -> dict[str, Any]:
     """Per conv layer: the kernel that computes it on ``t`` (``tvm.lowering``), verified on
-    every circuit the layer runs over the OPs. ``lowering``: "auto" or one kind to force
-    (with the gather kernel where it does not fit)."""
-    from .tvm.lowering import LOWERINGS, choose_conv_lowering
+    every circuit the layer runs over the OPs. ``lowering``: "auto", a family or a registry
+    name (``tvm.variants``) to force (with the gather kernel where it does not fit)."""
+    from .tvm.lowering import choose_conv_lowering, lowering_allow
+    from .tvm.variants import FAMILIES, LOWERING_CHOICES
 
-    if lowering != "auto" and lowering not in LOWERINGS:
-        raise QosError(f"--lowering must be auto or one of {', '.join(LOWERINGS)}, got {lowering!r}")
-    allow = LOWERINGS if lowering == "auto" else (lowering, "gather")
+    if lowering not in LOWERING_CHOICES:
+        raise QosError(f"--lowering must be auto, a family ({', '.join(FAMILIES)}) or a kernel variant's "
+                       f"registry name (python -m qos_compile.tvm.variants), got {lowering!r}")
+    allow = lowering_allow(lowering)
     assign = qnet.assignment()
+    col = _assign_column(qnet, ex)
     out = {}
-    for j, layer in enumerate(ex.layers):
+    for layer in ex.layers:
         if layer.kind != "conv":
             continue
+        j = col[layer.name]
         luts = [qnet.bank.luts[int(m)].detach().cpu().numpy() for m in sorted({int(row[j]) for row in assign})]
         out[layer.name] = choose_conv_lowering(luts, bool(qnet.bank.signed), t.features, allow,
                                                taps=layer.terms, costs=t.kernel_costs)
@@ -373,10 +389,12 @@ def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, d
 
     assign, signed = qnet.assignment(), bool(qnet.bank.signed)
     values: dict[str, list[np.ndarray]] = {}
-    for j, layer in enumerate(ex.layers):
+    col = _assign_column(qnet, ex)
+    for layer in ex.layers:
         low = lowerings.get(layer.name)
         if low is None or low.kind != "lowrank":
             continue
+        j = col[layer.name]
         tables = {m: layer_factors(qnet.bank.luts[m].detach().cpu().numpy(), signed, low.slot_terms, low.dtype)
                   for m in sorted({int(row[j]) for row in assign})}
         for k, suffix in enumerate(SLOT_SUFFIXES):
@@ -468,8 +486,10 @@ def _write_manifest(path: Path, plan: Any, symbols: dict[str, str], qnet: Any, e
 
     bank = qnet.bank
     assign = qnet.assignment()
-    if [layer.name for layer in ex.layers] != [info.name for info in qnet.approx_layers()]:
-        raise QosError("the exported layers are not in the model's assignment order")
+    # manifest layers in the assignment's (definition) order; the plan names them
+    names = [info.name for info in qnet.approx_layers()]
+    if sorted(names) != sorted(layer.name for layer in ex.layers):
+        raise QosError("the exported layers are not the model's approximate layers")
     w = ManifestWriter()
     for name in op_names:
         w.add_op(name)
@@ -480,8 +500,8 @@ def _write_manifest(path: Path, plan: Any, symbols: dict[str, str], qnet: Any, e
                                        sha256=bank.sha256[m],
                                        power_mw=float("nan") if bank.power_mw[m] is None else float(bank.power_mw[m]))
     layer_index = {}
-    for j, layer in enumerate(ex.layers):
-        layer_index[layer.name] = w.add_layer(layer.name)
+    for name in names:
+        layer_index[name] = w.add_layer(name)
     for op, row in enumerate(assign):
         for j, m in enumerate(row):
             w.set_assign(op, j, bank_ids[int(m)])
@@ -682,6 +702,7 @@ def _run_stages(qnet: Any, meta: Records, t: Any, out_dir: Path, tmp: Path, buil
     pr.start("relax")
     from .tvm import plan as tvm_plan
     from .tvm.relax_import import from_onnx
+    from .tvm.variants import dense_kernel_name
 
     in_name = slotted.model.graph.input[0].name
     lowerings = _layer_lowerings(qnet, slotted, t, lowering)
@@ -719,7 +740,8 @@ def _run_stages(qnet: Any, meta: Records, t: Any, out_dir: Path, tmp: Path, buil
         "ops": [{k: r[k] for k in ("name", "circuits", "relative_power", "accuracy")} for r in per_op],
         "layers": [{"name": layer.name, "kind": layer.kind, "x_scale": float(layer.x_scale),
                     "x_zero_point": int(layer.x_zero_point), "macs": _layer_macs(layer),
-                    "kernel": lowerings[layer.name].describe() if layer.name in lowerings else "gather"}
+                    "kernel": lowerings[layer.name].describe() if layer.name in lowerings
+                    else dense_kernel_name(bool(qnet.bank.signed))}
                    for layer in slotted.layers],
     }
     if meta.normalization is not None:

@@ -792,9 +792,11 @@ def check_architecture(record: Any, input_shape: Sequence[int], max_params: int 
                                    f"(at node {n.name})")
             return out
 
+    shape_pass = ShapePass(gm)
+    shape_pass.extra_traceback = False  # fx would append the node's traceback to our one-line errors
     try:
         with torch.no_grad():
-            out = ShapePass(gm).run(torch.empty((1, *input_shape), device="meta"))
+            out = shape_pass.run(torch.empty((1, *input_shape), device="meta"))
     except QosError:
         raise
     except Exception as e:  # noqa: BLE001 - a shape error of any op: the record does not fit the input
@@ -929,7 +931,8 @@ def _quantized(top: _Obj, version: int) -> dict[str, Any]:
         kind = lo.str("kind", 20)
         if kind not in ("conv", "linear"):
             raise _Bad(f"meta.layers[{i}].kind", f"= {kind!r} is not 'conv' or 'linear'")
-        layers.append(Layer(name=lo.str("name", LIMITS.name_chars), kind=kind, macs=lo.int("macs", 0, LIMITS.macs, None)))
+        layers.append(Layer(name=lo.str("name", LIMITS.name_chars), kind=kind,
+                            macs=lo.int("macs", 0, LIMITS.macs, None)))
     _names([x.name for x in layers], "meta.layers (names)", LIMITS.layers)
     raw_bank = top.list("bank", LIMITS.circuits)
     if not raw_bank:

@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .data import DatasetSplits, ImageDataset, load_dataset
-from .data.core import with_normalization
+from .data.core import check_image_size, with_normalization
 from .errors import QosError
 from .model_schema import DatasetRecord, ModelMeta, Records, records_of
 from .finetune import (FinetuneConfig, evaluate_ops, expand_operating_points, finetune_bn, finetune_full,
@@ -137,8 +137,6 @@ class PipelineConfig:
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def __post_init__(self) -> None:
-        from .data.core import check_image_size
-
         object.__setattr__(self, "scales", check_scales(self.scales))
         # JSON (a stored config) gives lists: back to the tuple/int spellings
         object.__setattr__(self, "image_size", check_image_size(self.image_size, None))
@@ -688,6 +686,9 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
 
     # the user's model is built (their code runs) and checked now, so bad input fails before any work
     user_model = build_float_model(cfg, splits) if is_user_model(cfg.model) else None
+    if cfg.float_weights:  # likewise weights that do not fit the model
+        _load_user_weights(user_model if user_model is not None else build_float_model(cfg, splits),
+                           cfg.float_weights)
 
     total = 6 if cfg.baseline == "full" else 5
     stage_seconds: dict[str, float] = {}

@@ -109,7 +109,7 @@
 
 /* kernel record: A kernel function with TVM's packed ABI. */
 #define QOSM_KERNEL_SIZE 8
-#define QOSM_OFF_KERNEL_NAME 0  /* uint32_t: string, non-empty: the symbol the host's lookup callback resolves */
+#define QOSM_OFF_KERNEL_NAME 0  /* uint32_t: string, non-empty: the kernel's symbol, resolved only through the program's table of its own kernels */
 #define QOSM_OFF_KERNEL_FLAGS 4  /* uint32_t: must be 0 */
 
 /* op record: An operating point. */

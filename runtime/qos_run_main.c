@@ -257,6 +257,26 @@ static int profile_steps(qos_model* m, long n) {
   return rc;
 }
 
+/* "qos-run: [what: ]msg (code)" as ONE line: kernel messages (TVM's) span several lines, and a
+ * manifest's names may hold control characters; both are shown with spaces instead. */
+static void print_error(const char* what, const char* msg, int rc) {
+  const char* p;
+  int space = 0;
+  fputs("qos-run: ", stderr);
+  if (what) fprintf(stderr, "%s: ", what);
+  for (p = msg ? msg : ""; *p; p++) {
+    unsigned char c = (unsigned char)*p;
+    if (c < 0x20 || c == 0x7f) {
+      space = 1;
+      continue;
+    }
+    if (space) fputc(' ', stderr);
+    space = 0;
+    fputc(c, stderr);
+  }
+  fprintf(stderr, " (%s)\n", qos_strerror(rc));
+}
+
 /* Exit status for a failed qos_open_*: a bad or unusable file is 2, running out of memory 1. */
 static int open_status(int rc) { return rc == QOS_ERR_NOMEM ? 1 : 2; }
 
@@ -323,7 +343,7 @@ int main(int argc, char** argv) {
   }
   rc = qos_open_file(model_path, qos_table_lookup, (void*)qos_linked_kernels, &m, err, sizeof err);
   if (rc != QOS_OK) {
-    fprintf(stderr, "qos-run: %s: %s (%s)\n", model_path, err, qos_strerror(rc));
+    print_error(model_path, err, rc);
     return open_status(rc);
   }
   if (info) {
@@ -376,7 +396,7 @@ int main(int argc, char** argv) {
   }
   if (profile) {
     rc = profile_steps(m, profile);
-    if (rc != QOS_OK) fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
+    if (rc != QOS_OK) print_error(NULL, qos_last_error(m), rc);
     qos_close(m);
     return rc == QOS_OK ? 0 : run_status(rc);
   }
@@ -386,9 +406,7 @@ int main(int argc, char** argv) {
     in = (unsigned char*)alloc_array(ii.nbytes, 1, 1);
     out = (unsigned char*)alloc_array(oi.nbytes, 1, 0);
     rc = (in && out) ? bench_ops(m, in, ii.nbytes, out, oi.nbytes, bench) : QOS_ERR_NOMEM;
-    if (rc != QOS_OK)
-      fprintf(stderr, "qos-run: %s (%s)\n", rc == QOS_ERR_NOMEM ? "out of memory" : qos_last_error(m),
-              qos_strerror(rc));
+    if (rc != QOS_OK) print_error(NULL, rc == QOS_ERR_NOMEM ? "out of memory" : qos_last_error(m), rc);
     free(in), free(out), qos_close(m);
     return rc == QOS_OK ? 0 : run_status(rc);
   }
@@ -416,9 +434,7 @@ int main(int argc, char** argv) {
     }
     if (bench) {
       rc = bench_ops(m, in, items > 1 ? ii.nbytes : in_len, out, oi.nbytes, bench);
-      if (rc != QOS_OK)
-        fprintf(stderr, "qos-run: %s (%s)\n", rc == QOS_ERR_NOMEM ? "out of memory" : qos_last_error(m),
-                qos_strerror(rc));
+      if (rc != QOS_OK) print_error(NULL, rc == QOS_ERR_NOMEM ? "out of memory" : qos_last_error(m), rc);
       free(in), free(out), qos_close(m);
       return rc == QOS_OK ? 0 : run_status(rc);
     }
@@ -429,7 +445,7 @@ int main(int argc, char** argv) {
         rc = qos_run(m, in + it * (items > 1 ? ii.nbytes : 0), items > 1 ? ii.nbytes : in_len,
                      out + it * oi.nbytes, oi.nbytes);
         if (rc != QOS_OK) {
-          fprintf(stderr, "qos-run: %s (%s)\n", qos_last_error(m), qos_strerror(rc));
+          print_error(NULL, qos_last_error(m), rc);
           free(in), free(out), qos_close(m);
           return run_status(rc);
         }

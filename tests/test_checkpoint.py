@@ -161,3 +161,73 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before
     assert leftovers(tmp_path) == []
     assert load_checkpoint(path)[1] == {"v": 1}
+
+
+def _no_torch_load(monkeypatch):
+    """Fail the test if anything reaches torch.load: the refusal must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", refuse)
+
+
+def test_oversized_archives_are_refused_before_torch_reads_them(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, sample_tensors(), {"a": "x" * 1000})
+    load_checkpoint(path)
+    _no_torch_load(monkeypatch)
+    limits = checkpoint.ContainerLimits
+    for lim, needle in [(limits(tensors=3), "6 tensors (at most 3)"),
+                        (limits(tensor_bytes=1000, pickle_bytes=100), "bytes"),
+                        (limits(pickle_bytes=64), "data.pkl"),
+                        (limits(directory_bytes=100), "entries in a directory of")]:
+        monkeypatch.setattr(checkpoint, "CONTAINER_LIMITS", lim)
+        with pytest.raises(QosError) as e:
+            load_checkpoint(path)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_oversized_meta_text_is_refused_before_parsing(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, {}, {"a": "x" * 5000})
+    monkeypatch.setattr(checkpoint, "CONTAINER_LIMITS", checkpoint.ContainerLimits(meta_chars=4096))
+    monkeypatch.setattr(checkpoint.json, "loads", lambda *a, **k: pytest.fail("meta was parsed"))
+    with pytest.raises(QosError, match="meta_json has 50.. characters \\(at most 4096\\)"):
+        load_checkpoint(path)
+
+
+def test_compressed_or_lying_archives_are_refused(tmp_path, monkeypatch):
+    import zipfile
+
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, sample_tensors(), {"a": 1})
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    _no_torch_load(monkeypatch)
+    with pytest.raises(QosError, match="compressed entry"):
+        load_checkpoint(deflated)
+    # a central directory that claims more bytes than the file has (stored sizes patched)
+    data = bytearray(path.read_bytes())
+    at = data.rfind(b"PK\x01\x02")          # the last central directory entry
+    data[at + 20:at + 24] = (1 << 30).to_bytes(4, "little")   # compressed size
+    data[at + 24:at + 28] = (1 << 30).to_bytes(4, "little")   # uncompressed size
+    lying = tmp_path / "lying.pt"
+    lying.write_bytes(bytes(data))
+    with pytest.raises(QosError) as e:
+        load_checkpoint(lying)
+    assert "\n" not in str(e.value) and ("corrupt" in str(e.value) or "bytes" in str(e.value))
+
+
+def test_legacy_torch_files_are_refused_unread(tmp_path, monkeypatch):
+    path = tmp_path / "legacy.pt"
+    torch.save({"format": FORMAT, "version": 1, "meta_json": "{}", "tensors": {"w": torch.ones(2)}}, path,
+               _use_new_zipfile_serialization=False)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"format": FORMAT, "version": 1, "meta_json": "{}", "tensors": {}}))
+    _no_torch_load(monkeypatch)
+    for p in (path, raw):
+        with pytest.raises(QosError, match="refusing to load|not a QoS checkpoint") as e:
+            load_checkpoint(p)
+        assert "\n" not in str(e.value)

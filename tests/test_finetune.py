@@ -72,7 +72,8 @@ def test_expand_copies_op0_into_every_op(single, digits8):
         assert torch.allclose(q(x), ref, atol=1e-4)
     src = single.state_dict()
     assert torch.equal(q.net.fc.bias_per_op[2], src["net.fc.bias_per_op"][0])
-    assert torch.equal(q.net.layer1[0].bn1.bns[2].running_var, src["net.layer1.0.bn1.bns.0.running_var"])
+    bn1 = q.net.get_submodule("layer1.0.bn1")  # a rebuilt net: no Sequential indexing
+    assert torch.equal(bn1.bns[2].running_var, src["net.layer1.0.bn1.bns.0.running_var"])
 
 
 def test_expand_needs_an_architecture_record():
@@ -107,7 +108,7 @@ def test_bn_only_changes_only_bn_and_biases(single, digits8):
     assert any(".bns.0." in n for n in changed) and any(".bns.2." in n for n in changed)
     assert "net.fc.bias_per_op" in changed
     # every OP has its own BatchNorm and bias now
-    bn = q.net.layer2[0].bn2.bns
+    bn = q.net.get_submodule("layer2.0.bn2").bns
     assert not torch.equal(bn[1].weight, bn[2].weight) and not torch.equal(bn[1].running_mean, bn[2].running_mean)
     assert not torch.equal(q.net.fc.bias_per_op[1], q.net.fc.bias_per_op[2])
     assert len(res.train_loss) == 2 and len(res.train_loss[0]) == 3 and len(res.val) == 3
@@ -127,11 +128,11 @@ def test_bn_only_parameters_selects_bn_and_bias(single):
 
 def test_full_retraining_gives_each_op_its_own_weights(single, digits8):
     q = _ops(single)
-    w0 = q.net.layer1[0].conv1.weight.detach().clone()
+    w0 = q.net.get_submodule("layer1.0.conv1").weight.detach().clone()
     models, res = finetune_full(q, digits8, FinetuneConfig(epochs=1, batch_size=32), progress=False)
     assert len(models) == 3 and len(res.val) == 3
-    assert torch.equal(q.net.layer1[0].conv1.weight, w0)  # the source is untouched
-    ws = [m.net.layer1[0].conv1.weight for m in models]
+    assert torch.equal(q.net.get_submodule("layer1.0.conv1").weight, w0)  # the source is untouched
+    ws = [m.net.get_submodule("layer1.0.conv1").weight for m in models]
     assert not torch.equal(ws[1], w0) and not torch.equal(ws[1], ws[2])
     assert all(m.bank is not q.bank for m in models)
 

@@ -289,6 +289,153 @@ def test_import_c_without_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "no C compiler found" in one_line_error(e)
 
 
+# --------------------------------------------------------------------------- the C-model sandbox
+SANDBOXED = pytest.mark.skipif(
+    not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")) or
+    __import__("qos_compile.multipliers.sandbox", fromlist=["supported"]).supported() is not None,
+    reason="needs a C compiler on x86-64/aarch64 Linux")
+
+
+def _hostile(body: str, *, marker: Path, extra: str = "") -> str:
+    """A model whose multiplier runs ``body`` once (A == 3 and B == 5), else multiplies."""
+    return ("#include <stdint.h>\n#include <stdlib.h>\n#include <stdio.h>\n" + extra +
+            f'static const char* MARK = "{marker}";\n'
+            "uint16_t mul8u_EVIL(uint8_t A, uint8_t B) {\n"
+            f"  if (A == 3 && B == 5) {{ {body} }}\n"
+            "  return (uint16_t)(A * B);\n}\n")
+
+
+@SANDBOXED
+@pytest.mark.parametrize("body", [
+    'if (system("touch /tmp/qos-never") != 12345) {} FILE* f = fopen(MARK, "w"); if (f) fclose(f);',
+    'extern int fork(void); fork(); FILE* f = fopen(MARK, "w"); if (f) fclose(f);',
+    'FILE* f = fopen(MARK, "w"); if (f) { fputs("x", f); fclose(f); }',
+    'void* p = malloc(1 << 20); if (p) { FILE* f = fopen(MARK, "w"); if (f) fclose(f); }',
+    'extern long syscall(long, ...); syscall(39);',          # a raw system call: getpid
+], ids=["system", "fork", "fopen", "malloc", "syscall"])
+def test_c_model_that_calls_the_system_is_stopped(tmp_path: Path, body: str) -> None:
+    """Anything but computing (system(), fork(), files, memory, raw system calls) is killed by
+    seccomp strict mode: the import fails with one line and nothing happened."""
+    marker = tmp_path / "escaped"
+    with pytest.raises(QosError) as e:
+        import_evoapprox_c(write(tmp_path, "evil.c", _hostile(body, marker=marker)), "evil")
+    msg = one_line_error(e)
+    assert "while tabulating" in msg and "signal" in msg, msg
+    assert not marker.exists()
+
+
+@SANDBOXED
+@pytest.mark.parametrize("extra, fragment", [
+    ('__attribute__((constructor)) static void evil(void) { FILE* f = fopen(MARK_PATH, "w"); if (f) fclose(f); }\n',
+     "runs before main"),
+    ('static void run_me(void) { FILE* f = fopen(MARK_PATH, "w"); if (f) fclose(f); }\n'
+     '__attribute__((section(".preinit_array"), used)) static void (*early)(void) = run_me;\n', "runs before main"),
+    ('static void* pick(void) { FILE* f = fopen(MARK_PATH, "w"); if (f) fclose(f); return 0; }\n'
+     'int twice(int) __attribute__((ifunc("pick")));\n', "ifunc"),
+    ('void* memcpy(void* d, const void* s, size_t n) { FILE* f = fopen(MARK_PATH, "w"); if (f) fclose(f);\n'
+     '  char* a = d; const char* b = s; while (n--) *a++ = *b++; return d; }\n', "memcpy"),
+    ('int __libc_start_main(void) { FILE* f = fopen(MARK_PATH, "w"); if (f) fclose(f); return 0; }\n',
+     "__libc_start_main"),
+], ids=["constructor", "preinit_array", "ifunc", "libc-memcpy", "libc-start"])
+def test_c_model_code_that_would_run_before_main_is_refused(tmp_path: Path, extra: str, fragment: str) -> None:
+    """In an ordinary program, constructors, ifunc resolvers and replaced C library functions run
+    before main, so before any sandbox: such a model is refused and none of it runs."""
+    marker = tmp_path / "escaped"
+    extra = f'#include <string.h>\n#define MARK_PATH "{marker}"\n' + extra
+    src = write(tmp_path, "early.c", _hostile("", marker=marker, extra=extra))
+    with pytest.raises(QosError) as e:
+        import_evoapprox_c(src, "early")
+    assert fragment in one_line_error(e)
+    assert not marker.exists()
+
+
+@SANDBOXED
+def test_c_model_that_spins_is_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qos_compile.multipliers.importers as imp
+
+    monkeypatch.setattr(imp, "_RUN_TIMEOUT_S", 2.0)
+    src = write(tmp_path, "spin.c", "#include <stdint.h>\nuint16_t mul8u_SPIN(uint8_t A, uint8_t B) "
+                                    "{ volatile int k = 1; while (k) {} return A * B; }\n")
+    with pytest.raises(QosError) as e:
+        import_evoapprox_c(src, "spin")
+    assert "did not finish" in one_line_error(e)
+
+
+@SANDBOXED
+@pytest.mark.parametrize("directive", [
+    '#include "/etc/passwd"', "#include </etc/passwd>", '%:include "/etc/passwd"', '# /* c */ include "/etc/passwd"',
+    '#\\\ninclude "/etc/passwd"', '#define F "/etc/passwd"\n#include F', "#include_next <stdint.h>",
+    '#import "/etc/passwd"', "#include <sys/syscall.h>",
+])
+def test_c_model_may_include_only_standard_headers(tmp_path: Path, directive: str) -> None:
+    """Any include but <ALLOWED_HEADERS> is refused before compiling, naming the line; nothing of the
+    named file is printed."""
+    text = f"#include <stdint.h>\n{directive}\nuint16_t mul8u_I(uint8_t A, uint8_t B) {{ return A * B; }}\n"
+    src = write(tmp_path, "inc.c", text)
+    with pytest.raises(QosError) as e:
+        import_evoapprox_c(src, "inc")
+    msg = one_line_error(e)
+    line = 3 if directive.startswith("#define") else 2      # a continued directive: its first line
+    assert f"{src}:{line}:" in msg and "may include only" in msg, msg
+    assert "root:" not in msg and "/bin/" not in msg and "/etc/passwd" not in msg
+
+
+@SANDBOXED
+def test_c_compiler_errors_never_show_other_files(tmp_path: Path) -> None:
+    """Diagnostics are filtered to the imported file: a #line pointing at another file makes the
+    error anonymous rather than printing a line of that file."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET-LINE\n")
+    src = write(tmp_path, "line.c", f'#include <stdint.h>\n#line 1 "{secret}"\n'
+                                    "uint16_t mul8u_L(uint8_t A, uint8_t B) { return A * ; }\n")
+    with pytest.raises(QosError) as e:
+        import_evoapprox_c(src, "line")
+    msg = one_line_error(e)
+    assert "does not compile" in msg and "TOP-SECRET" not in msg and str(secret) not in msg, msg
+
+
+def test_sandbox_entry_point_is_warning_free(tmp_path: Path) -> None:
+    from qos_compile import cbuild
+    from qos_compile.multipliers import sandbox
+
+    if sandbox.supported():
+        pytest.skip(sandbox.supported())
+    src = write(tmp_path, "guard.c", sandbox.SANDBOX_SOURCE)
+    for cc in ("gcc", "clang"):
+        for variant in ([], ["-DQOS_SANDBOX_OWN_START", "-ffreestanding", "-fno-stack-protector"]):
+            if shutil.which(cc):
+                cbuild.compile_c([shutil.which(cc)], [src], tmp_path / f"guard-{cc}.o",
+                                 flags=["-std=c99", "-O2", "-fno-pie", *variant, "-Werror", "-c"])
+
+
+@SANDBOXED
+def test_import_c_without_a_static_c_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without libc.a the sandbox is the program's own entry point and the model gets no C library:
+    a model that only computes imports as usual, one that calls system() does not link."""
+    from qos_compile.multipliers import sandbox
+
+    monkeypatch.setattr(sandbox, "_static_libc", lambda cc: False)
+    m = import_evoapprox_c(write(tmp_path, "m.c", TRUNC_BA), "t")
+    np.testing.assert_array_equal(m.lut, np.outer(U & 0xF0, U))
+    with pytest.raises(QosError) as e:
+        import_evoapprox_c(write(tmp_path, "s.c", _hostile('system("true");', marker=tmp_path / "x")), "s")
+    assert "does not link" in one_line_error(e) and "system" in one_line_error(e)
+    with pytest.raises(QosError) as e:
+        import_evoapprox_c(write(tmp_path, "exit.c", "#include <stdint.h>\n#include <stdlib.h>\n"
+                                 "uint16_t mul8u_X(uint8_t A, uint8_t B) { if (A == 7) exit(9); return A * B; }\n"),
+                           "x")
+    assert "status 9" in one_line_error(e)
+
+
+@SANDBOXED
+def test_import_c_with_clang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not shutil.which("clang"):
+        pytest.skip("no clang")
+    monkeypatch.setenv("CC", "clang")
+    m = import_evoapprox_c(write(tmp_path, "m.c", TRUNC_BA), "t")
+    np.testing.assert_array_equal(m.lut, np.outer(U & 0xF0, U))
+
+
 def test_import_c_missing_file(tmp_path: Path) -> None:
     with pytest.raises(QosError) as e:
         import_evoapprox_c(tmp_path / "nope.c", "x")

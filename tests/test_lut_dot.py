@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from qos_compile.errors import QosError  # noqa: E402
+from qos_compile.multipliers import get  # noqa: E402
 from qos_compile.targets import get_target, host_target  # noqa: E402
 from qos_compile.tvm import kernels as K  # noqa: E402
 from qos_compile.tvm import lut_dot as D  # noqa: E402
@@ -34,7 +35,7 @@ def _isa_case(target: str, isa: str):
 
 
 ISAS = [_isa_case("x86_64", "avx512vnni"), _isa_case("x86_64", "avx512bw"), _isa_case("x86_64-avx2", "avx2"),
-        _isa_case("aarch64-cortex-a76", "dotprod")]
+        _isa_case("aarch64-cortex-a76", "neondot")]
 #: CONVS plus the shapes that exercise full-width vectors and strided rows of ResNet-20
 SHAPES = CONVS + [
     dict(x=(1, 8, 32, 32), w=(8, 8, 3, 3), stride=1, padding=1, dilation=1, groups=1),
@@ -69,7 +70,7 @@ def test_isa_by_features_and_factor_type():
     assert D.dot_isa(vnni, "int8") == "avx512vnni" and D.dot_isa(vnni, "int16") == "avx512bw"
     assert D.dot_isa(frozenset({"avx512vnni"}), "int8") is None       # the narrow widths need avx512vl
     assert D.dot_isa(frozenset({"avx2"}), "int16") == "avx2"
-    assert D.dot_isa(frozenset({"neon", "dotprod"}), "int8") == "dotprod"
+    assert D.dot_isa(frozenset({"neon", "dotprod"}), "int8") == "neondot"      # feature dotprod: sdot
     assert D.dot_isa(frozenset({"neon", "dotprod"}), "int16") is None  # sdot multiplies bytes only
     assert D.dot_isa(vnni, "int32") is None and D.dot_isa(frozenset({"neon", "sse2"}), "int8") is None
 
@@ -95,7 +96,7 @@ def test_dot_kernel_bit_exact(target, isa):
 
 def test_stage_checks_the_factor_rows():
     spec = K.ConvSpec.make((1, 4, 8, 8), (4, 4, 3, 3), padding=1, signed=True)
-    lay = D.dot_layout(spec, "dotprod", 3)
+    lay = D.dot_layout(spec, "neondot", 3)
     from tvm import te
 
     x = te.placeholder(spec.x_shape, "int8", name="x")
@@ -113,23 +114,47 @@ def _compiled(target, tmp_path, lowering):
     return res, lines
 
 
-@pytest.mark.parametrize("target,lowering", [
-    pytest.param("x86_64", "auto", marks=pytest.mark.skipif(not D.DOT_ISAS["avx512vnni"].requires <= HOST,
-                                                            reason="this CPU lacks avx512vnni")),
-    pytest.param("aarch64-cortex-a76", "lowrank", marks=pytest.mark.skipif(not HAVE_ARM,
-                                                                           reason="no aarch64 toolchain"))])
-def test_compiled_model_on_the_dot_kernel(target, lowering, tmp_path):
-    """Signed circuits, 3 OPs, 5 int8 terms per layer: the dot kernel (chosen on the x86 host,
-    forced on ARM where qemu's costs rank gather first), bit-exact with onnxruntime on every
-    OP, per-OP factor tables padded to whole term groups."""
+@pytest.mark.skipif(not D.DOT_ISAS["avx512vnni"].requires <= HOST, reason="this CPU lacks avx512vnni")
+def test_compiled_model_on_the_dot_kernel(tmp_path):
+    """Signed circuits, 3 OPs, 5 int8 terms per layer: the dot kernel chosen on the x86 host,
+    bit-exact with onnxruntime on every OP, per-OP factor tables padded to whole term groups."""
     from qos_compile.runtime.manifest import read_manifest
 
-    res, lines = _compiled(target, tmp_path, lowering)
+    target = "x86_64"
+    res, lines = _compiled(target, tmp_path, "auto")
     isa = D.dot_isa(get_target(target).features, "int8")
-    assert any(f"conv kernels: lowrank-5-{isa} x7" in ln for ln in lines), lines
+    assert any(f"conv kernels: s8-lutconv-{isa}-dot-t5 x7" in ln for ln in lines), lines
     report = json.loads((res.out_dir / "report.json").read_text())
     assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]
     m = read_manifest(res.manifest)
     rows = D.groups_of(5, isa) * D.DOT_ISAS[isa].group                 # 8: two groups of 4
     shapes = {m.tensors[t].shape for s in m.slots if s.name.endswith((".wterms", ".xterms")) for t in s.tensors}
     assert shapes == {(rows, 256)}, shapes
+
+
+@pytest.mark.skipif(not HAVE_ARM, reason="no aarch64 toolchain")
+@pytest.mark.parametrize("target", ["aarch64-cortex-a76", "aarch64-cortex-a72"])
+def test_arm_cost_choice_exact_masked_lowrank_ops(target, tmp_path):
+    """OPs exact, masked and low-rank (3 int8 terms) in every layer, lowering auto: by the
+    target files' estimated costs the A76 runs the sdot variant (its exact and masked OPs too,
+    at T = 3), the A72 (no sdot) a non-gather one; bit-exact with onnxruntime under qemu."""
+    from qos_compile.compiler import compile_qnet
+    from qos_compile.runtime.manifest import read_manifest
+    from qos_compile.tvm.lowering import choose_conv_lowering
+
+    circuits = ["master:mul8s_1KV8", "mul8s_1KTY", "master:mul8s_1KVA"]
+    qnet = _small_qnet(circuits, lambda op, i: op)
+    res = compile_qnet(qnet, target, tmp_path / "out", progress=lambda line: None)
+    m = read_manifest(res.manifest)
+    kernels = {la["kernel"] for la in m.metadata_json()["layers"] if la["kind"] == "conv"}
+    t = get_target(target)
+    auto = choose_conv_lowering([get(c).lut for c in circuits], True, t.features, taps=144, costs=t.kernel_costs)
+    if t.has("dotprod"):
+        assert kernels == {"s8-lutconv-neondot-dot-t3"}, kernels
+    else:
+        assert "s8-lutconv-gather" not in kernels and auto.describe() in kernels, kernels
+    report = json.loads((res.out_dir / "report.json").read_text())
+    assert report["verification"]["ran"] and report["verification"]["emulated"], report["verification"]
+    assert report["verification"]["bit_exact"], report["verification"]
+    shapes = {m.tensors[i].shape for s in m.slots if s.name.endswith((".wterms", ".xterms")) for i in s.tensors}
+    assert shapes == ({(auto.slot_terms, 256)} if auto.kind == "lowrank" else set()), shapes   # sdot: 4 rows

@@ -145,13 +145,13 @@ def test_compiled_model_with_low_rank_layers(target, tmp_path):
     lines = []
     res = compile_qnet(qnet, target, tmp_path / "out", lowering="lowrank", progress=lines.append)
     isa = dot_isa(get_target(target).features, "int16")         # unsigned codes: int16 factors
-    label = "lowrank-5" + (f"-{isa}" if isa else "")
+    label = f"u8-lutconv-{isa}-dot-t5" if isa else "u8-lutconv-lowrank-t5"
     assert any(f"conv kernels: {label} x7" in ln for ln in lines), lines
     report = json.loads((res.out_dir / "report.json").read_text())
     assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]
     m = read_manifest(res.manifest)
     names = {s.name for s in m.slots}
-    conv_layers = [la["name"] for la in m.metadata_json()["layers"] if la["kernel"].startswith("lowrank")]
+    conv_layers = [la["name"] for la in m.metadata_json()["layers"] if la["kernel"] == label]
     assert len(conv_layers) == 7
     for layer in conv_layers:
         assert {f"slot.{layer}.wterms", f"slot.{layer}.xterms"} <= names

@@ -7,13 +7,14 @@ import pytest
 from qos_compile.errors import QosError
 from qos_compile.multipliers import get
 from qos_compile.multipliers.library import bundled
+from qos_compile.multipliers.structure import is_masked
 from qos_compile.nn.emulation import plan_for
 from qos_compile.reference import approx_conv2d_acc
 from qos_compile.targets import get_target, host_target
 from qos_compile.tvm import kernels as K
 from qos_compile.tvm import lut_rows
 from qos_compile.tvm.build import build_kernels
-from qos_compile.tvm.lowering import choose_conv_lowering, is_masked
+from qos_compile.tvm.lowering import choose_conv_lowering
 
 HAS_VBMI = "avx512vbmi" in host_target().features
 #: (target, ISA) pairs whose rows kernels run here: NEON under qemu always, VBMI natively when present.

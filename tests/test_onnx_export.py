@@ -1,6 +1,7 @@
 """Whole-network ONNX export: checker, per-layer accumulators, end-to-end agreement, slots, errors."""
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -424,17 +425,33 @@ class _Sorts(nn.Module):
         return torch.sort(self.conv(x), dim=1)[0]
 
 
+def _forward_line(cls: type) -> str:
+    """`` (test_onnx_export.py:N: <code>)`` for the one-line forward of ``cls``."""
+    lines, start = inspect.getsourcelines(cls.forward)
+    return f" (test_onnx_export.py:{start + 1}: {lines[1].strip()})"
+
+
 def test_unsupported_layer_names_it_and_where():
-    qnet = wrap_model(_WithLSTM(), num_ops=2)
+    """wrap_model refuses ops outside the allowlist up front (op, where, the user's source line); a network
+    wrapped with strict=False (emulation only) gets the same from the exporter."""
+    with pytest.raises(QosError) as err:
+        wrap_model(_WithLSTM(), num_ops=2)
+    assert str(err.value) == "unsupported layer nn.LSTM at net.encoder.3" + _forward_line(_WithLSTM)
+    qnet = wrap_model(_WithLSTM(), num_ops=2, strict=False)
     qnet.eval()
     with torch.no_grad():
         qnet.net.conv(torch.zeros(1, 1, 8, 8))  # calibrates the only approximate layer
     with pytest.raises(QosError) as err:
         export_onnx(qnet, input_shape=(1, 8, 8))
-    assert str(err.value) == "unsupported layer nn.LSTM at net.encoder.3"
-    qnet = wrap_model(_Sorts(), num_ops=1)
-    with pytest.raises(QosError, match=r"^unsupported function torch\.sort at net$"):
+    assert str(err.value) == "unsupported layer nn.LSTM at net.encoder.3" + _forward_line(_WithLSTM)
+
+    with pytest.raises(QosError) as err:
+        wrap_model(_Sorts(), num_ops=1)
+    assert str(err.value) == "unsupported function torch.sort at net (sort)" + _forward_line(_Sorts)
+    qnet = wrap_model(_Sorts(), num_ops=1, strict=False)
+    with pytest.raises(QosError) as err:
         export_onnx(qnet, input_shape=(1, 8, 8))
+    assert str(err.value) == "unsupported function torch.sort at net" + _forward_line(_Sorts)
 
 
 def test_export_errors(resnet, tmp_path):

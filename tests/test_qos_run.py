@@ -113,6 +113,55 @@ def test_qos_run_info_and_bad_op():
     assert bad.returncode == 2 and "no operating point 'turbo'" in bad.stderr
 
 
+def test_manifest_naming_a_non_kernel_symbol_is_refused(tmp_path):
+    """Issue #17: a manifest could name any registered system-lib symbol as a kernel, e.g. the
+    library context <prefix>__tvm_ffi__library_ctx, and qos-run called that data as code (SIGSEGV).
+    Kernel names now resolve only through the model's own kernel table, in qos-run and in
+    libqos_model.so: such a manifest is refused when it is opened (exit 2, one line)."""
+    import shutil
+
+    from qos_compile.runtime import fuzzing as F
+    from qos_compile.runtime.manifest import read_manifest
+    from qos_compile.runtime.model import Model
+
+    out = x86().outs["x86_64"]
+    data = (out / "model.qosm").read_bytes()
+    m = read_manifest(data)
+    prefix = m.metadata_json()["kernel_prefix"]
+    longest = max(range(len(m.kernels)), key=lambda k: len(m.kernels[k]))
+    names = [f"{prefix}__tvm_ffi__library_ctx", "__tvm_ffi_main", "qos_linked_kernel_lookup", "main",
+             f"__tvm_ffi_{min(m.kernels, key=len)}"]
+    names = [n for n in names if len(n) <= len(m.kernels[longest])]     # rewritten in place over that name
+    assert names[0].endswith("__tvm_ffi__library_ctx")
+    for k, name in enumerate(names):
+        bad = tmp_path / f"bad{k}"        # a fresh folder each time: never overwrite a loaded library
+        bad.mkdir()
+        (bad / "model.qosm").write_bytes(F.apply(data, [F.Mutation("string", "name", name, "KERNELS", longest)]))
+        for args in (["--info"], ["--bench", "1"]):
+            proc = subprocess.run([str(out / "qos-run"), str(bad / "model.qosm"), *args], capture_output=True,
+                                  text=True, timeout=120)
+            assert proc.returncode == 2, (name, proc.returncode, proc.stderr)
+            assert f"kernel '{name}' not found: not one of the kernels this program was built with" in proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1
+        for f in ("libqos_model.so", "report.json"):
+            shutil.copy(out / f, bad / f)
+        with pytest.raises(QosError, match="not one of the kernels"):
+            Model(bad)
+
+
+def test_qos_run_cli_numbers_on_a_compiled_model(tmp_path):
+    """The compiled qos-run parses numbers strictly (the same main as the runtime tests' driver)."""
+    out = x86().outs["x86_64"]
+    run = [str(out / "qos-run"), str(out / "model.qosm")]
+    for args, frag in ((["--bench", "1e3"], "bad --bench '1e3'"), (["--op", "4294967298"], "no operating point"),
+                       (["--bench", str(2**61)], "bad --bench"), (["--switch-bench", "0"], "bad --switch-bench"),
+                       (["--profile", "2000000000"], "bad --profile")):
+        proc = subprocess.run(run + args, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and frag in proc.stderr, (args, proc.returncode, proc.stderr)
+    proc = subprocess.run([str(out / "qos-run"), str(tmp_path / "missing.qosm")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "cannot open" in proc.stderr
+
+
 def test_model_errors(tmp_path):
     from qos_compile.runtime.model import Model
 
@@ -160,10 +209,12 @@ def test_stream_switches_ops_mid_stream_and_benchmarks(tmp_path):
 
 
 def test_profile_lists_every_plan_step_and_kernel_kinds():
-    """--profile N times every plan step; the manifest names each conv layer's kernel and the
-    x86-64 build uses the structure-aware kernels its CPU allows (rows with VBMI, else gather)."""
+    """--profile N times every plan step; the manifest names each layer's kernel variant by its
+    registry name, the profile's steps carry it, and the x86-64 build uses the structure-aware
+    kernels its CPU allows (rows with VBMI, else gather)."""
     from qos_compile.runtime.manifest import read_manifest
     from qos_compile.targets import host_target
+    from qos_compile.tvm.variants import BY_NAME
 
     a = x86()
     out = a.outs["x86_64"]
@@ -174,9 +225,9 @@ def test_profile_lists_every_plan_step_and_kernel_kinds():
     steps = [ln for ln in p.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert len(steps) == len(m.steps) and "OP 1" in p.stdout and "total" in p.stdout
     kinds = {layer["kernel"] for layer in m.metadata_json()["layers"] if "kernel" in layer}
-    want = "rows-avx512vbmi" if "avx512vbmi" in host_target().features else "gather"
-    assert want in kinds, kinds
-    step_kernel = "rows_conv_avx512vbmi" if want.startswith("rows") else "approx_conv2d"
+    want = "u8-lutconv-avx512vbmi-rows" if "avx512vbmi" in host_target().features else "u8-lutconv-gather"
+    assert want in kinds and kinds <= set(BY_NAME) | {"u8-lutgemm-gather"}, kinds   # registry names
+    step_kernel = want.replace("-", "_")          # the variant's PrimFuncs carry its name
     assert any(step_kernel in ln for ln in steps), steps
     bad = subprocess.run([str(out / "qos-run"), str(out / "model.qosm"), "--profile", "-1"], capture_output=True,
                          text=True)

@@ -401,7 +401,92 @@ def test_native_driver_and_kernel_error_message(native_driver, rt, kernels, tiny
     assert "step 0 (kernel 'qos_test_lut_dot') failed with -1: ValueError: qos_test_lut_dot: shape mismatch" \
         in proc.stderr
     proc = subprocess.run([str(native_driver), str(tmp_path / "nope.qosm")], capture_output=True, text=True)
-    assert proc.returncode == 1 and "cannot open" in proc.stderr
+    assert proc.returncode == 2 and "cannot open" in proc.stderr          # a bad file: 2, like bad arguments
+
+
+def _drive(driver: Path, *args, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([str(driver), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--bench", "1e3"], "bad --bench '1e3'"),
+    (["--bench", "3x"], "bad --bench"),
+    (["--bench", " 3"], "bad --bench"),
+    (["--bench", "+3"], "bad --bench"),
+    (["--bench", "0"], "bad --bench"),
+    (["--bench", "1000000001"], "bad --bench"),
+    (["--bench", str(2**61)], "bad --bench"),          # n * sizeof(double) would overflow
+    (["--bench", str(2**64 + 3)], "bad --bench"),
+    (["--switch-bench", "99999999999"], "bad --switch-bench"),
+    (["--profile", "-1"], "bad --profile"),
+    (["--profile", "5.5"], "bad --profile"),
+    (["--repeat", "0x10"], "bad --repeat"),
+    (["--op", "4294967298"], "no operating point '4294967298'"),   # not OP 2 modulo 2^32
+    (["--op", "2"], "no operating point '2'"),
+    (["--op", "-1"], "no operating point '-1'"),
+    (["--op", "1junk"], "no operating point"),
+    (["--op-sequence", "0,1,"], "bad --op-sequence"),
+    (["--op-sequence", "0,,1"], "bad --op-sequence"),
+    (["--op-sequence", "4294967297"], "bad --op-sequence"),
+    (["--op-sequence", ",".join(["0"] * 257)], "bad --op-sequence"),
+    (["--output", "y.bin"], "--output needs --input"),
+    (["--bench"], "usage"),
+    (["--frobnicate", "1"], "usage"),
+    (["second.qosm"], "usage"),
+])
+def test_qos_run_numbers_are_strict_and_bounded(native_driver, tiny, tmp_path, args, fragment):
+    """qos-run's numbers: digits only, counts 1..10^9, OPs inside the model; a bad one is one line
+    and exit 2 (never silently a different number)."""
+    model = tmp_path / "tiny.qosm"
+    model.write_bytes(tiny.data)
+    proc = _drive(native_driver, model, *args)
+    assert proc.returncode == 2, (args, proc.returncode, proc.stdout, proc.stderr)
+    assert fragment in proc.stderr and "Sanitizer" not in proc.stderr, proc.stderr
+
+
+def test_qos_run_accepts_good_numbers_and_writes_output_atomically(native_driver, tiny, tmp_path):
+    model = tmp_path / "tiny.qosm"
+    model.write_bytes(tiny.data)
+    inp, x = _write_io(tmp_path, tiny, 2)
+    for args in (["--bench", "2"], ["--switch-bench", "1000"], ["--profile", "2", "--op", "approx"],
+                 ["--op", "1", "--bench", "1000000000"][:2], ["--op-sequence", "1,0,approx", "--input", inp]):
+        proc = _drive(native_driver, model, *args)
+        assert proc.returncode == 0, (args, proc.stderr)
+    out = tmp_path / "sub" / "y.bin"
+    out.parent.mkdir()
+    out.write_bytes(b"old")
+    os.chmod(out, 0o640)
+    proc = _drive(native_driver, model, "--op", "1", "--input", inp, "--output", out, "--repeat", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == tiny.reference(x, 1).tobytes()
+    assert (out.stat().st_mode & 0o777) == 0o640                       # the old file's mode is kept
+    assert sorted(q.name for q in out.parent.iterdir()) == ["y.bin"]    # no temporary file left
+    # a failed write leaves the old file alone and no temporary file behind
+    bad = _drive(native_driver, model, "--input", inp, "--output", tmp_path / "no" / "dir" / "y.bin")
+    assert bad.returncode == 2 and "cannot write" in bad.stderr
+    bad = _drive(native_driver, model, "--input", inp, "--output", out.parent)          # a folder
+    assert bad.returncode == 2 and "cannot write" in bad.stderr
+    assert out.read_bytes() == tiny.reference(x, 1).tobytes()
+    assert sorted(q.name for q in out.parent.iterdir()) == ["y.bin"]
+    # a wrong-sized input and a model qos-run cannot drive are bad input: 2
+    short = tmp_path / "short.bin"
+    short.write_bytes(bytes(15))
+    assert _drive(native_driver, model, "--input", short).returncode == 2
+
+
+def test_qos_run_resolves_kernels_only_through_its_table(native_driver, tiny, tmp_path):
+    """A manifest naming a symbol of the program that is not one of its kernels (the lookup, main,
+    a library function) is refused when opened: exit 2, one line, nothing called."""
+    from qos_compile.runtime import fuzzing as F
+
+    for name in ("main", "qos_table_lookup", "free", "qos_open_file", "qos_test_lut_do", "TVMFFIError"):
+        assert len(name) <= len("qos_test_lut_dot")      # rewritten in place over kernel 0's name
+        bad = tmp_path / "bad.qosm"
+        bad.write_bytes(F.apply(tiny.data, [F.Mutation("string", "name", name, "KERNELS", 0)]))
+        proc = _drive(native_driver, bad, "--info")
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert f"kernel '{name}' not found: not one of the kernels this program was built with" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(not (QEMU and CROSS), reason="needs aarch64-linux-gnu-gcc and qemu-aarch64-static "

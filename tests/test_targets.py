@@ -52,14 +52,25 @@ def test_aliases_resolve(alias, name):
     assert get_target(get_target(alias)) is get_target(alias)
 
 
-def test_kernel_costs_of_measured_targets():
+def test_kernel_costs_of_measured_and_estimated_targets(tmp_path):
     from qos_compile.targets import COST_KEYS
-    from qos_compile.tvm.lowering import KERNEL_COST
+    from qos_compile.tvm.variants import DEFAULT_COSTS, VARIANTS
 
-    assert set(KERNEL_COST) == set(COST_KEYS)                         # a target file may state each default
-    assert get_target("aarch64").kernel_costs["gather"] < 1.0          # EMULATED ranking (qemu)
+    assert COST_KEYS == tuple(dict.fromkeys(v.cost_key for v in VARIANTS))   # from the registry
+    assert set(DEFAULT_COSTS) == set(COST_KEYS)                       # a target file may state each default
+    for name in ("aarch64", "aarch64-cortex-a53", "aarch64-cortex-a55", "aarch64-cortex-a72", "aarch64-cortex-a76"):
+        t = get_target(name)
+        assert set(t.kernel_costs) == set(COST_KEYS), name              # every key estimated
+        assert "ESTIMATED (llvm-mca " in t.source.read_text(), name    # and labelled so
+        assert t.kernel_costs["gather"] > 1.0, name                     # a model, not qemu's ranking
     assert get_target("x86_64-avx2").kernel_costs == {"lowrank": 1.05, "dot": 0.5, "gather": 3.6}
     assert get_target("x86_64").kernel_costs == {}                     # the defaults were measured there
+    from qos_compile.targets import _parse
+
+    path = tmp_path / "aarch64.toml"                                   # a key that is no cost key
+    path.write_text(get_target("aarch64").source.read_text().replace("[kernel_costs]", "[kernel_costs]\nfast = 1.0"))
+    with pytest.raises(QosError, match=r"\[kernel_costs\] takes positive numbers for masked, dot"):
+        _parse(path)
 
 
 def test_host_target_is_native():

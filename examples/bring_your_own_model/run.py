@@ -88,7 +88,8 @@ def main_cli(a: argparse.Namespace) -> None:
     # 2. the whole flow on mynet.py:build (your code runs in the float stage only)
     run = [str(BIN / "qos-nets"), "pipeline", "--model", f"{HERE / 'mynet.py'}:build",
            "--dataset", f"npz:{out / 'data.npz'}", "--multipliers", "evoapprox-unsigned", "--max-circuits", "3",
-           "--epochs-float", str(a.epochs), "--threads", "2", "--no-progress", "-o", str(out / "model.pt")]
+           "--epochs-float", str(a.epochs), "--epochs-qat", "3", "--epochs-agn", "3", "--epochs-finetune", "3",
+           "--threads", "2", "--no-progress", "-o", str(out / "model.pt")]  # short schedules: a demo, not a result
     print("2. $ " + " ".join(run))
     subprocess.run(run, check=True)
     # 3. compile for this machine (--target arm cross-compiles; run that qos-run under qemu-aarch64-static)

@@ -4,13 +4,16 @@
                                         [--no-network] [--json F]
 
 Part 1, layers: every distinct conv shape of ResNet-20 (CIFAR, 32x32) is compiled for the
-target as TVM's exact int8 conv and as the kernel ``tvm.lowering`` picks for one bundled
-circuit of each kind (masked, low-rank, general; signed circuits), plus the gather
-fallback. Every approximate kernel is checked bit-exact against ``qos_compile.reference``
-first; then all kernels of a layer are timed in the same run (best of ``repeats``) and the
-table prints approx time / exact int8 time. A rows kernel's time is its three stages
-(taps + planes + microkernel), a dot-product low-rank kernel's all of its stages (factor
-staging + weight packing (+ bias) + microkernel). The exact int8 conv is TVM's own
+target as TVM's exact int8 conv and as EVERY signed kernel variant of the registry
+(``tvm.variants``) the target runs, each on the first bundled circuit it fits
+(``LAYER_CIRCUITS``: exact, masked, 3, 4 and 5 factor terms), built and run through the
+variant's own ``stages``/``run``. Every kernel is checked bit-exact against
+``qos_compile.reference`` first; then all kernels of a layer are timed in the same run
+(best of ``repeats``) and the table prints one row per variant, by its registry name:
+time / exact int8 time per layer and over the 19 convs, next to the cost model's price
+(``Variant.cost`` with the target's ``[kernel_costs]``), and which variant the lowering
+picks per circuit. A multi-stage kernel's time is all of its stages (rows: taps + planes
++ microkernel; dot: factor staging + weight packing (+ bias) + microkernel). The exact int8 conv is TVM's own
 scheduled int8 conv (int32 multiply-adds; not hand-tensorized with VNNI or sdot).
 
 Part 2, network: ResNet-20 (untrained, calibrated on random data: accuracy is irrelevant)
@@ -56,12 +59,18 @@ RESNET20_CONVS = (
 )
 
 
+#: The per-layer table's circuits: one per factor-term count of the bundled signed circuits
+#: (1 exact, 1 masked, 3, 4, 5 int8 terms), so every variant of the registry meets one it fits.
+LAYER_CIRCUITS = {"exact": "master:mul8s_1KV8", "masked": "mul8s_1KTY", "lowrank": "master:mul8s_1KVA",
+                  "lowrank4": "mul8s_1KVB", "general": "mul8s_1KX2"}
+
+
 @dataclass
 class LayerResult:
     layer: str
     exact_ms: float
-    kinds: dict[str, tuple[str, float]]      # kind -> (lowering label, ms)
-    gather_ms: float
+    variants: dict[str, tuple[str, float]]   # registry name -> (circuit kind, ms)
+    auto: dict[str, str]                     # circuit kind -> the registry name lowering picks
 
 
 def _check(got: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -69,81 +78,71 @@ def _check(got: np.ndarray, want: np.ndarray, what: str) -> None:
         raise QosError(f"{what} is not bit-exact against the reference")
 
 
-def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, k: int, repeats: int,
-                threads: int | None, seed: int = 0) -> LayerResult:
-    """Build, verify and time one conv shape (see the module docstring)."""
-    from ..reference import approx_conv2d_acc
+def variant_cases(target: Target, luts: dict[str, np.ndarray], taps: int) -> list[tuple[Any, str]]:
+    """Every signed registry variant ``target`` runs, as (ConvLowering, circuit kind) with the
+    first circuit of ``luts`` it fits (variants no circuit fits are left out)."""
+    from ..tvm.lowering import ConvLowering
+    from ..tvm.variants import VARIANTS, LayerTables
+
+    tables = {kind: LayerTables([lut], True, taps) for kind, lut in luts.items()}
+    out = []
+    for v in VARIANTS:
+        if not v.signed or not v.available(target.features):
+            continue
+        for kind, t in tables.items():
+            fit = v.fits(t)
+            if fit is not None:
+                out.append((ConvLowering(v, fit, v.cost(target.kernel_costs)), kind))
+                break
+    return out
+
+
+def layer_case(c: int, h: int, o: int, stride: int, k: int, seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(ConvSpec, x, w) of one signed ResNet-20 conv shape with random codes."""
     from ..tvm import kernels as K
-    from ..tvm import lut_dot, lut_factors, lut_rows
-    from ..tvm.build import build_kernels
-    from ..tvm.lowering import choose_conv_lowering
 
     rng = np.random.default_rng(seed)
-    pad = k // 2
-    spec = K.ConvSpec.make((1, c, h, h), (o, c, k, k), stride=stride, padding=pad, pad_code=0, signed=True)
+    spec = K.ConvSpec.make((1, c, h, h), (o, c, k, k), stride=stride, padding=k // 2, pad_code=0, signed=True)
     x = rng.integers(-128, 128, spec.x_shape).astype(np.int8)
     w = rng.integers(-128, 128, spec.w_shape).astype(np.int8)
-    luts = {kind: get(cname).lut.astype(np.int32) for kind, cname in CIRCUITS.items()}
-    funcs: dict[str, Any] = {"exact": K.exact_conv2d_func(spec, target), "gather": K.approx_conv2d_func(spec, target)}
+    return spec, x, w
+
+
+def build_layer(target: Target, spec: Any, w: np.ndarray, cases: Sequence[tuple[Any, str]]) -> Any:
+    """One system-lib build of the exact int8 conv (``exact``) and every case's stages
+    (``v<i>_<stage>``): the deployed runtime (C shim + its thread pool)."""
+    from ..tvm import kernels as K
+    from ..tvm.build import build_kernels
+
+    funcs: dict[str, Any] = {"exact": K.exact_conv2d_func(spec, target)}
+    for i, (low, _) in enumerate(cases):
+        funcs.update({f"v{i}_{st}": f for st, f in low.variant.stages(spec, low, w, target).items()})
+    return build_kernels(funcs, target, system_lib=True)
+
+
+def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, k: int, repeats: int,
+                threads: int | None, seed: int = 0) -> LayerResult:
+    """Build, verify and time every variant on one conv shape (see the module docstring)."""
+    from ..reference import approx_conv2d_acc
+    from ..tvm.lowering import choose_conv_lowering
+
+    spec, x, w = layer_case(c, h, o, stride, k, seed)
+    luts = {kind: get(cname).lut.astype(np.int32) for kind, cname in LAYER_CIRCUITS.items()}
     taps = c * k * k
-    plans: dict[str, Any] = {}        # kind (or forced_<kind>) -> (lowering, circuit kind, rows layout)
-
-    def add(key: str, low: Any, circuit: str) -> None:
-        if low.kind == "masked":
-            funcs[f"{key}_masked"] = K.masked_conv2d_func(spec, target)
-        elif low.kind == "lowrank" and low.isa:
-            _, stages = lut_dot.dot_stage_funcs(spec, low.terms, low.dtype, low.isa, target)
-            funcs.update({f"{key}_{st}": f for st, f in stages.items()})
-        elif low.kind == "lowrank":
-            funcs[f"{key}_lowrank"] = lut_factors.factored_conv2d_func(spec, low.terms, low.dtype, target)
-        elif low.kind == "rows":
-            lay, stages = lut_rows.rows_stage_funcs(spec, w, low.isa, low.bias)
-            funcs.update({f"{key}_{st}": f for st, f in stages.items()})
-            plans[key] = (low, circuit, lay)
-            return
-        plans[key] = (low, circuit, None)
-
-    for kind in ("masked", "lowrank", "general"):
-        add(kind, choose_conv_lowering([luts[kind]], True, target.features, taps=taps, costs=target.kernel_costs), kind)
-    # the other fast kernels where auto did not pick them: rows (general circuit), lowrank (low-rank one)
-    for forced, circuit in (("rows", "general"), ("lowrank", "lowrank")):
-        low = choose_conv_lowering([luts[circuit]], True, target.features, allow=(forced, "gather"), taps=taps,
-                                   costs=target.kernel_costs)
-        if low.kind == forced and plans[circuit][0].kind != forced:
-            add(f"forced_{forced}", low, circuit)
-    built = build_kernels(funcs, target, system_lib=True)     # the deployed runtime: C shim + its thread pool
-    times: dict[str, float] = {}
-
-    def run(nm: str, *args: Any) -> Any:     # one kernel, timed (best of repeats)
-        out = built.run(nm, *args, repeat=repeats, threads=threads)
-        times[nm] = built.last_time_ns / 1e6
-        return out
-
-    ref = {kind: approx_conv2d_acc(x, w, luts[kind], stride=stride, padding=pad, pad_code=0, signed=True)
+    cases = variant_cases(target, luts, taps)
+    built = build_layer(target, spec, w, cases)
+    ref = {kind: approx_conv2d_acc(x, w, luts[kind], stride=stride, padding=k // 2, pad_code=0, signed=True)
            for kind in luts}
-    _check(run("exact", x, w), ref["exact"], f"{name}: exact conv")
-    _check(run("gather", x, w, luts["general"]), ref["general"], f"{name}: gather kernel")
-    kinds: dict[str, tuple[str, float]] = {}
-    for key, (low, circuit, lay) in plans.items():
-        lut = luts[circuit]
-        if low.kind == "rows":
-            got, ms = lut_rows.run_rows_conv(built, f"{key}_", lay, x, lut, spec, repeats, threads)
-        elif low.kind == "masked":
-            got = run(f"{key}_masked", x, w, lut)
-            ms = times[f"{key}_masked"]
-        elif low.kind == "lowrank" and low.isa:
-            wt, xt = lut_factors.layer_factors(lut, True, low.slot_terms, low.dtype)
-            got, ms = lut_dot.run_dot_conv(built, f"{key}_", spec, x, w, wt, xt, repeats, threads)
-        elif low.kind == "lowrank":
-            wt, xt = lut_factors.layer_factors(lut, True, low.terms, low.dtype)
-            got = run(f"{key}_lowrank", x, w, wt, xt)
-            ms = times[f"{key}_lowrank"]
-        else:
-            got = run("gather", x, w, lut)
-            ms = times["gather"]
-        _check(got, ref[circuit], f"{name}: {low.describe()} kernel for {CIRCUITS[circuit]}")
-        kinds[key] = (low.describe(), ms)
-    return LayerResult(name, times["exact"], kinds, times["gather"])
+    _check(built.run("exact", x, w, repeat=repeats, threads=threads), ref["exact"], f"{name}: exact conv")
+    exact_ms = built.last_time_ns / 1e6
+    res: dict[str, tuple[str, float]] = {}
+    for i, (low, kind) in enumerate(cases):
+        got, ms = low.variant.run(built, f"v{i}_", spec, low, x, w, luts[kind], repeats, threads)
+        _check(got, ref[kind], f"{name}: {low.describe()} for {LAYER_CIRCUITS[kind]}")
+        res[low.describe()] = (kind, ms)
+    auto = {kind: choose_conv_lowering([lut], True, target.features, taps=taps, costs=target.kernel_costs).describe()
+            for kind, lut in luts.items()}
+    return LayerResult(name, exact_ms, res, auto)
 
 
 def _network_checkpoint(circuit: str, path: Path) -> None:
@@ -214,41 +213,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-network", action="store_true", help="only the per-layer table")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
+    from ..tvm.variants import get_variant
+
     target = get_target(a.target)
     emu = "" if target.is_host else " EMULATED (qemu)"
-    unit = "ms" + emu
-    print(f"# approximate conv kernels vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
-    print("circuits: " + ", ".join(f"{k} {v}" for k, v in CIRCUITS.items()))
-    print(f"\n| ResNet-20 layer (x count) | exact int8 {unit} | masked: kernel, ratio | low-rank: kernel, ratio "
-          f"| general: kernel, ratio | gather fallback ratio; other kernels forced |")
-    print("| --- | ---: | --- | --- | --- | ---: |")
-    layers = []
-    tot = {"exact": 0.0, "masked": 0.0, "lowrank": 0.0, "general": 0.0, "gather": 0.0}
-    for name, c, h, o, s, k, count in RESNET20_CONVS:
-        r = bench_layer(target, name, c, h, o, s, k, a.repeats, a.threads)
-        layers.append(r)
-        tot["exact"] += count * r.exact_ms
-        tot["gather"] += count * r.gather_ms
-        cells = []
-        for kind in ("masked", "lowrank", "general"):
-            label, ms = r.kinds[kind]
-            tot[kind] += count * ms
-            cells.append(f"{label}, {ms / r.exact_ms:.2f}x")
-        extra = ""
-        for key in ("forced_rows", "forced_lowrank"):
-            if key in r.kinds:
-                label, ms = r.kinds[key]
-                tot[key] = tot.get(key, 0.0) + count * ms
-                extra += f"; {label} if forced: {ms / r.exact_ms:.2f}x"
-        print(f"| {name} (x{count}) | {r.exact_ms:.4f} | " + " | ".join(cells)
-              + f" | {r.gather_ms / r.exact_ms:.2f}x{extra} |")
-    forced_tot = "".join(f"; forced {k[7:]} {tot[k] / tot['exact']:.2f}x" for k in ("forced_rows", "forced_lowrank")
-                         if k in tot)
-    print(f"| all 19 convs (weighted) | {tot['exact']:.4f} | "
-          + " | ".join(f"{tot[k] / tot['exact']:.2f}x" for k in ("masked", "lowrank", "general"))
-          + f" | {tot['gather'] / tot['exact']:.2f}x{forced_tot} |")
+    print(f"# conv kernel variants vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
+    print("circuits: " + ", ".join(f"{k} {v}" for k, v in LAYER_CIRCUITS.items()))
+    layers = [bench_layer(target, name, c, h, o, s, k, a.repeats, a.threads)
+              for name, c, h, o, s, k, _ in RESNET20_CONVS]
+    counts = [conv[-1] for conv in RESNET20_CONVS]
+    exact_tot = sum(n * r.exact_ms for n, r in zip(counts, layers))
+    print(f"\nexact int8 conv, ms{emu}: " + ", ".join(f"{r.layer} {r.exact_ms:.4f}" for r in layers)
+          + f"; all 19 convs {exact_tot:.4f}")
+    print("\n| variant (circuit) | " + " | ".join(f"{r.layer} (x{n})" for r, n in zip(layers, counts))
+          + " | all 19 convs | cost model |")
+    print("| --- |" + " ---: |" * (len(layers) + 2))
+    tot: dict[str, float] = {}
+    for vname, (kind, _) in layers[0].variants.items():
+        ms = [r.variants[vname][1] for r in layers]
+        tot[vname] = sum(n * m for n, m in zip(counts, ms))
+        model = get_variant(vname).cost(target.kernel_costs)
+        print(f"| `{vname}` ({kind}) | " + " | ".join(f"{m / r.exact_ms:.2f}x" for m, r in zip(ms, layers))
+              + f" | {tot[vname] / exact_tot:.2f}x | {model:.2f}x |")
+    print("\nauto picks (every layer): " + "; ".join(
+        f"{kind} -> " + ", ".join(sorted({r.auto[kind] for r in layers})) for kind in LAYER_CIRCUITS))
     out: dict[str, Any] = {"target": target.name, "emulated": not target.is_host, "threads": a.threads,
-                           "circuits": CIRCUITS, "layers": [r.__dict__ for r in layers], "conv_totals_ms": tot}
+                           "circuits": LAYER_CIRCUITS, "layers": [r.__dict__ for r in layers],
+                           "conv_totals_ms": {"exact": exact_tot, **tot}}
     if not a.no_network:
         with tempfile.TemporaryDirectory() as d:
             net = bench_network(target, a.runs, a.threads, Path(d))

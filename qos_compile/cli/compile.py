@@ -17,6 +17,13 @@ from ..runtime_env import configure_threads
 from . import run_cli
 
 
+def _lowering_choices() -> tuple[str, ...]:
+    """What ``--lowering`` accepts: auto, a family, or a registry name (``tvm.variants``)."""
+    from ..tvm.variants import LOWERING_CHOICES
+
+    return LOWERING_CHOICES
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `qos-compile` argument parser."""
     p = argparse.ArgumentParser(
@@ -39,12 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-mismatch", action="store_true",
                    help="write OUT even when the built qos-run disagrees with onnxruntime beyond the tolerance "
                         "(otherwise that is an error and nothing is written); report.json records it")
-    p.add_argument("--lowering", default="auto", choices=("auto", "masked", "lowrank", "rows", "gather"),
-                   help="conv kernels: auto (per layer the cheapest that fits: masked where every circuit of "
-                        "the layer masks port A, lowrank = exact conv over a few factor terms (several "
-                        "per instruction with vpdpbusd / vpmaddwd / sdot where the target has them), the "
-                        "byte-permute rows kernel on AVX-512 VBMI, else gather), or force one kind where it "
-                        "fits (gather elsewhere)")
+    p.add_argument("--lowering", default="auto", choices=_lowering_choices(), metavar="KERNEL",
+                   help="conv kernels: auto (per layer the cheapest kernel variant that fits, by the target's "
+                        "kernel costs), or force a family where it fits (gather elsewhere): masked (exact conv "
+                        "where every circuit of the layer masks port A), lowrank (exact conv over a few factor "
+                        "terms, several per instruction with vpdpbusd / vpmaddwd / sdot where the target has "
+                        "them), rows (byte-permute table rows), gather; or one variant by its registry name, "
+                        "e.g. s8-lutconv-neondot-dot-t3 (python -m qos_compile.tvm.variants lists them)")
     p.add_argument("--list-targets", action="store_true", help="list the known targets and exit")
     return p
 

@@ -15,8 +15,6 @@ import dataclasses
 import io
 import os
 import re
-import subprocess
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -322,7 +320,10 @@ def _c_string(text: str) -> str:
 
 
 def _driver(func: CFunction, signed: bool, model: bytes, model_path: str) -> bytes:
-    """C source: the model, then a main() that writes f(A, B) for all 65,536 pairs as int64."""
+    """C source: the model, then ``qos_model_entry_(i, j)`` = f(A, B) for table indices i (port A)
+    and j (port B), which the sandbox's entry point (``sandbox.SANDBOX_SOURCE``) calls for all
+    65,536 pairs. ``exit()`` in the model ends the program with that status (the C library's
+    would use a system call the sandbox forbids); a ``main`` of the model is renamed away."""
     def arg(port: str, param: CParam) -> str:
         # Unsigned codes are 0..255 already. Signed: the value for signed-typed parameters,
         # the 8-bit two's-complement pattern for unsigned ones (EvoApprox's raw-bit models).
@@ -333,25 +334,19 @@ def _driver(func: CFunction, signed: bool, model: bytes, model_path: str) -> byt
     call = f"{func.name}({arg(ports[0], func.params[0])}, {arg(ports[1], func.params[1])})"
     off = code_offset(signed)
     head = (
-        "#include <stdio.h>\n#include <stdint.h>\n#include <stdlib.h>\n"
-        "#define main qos_compile_model_main_\n"  # a main() in the model must not clash with ours
+        "#include <stdint.h>\n#include <stdlib.h>\n"
+        "void qos_model_exit_(int status) __attribute__((noreturn));\n"
+        "#define exit qos_model_exit_\n#define _Exit qos_model_exit_\n#define _exit qos_model_exit_\n"
+        "#define quick_exit qos_model_exit_\n"
+        "#define main qos_compile_model_main_\n"  # a main() in the model must not clash with anything
         f"#line 1 {_c_string(model_path)}\n"      # compiler messages point into the user's file
     ).encode()
     tail = f"""
 #undef main
 #line 1 "<qos-compile driver>"
-static long long qos_out_[65536];
-int main(int argc, char **argv) {{
-  if (argc != 2) return 64;
-  for (int i = 0; i < 256; i++)
-    for (int j = 0; j < 256; j++) {{
-      int a = i - {off}, b = j - {off};
-      qos_out_[i * 256 + j] = (long long) {call};
-    }}
-  FILE *f = fopen(argv[1], "wb");
-  if (!f) return 65;
-  if (fwrite(qos_out_, sizeof qos_out_[0], 65536, f) != 65536) return 66;
-  return fclose(f) ? 67 : 0;
+long long qos_model_entry_(int i, int j) {{
+  int a = i - {off}, b = j - {off};
+  return (long long) {call};
 }}
 """.encode()
     return head + model + b"\n" + tail
@@ -362,56 +357,17 @@ def find_c_compiler() -> list[str]:
     return cbuild.find_compiler()
 
 
-# Most telling first: a compiler diagnostic, a linker's undefined symbol, any other error line.
-_DIAG_PATTERNS = (
-    re.compile(r":\d+(:\d+)?: (fatal )?error:"),
-    re.compile(r"undefined reference|undefined symbol|multiple definition"),
-    re.compile(r"\berror\b", re.IGNORECASE),
-)
-
-
-def _first_error_line(stderr: str) -> str:
-    """The most telling line of a compiler/linker error output (gcc/clang ``file:line:col: error: ...`` first)."""
-    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
-    for pattern in _DIAG_PATTERNS:
-        for ln in lines:
-            if pattern.search(ln):
-                return ln
-    return lines[0] if lines else "no message"
-
-
 def _tabulate_c(func: CFunction, signed: bool, model: bytes, model_path: str) -> np.ndarray:
+    """Compile the model with our entry point and run it in the sandbox (``sandbox``): the table."""
+    from . import sandbox
+
+    why = sandbox.supported()
+    if why:
+        raise QosError(why)
+    sandbox.check_includes(model.decode("utf-8", errors="replace"), model_path)
     cc = find_c_compiler()
-    with tempfile.TemporaryDirectory(prefix="qos-compile-cmodel-") as tmp:
-        src, exe, out = Path(tmp, "driver.c"), Path(tmp, "driver"), Path(tmp, "table.bin")
-        src.write_bytes(_driver(func, signed, model, model_path))
-        try:   # the user's C, not ours: no warnings (-w), not cached
-            cbuild.compile_c(cc, [src], exe, flags=["-std=gnu11", "-O1", "-w"], warnings=False,
-                             what=model_path, timeout=_COMPILE_TIMEOUT_S)
-        except cbuild.CompileError as e:
-            if e.timed_out:
-                raise QosError(f"compiling {model_path} took longer than {_COMPILE_TIMEOUT_S:.0f} s") from None
-            if e.returncode is None:
-                raise QosError(f"cannot run the C compiler {cc[0]}: {e.stderr}") from None
-            raise QosError(f"the C model {model_path} does not compile: {_first_error_line(e.stderr)}") from None
-        try:
-            run = subprocess.run([str(exe), str(out)], capture_output=True, text=True, errors="replace",
-                                 timeout=_RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise QosError(f"the C model {model_path} did not finish 65,536 calls in {_RUN_TIMEOUT_S:.0f} s"
-                           ) from None
-        except OSError as e:  # e.g. a temporary folder mounted noexec
-            raise QosError(f"cannot run the compiled C model ({e.strerror or e}); "
-                           "set TMPDIR to an executable folder") from None
-        if run.returncode != 0:
-            rc = run.returncode
-            how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
-            detail = _first_error_line(run.stderr) if run.stderr.strip() else ""
-            raise QosError(f"the C model {model_path} {how} while tabulating{': ' + detail if detail else ''}")
-        values = np.fromfile(out, dtype=np.int64)
-    if values.size != 65536:
-        raise QosError(f"the C model {model_path} produced {values.size} results instead of 65,536")
-    return values.reshape(256, 256)
+    return sandbox.tabulate(cc, _driver(func, signed, model, model_path), model_path,
+                            _COMPILE_TIMEOUT_S, _RUN_TIMEOUT_S)
 
 
 def import_evoapprox_c(path: str | os.PathLike[str], name: str, signed: bool | None = None,
@@ -419,7 +375,9 @@ def import_evoapprox_c(path: str | os.PathLike[str], name: str, signed: bool | N
     """Import an EvoApprox-style C model by compiling it and tabulating all 65,536 inputs.
 
     The model is compiled with the system C compiler (``$CC``, else ``cc``) together with a
-    generated driver, in a temporary folder. Supported shapes, e.g.::
+    generated driver, in a temporary folder, and run confined (``qos_compile.multipliers.sandbox``:
+    only a few standard headers may be included, and the program computes under seccomp strict
+    mode with resource limits, an empty folder and environment). Supported shapes, e.g.::
 
         uint64_t mul8u_XXX(const uint64_t B, const uint64_t A)   // unsigned
         uint16_t mul8s_XXX(uint8_t A, uint8_t B)                  // signed, raw bit patterns

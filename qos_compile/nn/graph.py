@@ -258,7 +258,51 @@ def capture(model: nn.Module) -> dict[str, Any]:
     # order, so a rebuilt model lists its layers (and thus assignment rows) like the original
     rank = {name: i for i, (name, _) in enumerate(model.named_modules(remove_duplicate=False))}
     rec_modules = dict(sorted(rec_modules.items(), key=lambda kv: rank.get(kv[0], len(rank))))
-    return {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "modules": rec_modules, "nodes": rec_nodes}
+    record: dict[str, Any] = {"format": GRAPH_FORMAT, "version": GRAPH_VERSION, "modules": rec_modules,
+                              "nodes": rec_nodes}
+    containers = _container_kinds(modules, rec_modules)
+    if containers:
+        record["containers"] = containers
+    return record
+
+
+#: container classes a rebuilt model keeps, so ``net.layer1[0]`` indexes as in the original
+_CONTAINERS: dict[str, type[nn.Module]] = {"Sequential": nn.Sequential, "ModuleList": nn.ModuleList}
+
+
+def _container_kinds(modules: dict[str, nn.Module], leaves: dict[str, Any]) -> dict[str, str]:
+    """The Sequential/ModuleList modules on the paths to the recorded leaves (others rebuild as
+    plain modules: a user's own classes are never recreated)."""
+    out: dict[str, str] = {}
+    for target in leaves:
+        parts = target.split(".")
+        for k in range(1, len(parts)):
+            path = ".".join(parts[:k])
+            kind = next((n for n, c in _CONTAINERS.items() if type(modules.get(path)) is c), None)
+            if kind is not None:
+                out[path] = kind
+    return out
+
+
+def _restore_containers(gm: nn.Module, containers: Any, leaves: dict[str, Any]) -> None:
+    """Turn the plain intermediate modules fx created back into the recorded containers."""
+    if containers is None:
+        return
+    if not isinstance(containers, dict) or len(containers) > LIMITS.modules:
+        raise QosError("architecture record has a malformed containers table")
+    prefixes = {".".join(t.split(".")[:k]) for t in leaves for k in range(1, len(t.split(".")))}
+    for path, kind in containers.items():
+        if path not in prefixes or kind not in _CONTAINERS:
+            raise QosError(f"architecture record has a bad container entry {str(path)[:60]!r}: {str(kind)[:30]!r}")
+        parent_path, _, last = path.rpartition(".")
+        parent = gm.get_submodule(parent_path) if parent_path else gm
+        old = parent.get_submodule(last)
+        if kind == "ModuleList" and not all(k.isdigit() for k in old._modules):
+            raise QosError(f"architecture record: ModuleList {path} has non-index children")
+        new = _CONTAINERS[kind]()
+        for key, child in old._modules.items():
+            new.add_module(key, child)
+        parent._modules[last] = new       # same position in named_modules order
 
 
 def _type_name(mod: nn.Module) -> str:
@@ -318,14 +362,18 @@ def _build_module(target: str, rec: Any) -> tuple[nn.Module, int]:
         g = kwargs.get("groups", 1)
         if kwargs["in_channels"] % g or kwargs["out_channels"] % g:
             raise QosError(f"module {target}: channels are not divisible by groups={g}")
-        params = kwargs["out_channels"] * (kwargs["in_channels"] // g) * kk + kwargs["out_channels"]
+        # exact element counts, never more: a file's own tensor elements bound them (max_params)
+        bias = kwargs["out_channels"] if kwargs.get("bias", True) else 0
+        params = kwargs["out_channels"] * (kwargs["in_channels"] // g) * kk + bias
     elif tname == "Linear":
         _check_int(kwargs.get("in_features"), 1, lim.channels * 64, f"{target}.in_features")
         _check_int(kwargs.get("out_features"), 1, lim.channels, f"{target}.out_features")
-        params = kwargs["in_features"] * kwargs["out_features"] + kwargs["out_features"]
+        bias = kwargs["out_features"] if kwargs.get("bias", True) else 0
+        params = kwargs["in_features"] * kwargs["out_features"] + bias
     elif tname in ("BatchNorm2d", "BatchNorm1d"):
         _check_int(kwargs.get("num_features"), 1, lim.channels, f"{target}.num_features")
-        params = 4 * kwargs["num_features"]
+        params = kwargs["num_features"] * (2 * bool(kwargs.get("affine", True))
+                                           + 2 * bool(kwargs.get("track_running_stats", True)))
     elif tname in ("MaxPool2d", "AvgPool2d"):
         _check_int(kwargs.get("kernel_size"), 1, lim.kernel, f"{target}.kernel_size")
     try:
@@ -419,6 +467,7 @@ def rebuild(record: Any, max_params: int | None = None) -> fx.GraphModule:
     except Exception as e:  # noqa: BLE001
         raise QosError(f"the architecture record does not form a valid graph ({' '.join(str(e).split())[:160]})") from None
     _order_modules(gm, list(record["modules"]))
+    _restore_containers(gm, record.get("containers"), record["modules"])
     return gm
 
 

@@ -55,11 +55,17 @@ def ordered_avg_pool2d(x: torch.Tensor, kernel: Any, stride: Any = None, padding
     return total / torch.as_tensor(div, dtype=x.dtype, device=x.device)
 
 
+def _tracing() -> bool:
+    """True under TorchScript tracing / torch.onnx export (the float baselines), which want the
+    plain op: shapes are then tensors, and ordering does not matter to a float baseline."""
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
 class OrderedAvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` that sums in the device's order (``ordered_avg_pool2d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.divisor_override is not None:
+        if self.divisor_override is not None or _tracing():
             return super().forward(x)
         return ordered_avg_pool2d(x, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                                   self.count_include_pad)
@@ -70,6 +76,8 @@ class OrderedAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     size (global, or an input that is a multiple of the output); PyTorch's own otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _tracing():
+            return super().forward(x)
         h, w = x.shape[-2:]
         size = self.output_size
         oh, ow = (size, size) if isinstance(size, int) else tuple(size)

@@ -483,6 +483,20 @@ def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm, rank: int) -
     return ctx.g.node("Add", [y, sh], f"{name}/affine/add", out=f"{name}.out")
 
 
+def _hardswish(g: _Graph, x: str, name: str) -> str:
+    """``x * clamp(x + 3, 0, 6) / 6`` as Add, Clip, Mul, Div in PyTorch's order (its CPU kernel
+    rounds exactly these four steps), not ONNX HardSwish (``x * max(0, min(1, x/6 + 1/2))``)."""
+    t = g.node("Add", [x, g.const(3.0, np.float32)], f"{name}/add")
+    t = g.node("Clip", [t, g.const(0.0, np.float32), g.const(6.0, np.float32)], f"{name}/clip")
+    t = g.node("Mul", [x, t], f"{name}/mul")
+    return g.node("Div", [t, g.const(6.0, np.float32)], name)
+
+
+def _silu(g: _Graph, x: str, name: str) -> str:
+    """``x * sigmoid(x)`` (a transcendental op: not bit-exact across runtimes)."""
+    return g.node("Mul", [x, g.node("Sigmoid", [x], f"{name}/sigmoid")], name)
+
+
 # --- float ops ----------------------------------------------------------------------------------
 
 class _Emitter:
@@ -588,9 +602,9 @@ class _Emitter:
         if isinstance(mod, nn.Sigmoid):
             return g.node("Sigmoid", [x], name)
         if isinstance(mod, nn.Hardswish):
-            return self.hardswish(x, name)
+            return _hardswish(g, x, name)
         if isinstance(mod, nn.SiLU):
-            return self.silu(x, name)
+            return _silu(g, x, name)
         if isinstance(mod, nn.Upsample):
             return self.upsample(node, x, mod.size, mod.scale_factor, mod.mode, mod.align_corners,
                                  mod.recompute_scale_factor, False, name, where)
@@ -723,19 +737,6 @@ class _Emitter:
         k = [h // oh, w // ow]
         return self.avg_pool(node, name, x, k, k, 0, False, True, None, where)
 
-    def hardswish(self, x: str, name: str) -> str:
-        """``x * clamp(x + 3, 0, 6) / 6`` as Add, Clip, Mul, Div in PyTorch's order (its CPU kernel
-        rounds exactly these four steps), not ONNX HardSwish (``x * max(0, min(1, x/6 + 1/2))``)."""
-        g = self.g
-        t = g.node("Add", [x, g.const(3.0, np.float32)], f"{name}/add")
-        t = g.node("Clip", [t, g.const(0.0, np.float32), g.const(6.0, np.float32)], f"{name}/clip")
-        t = g.node("Mul", [x, t], f"{name}/mul")
-        return g.node("Div", [t, g.const(6.0, np.float32)], name)
-
-    def silu(self, x: str, name: str) -> str:
-        """``x * sigmoid(x)`` (a transcendental op: not bit-exact across runtimes)."""
-        return self.g.node("Mul", [x, self.g.node("Sigmoid", [x], f"{name}/sigmoid")], name)
-
     def upsample(self, node: fx.Node, x: str, size: Any, scale_factor: Any, mode: Any, align_corners: Any,
                  recompute_scale_factor: Any, antialias: Any, name: str, where: str) -> str:
         """Nearest upsampling by integer factors as pure data movement, exact on every backend:
@@ -835,7 +836,7 @@ class _Emitter:
                                                                              isinstance(args[1], bool)):
                 raise QosError(f"unsupported call of {function_name(fn)} at {where}")
             x = self.val(args[0], where)
-            return self.hardswish(x, name) if fn is F.hardswish else self.silu(x, name)
+            return _hardswish(g, x, name) if fn is F.hardswish else _silu(g, x, name)
         if fn is F.interpolate:
             p = self._bind(["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
                             "antialias"], args, kwargs, {"size": None, "scale_factor": None, "mode": "nearest",
@@ -1017,7 +1018,7 @@ def _metadata(qnet: QoSNet, ex: OnnxExport, variant: str, extra: dict[str, Any] 
         "qos.signed": bool(bank.signed),
         "qos.per_channel": bool(qnet.qconfig.per_channel),
         "qos.assignment": qnet.assignment(),
-        "qos.layers": [layer.name for layer in ex.layers],
+        "qos.layers": [info.name for info in qnet.approx_layers()],   # the assignment's column order
         "qos.input_shape": list(ex.input_shape),
         "qos.port_order": "lut[weight_index, activation_index]",
     }

@@ -153,7 +153,9 @@ def _pack_scalar(code: str, size: int, v: Any) -> bytes:
 
 def patches(data: bytes, mutations: Sequence[Mutation], fix_crc: bool = True) -> tuple[bytes, list[tuple[int, bytes]]]:
     """Apply ``mutations`` in order (each one sees the layout the previous ones left); returns the
-    mutated bytes and the list of (offset, bytes) writes, the CRC-32 rewrite last."""
+    mutated bytes and the list of (offset, bytes) writes, the CRC-32 rewrite last. In a string
+    value, ``{kernel_prefix}`` stands for the seed's kernel symbol prefix (its metadata), so a
+    stored recipe fits every build of its seed."""
     buf = bytearray(data)
     writes: list[tuple[int, bytes]] = []
 
@@ -188,7 +190,8 @@ def patches(data: bytes, mutations: Sequence[Mutation], fix_crc: bool = True) ->
             s_off, s_len = lay.offset(M.Section.STRINGS), lay.count(M.Section.STRINGS)
             if ref >= s_len or s_off + s_len > len(buf):
                 continue
-            text = mu.value.encode("utf-8", "surrogateescape") + b"\0"
+            value = mu.value.replace("{kernel_prefix}", _kernel_prefix(data)) if "{" in mu.value else mu.value
+            text = value.encode("utf-8", "surrogateescape") + b"\0"
             put(s_off + ref, text[: s_len - ref])
         else:
             raise QosError(f"unknown mutation target {mu.where!r}")
@@ -197,6 +200,14 @@ def patches(data: bytes, mutations: Sequence[Mutation], fix_crc: bool = True) ->
         buf[M.CHECKSUM_OFFSET:M.CHECKSUM_OFFSET + 4] = crc
         writes.append((M.CHECKSUM_OFFSET, crc))
     return bytes(buf), writes
+
+
+def _kernel_prefix(data: bytes) -> str:
+    try:
+        meta = M.read_manifest(data).metadata_json()
+    except Exception:  # noqa: BLE001 - not a valid seed: no prefix
+        return ""
+    return str(meta.get("kernel_prefix", "")) if isinstance(meta, dict) else ""
 
 
 def apply(data: bytes, mutations: Sequence[Mutation], fix_crc: bool = True) -> bytes:

@@ -210,7 +210,8 @@ BANK = Record("bank", [
 ], "One multiplier circuit.")
 
 KERNEL = Record("kernel", [
-    ("name", "u32", "string, non-empty: the symbol the host's lookup callback resolves"),
+    ("name", "u32", "string, non-empty: the kernel's symbol, resolved only through the program's table of its "
+                    "own kernels"),
     ("flags", "u32", "must be 0"),
 ], "A kernel function with TVM's packed ABI.")
 
@@ -1085,7 +1086,9 @@ def generate_markdown() -> str:
          "overlap.", "",
          "## Execution model", "",
          "The plan is run in order. Each step calls kernel `kernels[step.kernel]` (resolved by name at open time "
-         "through the host's lookup callback) as "
+         "through the host's lookup callback; `qos-run` and `libqos_model.so` look names up only in the table of "
+         "the model's own kernel entry points that qos-compile links in, so a manifest cannot name any other "
+         "symbol) as "
          "`int32_t fn(void* self, const TVMFFIAny* args, int32_t num_args, TVMFFIAny* ret)` with `self = NULL`, "
          "every argument a DLTensor pointer (type index 7, `kTVMFFIDLTensorPtr`; CPU device, compact: "
          "`strides = NULL`, `byte_offset = 0`), and `ret` a zeroed value. A non-zero return is an error "
@@ -1132,7 +1135,8 @@ def generate_markdown() -> str:
           f"8. Plan: at least one step; kernel ids in range; 0..{MAX_STEP_ARGS} arguments inside ARGS; every "
           "argument's kind known and index in range; at least one input and one output; every output is an "
           "OUTPUT argument of some step.",
-          "9. C only: at open, every kernel name must resolve through the lookup callback, the arena (plus I/O "
+          "9. C only: at open, every kernel name must resolve through the lookup callback (error "
+          "`QOS_ERR_KERNEL_MISSING`; qos-run: only the model's own kernels), the arena (plus I/O "
           "staging) must fit the build's `QOS_MAX_ARENA_BYTES` (error `QOS_ERR_LIMIT`), and every DLTensor "
           "built is checked against the memory it points to.", ""]
     return "\n".join(L)

@@ -12,8 +12,9 @@
 It loads ``OUT/libqos_model.so`` (the C runtime + TVM shim + the compiled kernels, one
 self-contained shared library that ``qos-compile`` builds for targets that run on this
 machine) with ctypes and opens ``OUT/model.qosm`` with the library's own kernel lookup
-(``qos_linked_kernel_lookup``, the same function the ``qos-run`` binary uses), so the
-Python binding and ``qos-run`` execute the same kernels in the same order.
+(``qos_linked_kernel_lookup``, over the same table of the model's own kernel entry points that
+the ``qos-run`` binary resolves names through: a manifest naming anything else is refused), so
+the Python binding and ``qos-run`` execute the same kernels in the same order.
 """
 from __future__ import annotations
 

@@ -147,6 +147,7 @@ class BuiltKernels:
     workdir: Path
     module: Any = None                          # tvm runtime Module (shared kind on the host)
     last_time_ns: int | None = None             # set by run(..., repeat > 0)
+    run_prefix: list[str] | None = None         # replaces the target's run prefix (e.g. qemu with logging)
     _exe: Path | None = None
     _tmp: Any = field(default=None, repr=False)  # TemporaryDirectory keeping workdir alive
 
@@ -226,7 +227,7 @@ class BuiltKernels:
 
     def _run_system_lib(self, name, sig, values, outs, threads, repeat, timeout) -> None:
         exe = self.executable()
-        prefix = self.target.run_prefix()
+        prefix = self.target.run_prefix() if self.run_prefix is None else list(self.run_prefix)
         with tempfile.TemporaryDirectory(prefix="run_", dir=self.workdir) as d:
             it_in, it_out, argv, out_paths = iter(values), iter(outs), [], []
             for k, p in enumerate(sig):

@@ -63,6 +63,8 @@ from tvm import te
 from ..errors import QosError
 from ..numerics import LUT_SHAPE, code_dtype, code_offset, code_range, conv_pads, pair
 
+#: The block annotation naming a block's kind (its schedule hook, ``variants.block_schedules``);
+#: every family module imports it from here.
 KERNEL_ATTR = "qos_kernel"
 
 
@@ -418,47 +420,85 @@ def schedule_approx_dense(sch: "tvm.s_tir.Schedule", block, spec_out: Sequence[i
         sch.parallel(o)
 
 
+def on_output_shape(fn: Any) -> Any:
+    """A block schedule hook ``(sch, block, features, style)`` from a schedule
+    ``fn(sch, block, out_shape, features)`` that wants the block's output shape."""
+    def hook(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+        out = sch.get(block).writes[0].source
+        fn(sch, block, [int(v) for v in out.shape], features)
+    return hook
+
+
+def parallel_outer(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+    """Block schedule hook: the outermost loop in parallel (small per-call table lookups)."""
+    sch.parallel(sch.get_loops(block)[0])
+
+
+def _approx_conv_hook(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+    out = sch.get(block).writes[0].source
+    schedule_approx_conv2d(sch, block, [int(v) for v in out.shape], features, style=style)
+
+
+def _pad_hook(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+    _schedule_pad(sch, block)
+
+
+#: This module's block schedules (annotation ``KERNEL_ATTR`` -> hook(sch, block, features,
+#: style)); ``variants.block_schedules`` merges them with the other family modules'.
+SCHEDULES = {
+    "approx_conv2d": _approx_conv_hook,
+    "exact_conv2d": on_output_shape(schedule_exact_conv2d),
+    "approx_dense": on_output_shape(schedule_approx_dense),
+    "pad_index": _pad_hook,
+    "pad": _pad_hook,
+    "masked_weights": parallel_outer,
+}
+
+
 def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
                       approx_style: str | None = None) -> "tvm.tirx.PrimFunc":
     """Apply the qos schedules to every annotated block of ``func`` (unknown blocks stay as they are).
 
-    Works on the PrimFuncs that ``relax.BlockBuilder.call_te(approx_conv2d, ...)`` creates, too.
+    Each block is scheduled by the hook its family module declares for its ``KERNEL_ATTR``
+    annotation (``SCHEDULES`` of each module in ``variants.block_schedules``). Works on the
+    PrimFuncs that ``relax.BlockBuilder.call_te(approx_conv2d, ...)`` creates, too.
     """
+    from .variants import block_schedules
+
     feats = _features(target)
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    for b in _sblocks(sch, "approx_conv2d"):
-        out = sch.get(b).writes[0].source
-        schedule_approx_conv2d(sch, b, [int(v) for v in out.shape], feats, style=approx_style)
-    for kind, fn in (("exact_conv2d", schedule_exact_conv2d), ("factored_conv2d", schedule_exact_conv2d),
-                     ("approx_dense", schedule_approx_dense)):
+    for kind, hook in block_schedules().items():
         for b in _sblocks(sch, kind):
-            out = sch.get(b).writes[0].source
-            fn(sch, b, [int(v) for v in out.shape], feats)
-    for kind in ("pad_index", "pad"):
-        for b in _sblocks(sch, kind):
-            _schedule_pad(sch, b)
-    for b in _sblocks(sch, "rows_taps"):       # (n, g, k, p): p -> (row, column), columns copied as vectors
-        n, g, k, p = sch.get_loops(b)
-        wo = int(sch.get(b).annotations["qos_row"])
-        _, col = sch.split(p, [None, wo])
-        sch.parallel(sch.fuse(n, g, k))
-        sch.vectorize(col)
-    for b in _sblocks(sch, "rows_planes"):     # (r, e): e -> (plane, byte), bytes as vectors
-        r, e = sch.get_loops(b)
-        _, byte = sch.split(e, [None, 256])
-        sch.parallel(r)
-        sch.vectorize(byte)
-    for b in _sblocks(sch, "dot_inputs"):          # (n*c, q, i, phase, column, term): G terms per column
-        nc, *_, e = sch.get_loops(b)
-        sch.parallel(nc)
-        sch.unroll(e)
-    for kind in ("masked_weights", "factor_weights", "dot_weights", "dot_bias"):
-        for b in _sblocks(sch, kind):
-            sch.parallel(sch.get_loops(b)[0])
-    for b in _sblocks(sch, "factor_lookup"):       # (t, n, c, i, j): one table lookup per activation
-        t, n, c, *_ = sch.get_loops(b)
-        sch.parallel(sch.fuse(t, n, c))
+            hook(sch, b, feats, approx_style)
     return sch.mod["main"]
+
+
+# --------------------------------------------------------------------------- registry hooks
+def emit_masked(bb: Any, ops: Any, low: Any) -> Any:
+    """Relax emission of a ``masked`` variant (``variants.Variant.emit``)."""
+    return bb.call_te(masked_conv2d, ops.x, ops.w, ops.lut, **ops.conv, primfunc_name_hint=low.symbol)
+
+
+def emit_gather(bb: Any, ops: Any, low: Any) -> Any:
+    """Relax emission of a ``gather`` variant (``variants.Variant.emit``)."""
+    return bb.call_te(approx_conv2d, ops.x, ops.w, ops.lut, **ops.conv, primfunc_name_hint=low.symbol)
+
+
+def masked_stages(spec: ConvSpec, low: Any, w: Any, target: Any) -> dict[str, Any]:
+    """Stand-alone PrimFuncs of a ``masked`` variant: ``{"main": (x, w, lut) -> acc}``."""
+    return {"main": masked_conv2d_func(spec, target)}
+
+
+def gather_stages(spec: ConvSpec, low: Any, w: Any, target: Any) -> dict[str, Any]:
+    """Stand-alone PrimFuncs of a ``gather`` variant: ``{"main": (x, w, lut) -> acc}``."""
+    return {"main": approx_conv2d_func(spec, target)}
+
+
+def run_single_stage(built: Any, prefix: str, spec: ConvSpec, low: Any, x: Any, w: Any, lut: Any,
+                     repeat: int = 0, threads: int | None = None) -> tuple[Any, float]:
+    """Run a one-stage variant built from its ``stages``: (accumulators, best ms or 0)."""
+    acc = built.run(prefix + "main", x, w, lut, repeat=repeat, threads=threads)
+    return acc, (built.last_time_ns / 1e6 if repeat else 0.0)
 
 
 # --------------------------------------------------------------------------- PrimFunc builders

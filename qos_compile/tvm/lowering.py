@@ -1,29 +1,27 @@
-"""Structure-aware lowering: which kernel computes each approximate conv layer on a target.
+"""Structure-aware lowering: which kernel variant computes each approximate conv layer on a target.
 
 Chosen per layer at compile time from ALL circuits the layer runs over the operating
 points (the kernel is shared by the OPs; per-OP tensors switch at run time), and verified
-on every one of their 65,536 table entries before it is used:
+on every one of their 65,536 table entries before it is used. The candidates are the
+entries of the registry ``variants.VARIANTS`` of the layer's datatype that the target can
+run (``Variant.requires``) and that compute its tables (``Variant.fits``):
 
 * ``masked``  - every circuit is "clear low bits of port A, then multiply exactly"
-  (``multipliers.structure.is_masked``, the exact circuit included; then ``lut[a, b] ==
-  lut[a, code 1] * code(b)``): an exact int8 conv on the weights read from the LUT's code-1
-  column (``kernels.masked_conv2d``).
-* ``lowrank`` - every table is a sum of at most ``lut_factors.MAX_TERMS`` separable
-  integer terms (the exact product plus low-rank corrections, or the table's own factors):
-  one exact conv over ``T`` factor terms, with the per-OP (T, 256) weight and activation
-  factor tables as extra slots. Where the target has a multiply-add that sums several
-  products per lane (``lut_dot.dot_isa``: AVX-512 VNNI, AVX-512 BW, AVX2, ARM dot product)
-  the terms share its lanes (``lut_dot``, ``lowrank-T-ISA``); else the TE kernel
-  (``lut_factors``, ``lowrank-T``).
-* ``rows``    - the target has a byte permute (``lut_rows.rows_isa``: AVX-512 VBMI, NEON)
-  and every table fits 16 bits after one common bias (``multipliers.structure.fits_rows``):
-  the per-weight table-row kernel (``lut_rows``).
-* ``gather``  - the fallback that always works: the scheduled TE lookup conv
-  (``kernels.approx_conv2d``).
+  (``multipliers.structure.is_masked``, the exact circuit included): an exact int8 conv on
+  the weights read from the LUT's code-1 column (``kernels.masked_conv2d``).
+* ``lowrank-tT`` / ``ISA-dot-tT`` - every table is a sum of ``T`` <= ``lut_factors.MAX_TERMS``
+  separable integer terms (masked and exact circuits are one term): one exact conv over the
+  terms (``lut_factors``), or, where the target has a multiply-add that sums several
+  products per lane (``vpdpbusd``, ``vpmaddwd``, ``sdot``), the terms sharing its lanes
+  (``lut_dot``); the per-OP (T, 256) factor tables are extra slots.
+* ``ISA-rows`` - a byte permute (AVX-512 VBMI, NEON) and every table fits 16 bits after one
+  common bias (``multipliers.structure.fits_rows``): the per-weight table-row kernel (``lut_rows``).
+* ``gather``  - the fallback that always works: the scheduled TE lookup conv.
 
-Masked wins whenever it fits (it is the exact conv); otherwise the cheapest kernel that
-fits by ``KERNEL_COST`` (time / exact int8 conv time, measured with ``python -m
-qos_compile.bench.kernels``), which a target file's ``[kernel_costs]`` overrides.
+Cost decides, always: the cheapest candidate by ``Variant.cost`` (``variants.DEFAULT_COSTS``
+updated by the target file's ``[kernel_costs]``, measured with ``python -m
+qos_compile.bench.kernels`` or estimated with ``python -m qos_compile.bench.estimate``);
+among equal costs the earlier registry entry (masked before the factor kernels).
 """
 from __future__ import annotations
 
@@ -33,38 +31,57 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import QosError
-from ..multipliers.structure import fits_rows, is_masked
-from . import lut_factors
-from .lut_dot import DOT_ISAS, dot_isa, groups_of
-from .lut_rows import rows_isa
+from . import variants as V
+from .lut_dot import DOT_ISAS
 
-LOWERINGS = ("masked", "lowrank", "rows", "gather")
-#: Kernel time / exact int8 conv time over ResNet-20's convs, measured on the x86-64 host
-#: (AVX-512 VBMI + VNNI, 1 thread; ``python -m qos_compile.bench.kernels``): ``lowrank`` is
-#: per factor term (TE kernel), ``dot`` per term group (one multiply-add per tap and vector,
-#: ``lut_dot``). A target file's ``[kernel_costs]`` replaces any of them with its own
-#: measurement (``targets.Target.kernel_costs``).
-KERNEL_COST = {"lowrank": 1.05, "dot": 0.45, "rows": 1.35, "gather": 5.7}
+#: The ``--lowering`` families (a family forces all its variants; a registry name one).
+LOWERINGS = V.FAMILIES
+#: Default cost per unit of each cost key (``variants.DEFAULT_COSTS``).
+KERNEL_COST = V.DEFAULT_COSTS
 
 
 @dataclass(frozen=True)
 class ConvLowering:
-    """The kernel of one approximate conv layer: ``kind`` in LOWERINGS (+ rows ISA and bias)."""
+    """The kernel of one approximate conv layer: a registry variant and how it fits the layer."""
 
-    kind: str
-    isa: str | None = None
-    bias: int = 0
-    why: str = ""
-    terms: int = 0                # lowrank: factor terms T
-    dtype: str = ""               # lowrank: operand type of the factors
+    variant: V.Variant
+    fit: V.Fit
+    cost: float = 0.0             # its price on the target (kernel time / exact int8 conv time)
+
+    @property
+    def kind(self) -> str:
+        """The ``--lowering`` family: masked, lowrank (the TE and dot kernels), rows or gather."""
+        return self.variant.family
+
+    @property
+    def isa(self) -> str | None:
+        """The dot-product or byte-permute ISA (``lut_dot.DOT_ISAS`` / ``lut_rows.ROW_ISAS`` key)."""
+        return self.variant.isa
+
+    @property
+    def terms(self) -> int:
+        return self.fit.terms
+
+    @property
+    def dtype(self) -> str:
+        return self.fit.dtype
+
+    @property
+    def bias(self) -> int:
+        return self.fit.bias
+
+    @property
+    def why(self) -> str:
+        return self.fit.why
+
+    @property
+    def symbol(self) -> str:
+        """The C-identifier form of the name its PrimFuncs carry (``Variant.symbol``)."""
+        return self.variant.symbol
 
     def describe(self) -> str:
-        """Short label for logs, reports and the manifest."""
-        if self.kind == "rows":
-            return f"rows-{self.isa}"
-        if self.kind == "lowrank":
-            return f"lowrank-{self.terms}" + (f"-{self.isa}" if self.isa else "")
-        return self.kind
+        """The registry name: logs, reports, the manifest and ``qos-run --profile``."""
+        return self.variant.name
 
     @property
     def slot_terms(self) -> int:
@@ -72,52 +89,55 @@ class ConvLowering:
         groups of the dot-product ISA (zero terms fill them)."""
         if self.kind != "lowrank":
             return 0
-        return groups_of(self.terms, self.isa) * DOT_ISAS[self.isa].group if self.isa else self.terms
+        return self.variant.units * DOT_ISAS[self.isa].group if self.variant.kind == "dot" else self.terms
+
+
+def gather_lowering(signed: bool) -> ConvLowering:
+    """The fallback lowering of any layer of this signedness (the gather kernel)."""
+    v = V.gather_variant(signed)
+    return ConvLowering(v, v.fits(V.LayerTables((), signed)), v.cost())
+
+
+def lowering_allow(lowering: str) -> tuple[str, ...]:
+    """``allow`` of ``choose_conv_lowering`` for a ``--lowering`` value: ``auto`` (every family),
+    a family, or a registry name; a forced one falls back to gather where it does not fit."""
+    if lowering == "auto":
+        return LOWERINGS
+    if lowering in LOWERINGS:
+        return (lowering, "gather")
+    return (V.get_variant(lowering).name, "gather")
 
 
 def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: frozenset[str],
                          allow: Sequence[str] = LOWERINGS, taps: int = 1,
                          costs: dict[str, float] | None = None) -> ConvLowering:
     """The kernel of a conv layer whose circuits (over all OPs) are ``luts``, on a CPU with
-    ``features``: masked where every circuit is masked (it IS the exact conv), else the
-    cheapest that fits by ``KERNEL_COST`` updated with the target's ``costs``.
+    ``features``: the cheapest registry variant that fits, by ``Variant.cost`` with the
+    target's ``costs`` (the first in registry order among equal costs).
 
     ``taps``: products per output (C/groups * kh * kw), for the low-rank overflow check.
-    ``allow`` restricts the choice (tests, benchmarks and ``--lowering`` force one): then
-    the first allowed kind that fits wins, ``gather`` last (it always fits).
+    ``allow`` restricts the choice to families and/or registry names (tests, benchmarks and
+    ``--lowering`` force one): then the cheapest allowed variant that fits other than gather
+    wins, gather only where none does.
     """
     if not luts:
         raise QosError("a layer needs at least one circuit table")
-    bad = [k for k in allow if k not in LOWERINGS]
+    bad = [k for k in allow if k not in LOWERINGS and k not in V.BY_NAME]
     if bad:
-        raise QosError(f"unknown lowering {bad[0]!r} (one of {', '.join(LOWERINGS)})")
-    if "masked" in allow and all(is_masked(t, signed) for t in luts):
-        return ConvLowering("masked", why="every circuit masks port A, then multiplies exactly")
-    cost = {**KERNEL_COST, **(costs or {})}
-    fits: list[tuple[float, ConvLowering]] = []
-    if "lowrank" in allow:
-        lr = lut_factors.layer_terms(luts, signed, taps)
-        if lr is not None:
-            t, dt = lr
-            dot = dot_isa(frozenset(features), dt)
-            if dot is not None:
-                fits.append((cost["dot"] * groups_of(t, dot), ConvLowering(
-                    "lowrank", isa=dot, terms=t, dtype=dt,
-                    why=f"{t} {dt} factor term(s) of every table, {DOT_ISAS[dot].group} per {dot} multiply-add")))
-            else:
-                fits.append((cost["lowrank"] * t, ConvLowering(
-                    "lowrank", terms=t, dtype=dt, why=f"exact conv over {t} {dt} factor term(s) of every table")))
-    isa = rows_isa(frozenset(features))
-    if "rows" in allow and isa is not None:
-        bias = fits_rows(luts)
-        if bias is not None:
-            fits.append((cost["rows"], ConvLowering("rows", isa=isa, bias=bias,
-                                                    why=f"{isa} byte permute, tables fit 16 bits")))
-    if "gather" in allow:
-        fits.append((cost["gather"], ConvLowering("gather", why="the cheapest kernel that fits")))
+        raise QosError(f"unknown lowering {bad[0]!r} (one of {', '.join(LOWERINGS)}, or a registry name "
+                       f"such as {V.VARIANTS[0].name})")
+    tables = V.LayerTables(list(luts), bool(signed), int(taps))
+    feats = frozenset(features)
+    fits: list[ConvLowering] = []
+    for v in V.VARIANTS:
+        if v.signed != bool(signed) or not v.available(feats) or not V.allowed(v, allow):
+            continue
+        fit = v.fits(tables)
+        if fit is not None:
+            fits.append(ConvLowering(v, fit, v.cost(costs)))
     if not fits:
         raise QosError(f"none of the lowerings {', '.join(allow)} fits this layer on a CPU with "
-                       f"features {', '.join(sorted(features)) or 'none'}")
-    if set(allow) != set(LOWERINGS):         # forced: the asked-for kind wherever it fits
-        fits = [f for f in fits if f[1].kind != "gather"] or fits
-    return min(fits, key=lambda f: f[0])[1]
+                       f"features {', '.join(sorted(feats)) or 'none'}")
+    if set(allow) != set(LOWERINGS):         # forced: the asked-for variants wherever one fits
+        fits = [f for f in fits if f.kind != "gather"] or fits
+    return min(fits, key=lambda f: f.cost)

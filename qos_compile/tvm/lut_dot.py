@@ -9,7 +9,8 @@ multiply-add that sums ``G`` products per lane computes ``G`` terms at once:
   accumulated (G = 4): the activation factors are stored + 128 and ``dot_bias`` takes the
   offset's share back out per output channel;
 * ``avx512bw`` / ``avx2``: ``vpmaddwd``, 2 int16 products per lane (G = 2);
-* ``dotprod`` (aarch64, ARMv8.2-A): ``sdot``, 4 int8 products per lane, accumulated (G = 4).
+* ``neondot`` (aarch64, ARMv8.2-A feature ``dotprod``): ``sdot``, 4 int8 products per lane,
+  accumulated (G = 4).
 
 A 3-term layer (the exact product and 2 corrections) then costs one ``vpdpbusd`` or
 ``sdot``, or 2 ``vpmaddwd``, per tap and vector, against one ``vpmulld`` (2 micro-ops) of
@@ -44,9 +45,8 @@ from tvm.script import tirx as T
 
 from ..errors import QosError
 from ..numerics import code_offset
-from .kernels import _largest_divisor
-
-KERNEL_ATTR = "qos_kernel"
+from .kernels import KERNEL_ATTR, _largest_divisor, parallel_outer
+from .lut_factors import SLOT_SUFFIXES, layer_factors
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,8 @@ class DotIsa:
     requires: frozenset           # target features every width of it needs
 
 
-#: Dot-product ISAs in order of preference; ``dot_isa`` picks the first a target has that
-#: multiplies the layer's factor type.
+#: Dot-product ISAs (keys: the ISA tokens of the registry names, ``variants``) in order of
+#: preference; ``dot_isa`` picks the first a target has that multiplies the layer's factor type.
 DOT_ISAS = {
     "avx512vnni": DotIsa(4, "int8", "uint8", 128, True, {16: "llvm.x86.avx512.vpdpbusd.512",
                                                           8: "llvm.x86.avx512.vpdpbusd.256",
@@ -80,7 +80,7 @@ DOT_ISAS = {
                        frozenset({"avx512bw"})),
     "avx2": DotIsa(2, "int16", "int16", 0, False, {8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 8,
                    frozenset({"avx2"})),
-    "dotprod": DotIsa(4, "int8", "int8", 0, True, {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16,
+    "neondot": DotIsa(4, "int8", "int8", 0, True, {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16,
                       frozenset({"dotprod"})),
 }
 _WIDTH = {"int8": 8, "int16": 16, "int32": 32}
@@ -305,3 +305,51 @@ def run_dot_conv(built: Any, prefix: str, spec: Any, x: Any, w: Any, wterms: Any
     xf, wp = run("inputs", x, xterms), run("weights", w, wterms)
     bias = run("bias", w, wterms) if prefix + "bias" in built.symbols else np.zeros(spec.o, np.int32)
     return run("micro", xf, wp, bias)[..., :spec.wo], ms
+
+
+# --------------------------------------------------------------------------- registry hooks
+def _schedule_inputs(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+    """(n*c, q, i, phase, column, term): ``n*c`` in parallel, the G terms of a column unrolled."""
+    nc, *_, e = sch.get_loops(block)
+    sch.parallel(nc)
+    sch.unroll(e)
+
+
+#: Block schedules of this module's TE stages (``variants.block_schedules``); the
+#: microkernel is written in its final form (``qos_prescheduled``).
+SCHEDULES = {"dot_inputs": _schedule_inputs, "dot_weights": parallel_outer, "dot_bias": parallel_outer}
+
+
+def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
+    """Relax emission of a ``dot`` variant (``variants.Variant.emit``): inputs + weights (+ bias)
+    + the microkernel, then ``unpack``; the factor tables are the per-OP graph inputs
+    ``slot.<layer>.wterms|xterms``. Every PrimFunc is named after the variant."""
+    from tvm import relax
+
+    wt, xt = ops.slot_inputs(SLOT_SUFFIXES, "low-rank factors")
+    spec, sym = ops.spec, low.symbol
+    layout = dot_layout(spec, low.isa, low.terms)
+    # closures: call_te passes only tensors and plain values through
+    xf = bb.call_te(lambda a, t: dot_inputs(a, t, layout, spec), ops.x, xt, primfunc_name_hint=f"{sym}_inputs")
+    wp = bb.call_te(lambda a, t: dot_weights(a, t, layout, spec.signed), ops.w, wt,
+                    primfunc_name_hint=f"{sym}_weights")
+    if DOT_ISAS[low.isa].xoffset:
+        bias = bb.call_te(lambda a, t: dot_bias(a, t, layout, spec.signed), ops.w, wt, primfunc_name_hint=f"{sym}_bias")
+    else:
+        bias = relax.const(np.zeros(spec.o, np.int32))
+    gv = bb.add_func(dot_microkernel(spec, layout), sym)
+    acc = bb.emit(relax.call_tir(gv, [xf, wp, bias],
+                                 relax.TensorType((spec.n, spec.o, spec.ho, layout.wo_pad), "int32")))
+    return bb.call_te(unpack, acc, spec.wo, primfunc_name_hint=f"{sym}_unpack")
+
+
+def bench_stages(spec: Any, low: Any, w: Any, target: Any) -> dict[str, Any]:
+    """Stand-alone PrimFuncs of a ``dot`` variant (``dot_stage_funcs``)."""
+    return dot_stage_funcs(spec, low.terms, low.dtype, low.isa, target)[1]
+
+
+def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: Any, lut: np.ndarray, repeat: int = 0,
+              threads: int | None = None) -> tuple[np.ndarray, float]:
+    """Run a ``dot`` variant built from ``bench_stages`` on the circuit ``lut``: (acc, summed best ms or 0)."""
+    wt, xt = layer_factors(lut, spec.signed, low.slot_terms, low.dtype)
+    return run_dot_conv(built, prefix, spec, x, w, wt, xt, repeat, threads)

@@ -27,7 +27,7 @@ Cost: about ``T`` exact convs (measured in ``python -m qos_compile.bench.kernels
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import tvm
@@ -36,8 +36,8 @@ from tvm import te
 from ..errors import QosError
 from ..multipliers.structure import Factors, integer_factors
 from ..numerics import INT32_MAX, code_offset
+from .kernels import KERNEL_ATTR, on_output_shape, parallel_outer, schedule_exact_conv2d
 
-KERNEL_ATTR = "qos_kernel"
 #: Most terms of a layer's factorisation (beyond it the gather kernel is as fast).
 MAX_TERMS = 5
 #: The per-OP graph inputs a low-rank layer adds: ``slot.<layer>.<suffix>``.
@@ -154,3 +154,39 @@ def factored_conv2d_func(spec: "object", terms: int, dtype: str, target: object 
     acc = factored_conv2d(x, w, wtab, xtab, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
                           spec.signed)
     return _finish([x, w, wtab, xtab, acc], func_name, target, schedule)
+
+
+# --------------------------------------------------------------------------- registry hooks
+def _schedule_lookup(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+    """(t, n, c, i, j): one table lookup per activation, ``t, n, c`` in parallel."""
+    t, n, c, *_ = sch.get_loops(block)
+    sch.parallel(sch.fuse(t, n, c))
+
+
+#: Block schedules of this module (``variants.block_schedules``): the factored conv is an
+#: exact conv with a term axis in its reduction, so it takes the exact conv's register tiling.
+SCHEDULES = {
+    "factored_conv2d": on_output_shape(schedule_exact_conv2d),
+    "factor_weights": parallel_outer,
+    "factor_lookup": _schedule_lookup,
+}
+
+
+def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
+    """Relax emission of a ``lowrank`` variant (``variants.Variant.emit``): the factor tables
+    are the per-OP graph inputs ``slot.<layer>.wterms|xterms``."""
+    wt, xt = ops.slot_inputs(SLOT_SUFFIXES, "low-rank factors")
+    return bb.call_te(factored_conv2d, ops.x, ops.w, wt, xt, **ops.conv, primfunc_name_hint=low.symbol)
+
+
+def bench_stages(spec: Any, low: Any, w: Any, target: Any) -> dict[str, Any]:
+    """Stand-alone PrimFuncs of a ``lowrank`` variant: ``{"main": (x, w, wterms, xterms) -> acc}``."""
+    return {"main": factored_conv2d_func(spec, low.terms, low.dtype, target)}
+
+
+def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: Any, lut: np.ndarray, repeat: int = 0,
+              threads: int | None = None) -> tuple[np.ndarray, float]:
+    """Run a ``lowrank`` variant built from ``bench_stages`` on the circuit ``lut``: (acc, best ms or 0)."""
+    wt, xt = layer_factors(lut, spec.signed, low.slot_terms, low.dtype)
+    acc = built.run(prefix + "main", x, w, wt, xt, repeat=repeat, threads=threads)
+    return acc, (built.last_time_ns / 1e6 if repeat else 0.0)

@@ -41,6 +41,7 @@ from tvm.script import tirx as T
 from ..errors import QosError
 from ..multipliers.structure import fits_rows  # noqa: F401 - the kernel's condition, importable from here
 from ..numerics import LUT_SHAPE, code_offset
+from .kernels import KERNEL_ATTR
 
 #: Byte-permute ISAs with a rows microkernel: lanes (positions per vector) per ISA.
 ROW_ISAS = {"avx512vbmi": 64, "neon": 16}
@@ -48,7 +49,6 @@ ROW_ISAS = {"avx512vbmi": 64, "neon": 16}
 CHUNK = 256
 #: Most position vectors one output tile keeps in registers.
 MAX_VECTORS = 4
-KERNEL_ATTR = "qos_kernel"
 
 
 def rows_isa(features: frozenset[str]) -> str | None:
@@ -245,3 +245,58 @@ def run_rows_conv(built: Any, prefix: str, layout: RowsLayout, x: np.ndarray, lu
     ms += built.last_time_ns / 1e6 if repeat else 0.0
     n, o, ho, wo = spec.out_shape
     return acc[:, :, :ho * wo].reshape(n, o, ho, wo), ms
+
+
+# --------------------------------------------------------------------------- registry hooks
+def _schedule_taps(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+    """(n, g, k, p): p -> (row, column), ``n, g, k`` in parallel, columns copied as vectors."""
+    n, g, k, p = sch.get_loops(block)
+    wo = int(sch.get(block).annotations["qos_row"])
+    _, col = sch.split(p, [None, wo])
+    sch.parallel(sch.fuse(n, g, k))
+    sch.vectorize(col)
+
+
+def _schedule_planes(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
+    """(r, e): e -> (plane, byte), rows in parallel, bytes as vectors."""
+    r, e = sch.get_loops(block)
+    _, byte = sch.split(e, [None, 256])
+    sch.parallel(r)
+    sch.vectorize(byte)
+
+
+#: Block schedules of this module's TE stages (``variants.block_schedules``); the
+#: microkernel is written in its final form (``qos_prescheduled``).
+SCHEDULES = {"rows_taps": _schedule_taps, "rows_planes": _schedule_planes}
+
+
+def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
+    """Relax emission of a ``rows`` variant (``variants.Variant.emit``; needs constant weights):
+    taps + planes + the byte-permute microkernel, then the positions unpacked. Every
+    PrimFunc is named after the variant."""
+    from tvm import relax
+
+    spec, wn, sym = ops.spec, ops.weights, low.symbol
+    layout = rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa)
+    kg = wn.shape[1] * spec.kh * spec.kw
+    tp = bb.call_te(rows_inputs, ops.x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
+                    spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad,
+                    primfunc_name_hint=f"{sym}_taps")
+    pl = bb.call_te(planes, ops.lut, relax.const(layout.codes), low.bias, primfunc_name_hint=f"{sym}_planes")
+    micro = rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, low.bias)
+    gv = bb.add_func(micro, sym)
+    acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow)],
+                                 relax.TensorType((spec.n, spec.o, layout.p_pad), "int32")))
+    return bb.call_te(unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint=f"{sym}_unpack")
+
+
+def bench_stages(spec: Any, low: Any, w: np.ndarray, target: Any) -> dict[str, Any]:
+    """Stand-alone PrimFuncs of a ``rows`` variant for the weights ``w`` (``rows_stage_funcs``)."""
+    return rows_stage_funcs(spec, w, low.isa, low.bias)[1]
+
+
+def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: np.ndarray, lut: np.ndarray, repeat: int = 0,
+              threads: int | None = None) -> tuple[np.ndarray, float]:
+    """Run a ``rows`` variant built from ``bench_stages``: (acc, summed best ms of the stages or 0)."""
+    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa)
+    return run_rows_conv(built, prefix, layout, x, np.asarray(lut, np.int32), spec, repeat, threads)

@@ -5,8 +5,9 @@ ignores node domains; it looks every converter up through the module-level
 ``_get_convert_map()`` (docs/design.md, section 6.2). ``from_onnx`` here extends that
 map, for the duration of one import (under a lock), with two converters:
 
-* ``ApproxConv(X, W, LUT)`` (Conv attributes + ``pad_value``) ->
-  ``bb.call_te(kernels.approx_conv2d, ...)``: int32 accumulators;
+* ``ApproxConv(X, W, LUT)`` (Conv attributes + ``pad_value``) -> the kernel variant the
+  layer was given (``lowering.ConvLowering``; gather where none was), emitted by the
+  variant's own ``emit`` (``variants.Variant.emit``): int32 accumulators;
 * ``ApproxGemm(X, W, LUT)`` -> ``bb.call_te(kernels.approx_dense, ...)``.
 
 Every other node goes through the stock converters. Graph inputs (the network input and,
@@ -27,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import onnx
 import tvm
 from tvm import relax
@@ -35,7 +35,8 @@ from tvm.relax.frontend.onnx import onnx_frontend as _frontend
 
 from ..errors import QosError
 from ..numerics import code_range
-from . import kernels, lut_dot, lut_factors, lut_rows
+from . import kernels, variants
+from .lowering import gather_lowering
 
 __all__ = ["CUSTOM_DOMAIN", "CUSTOM_OPS", "ImportedModel", "from_onnx", "custom_converters"]
 
@@ -109,17 +110,14 @@ class ApproxConvConverter(_frontend.OnnxOpConverter):
                     padding=_ints(attr, "pads", (0, 0, 0, 0), 4, "ApproxConv"),
                     dilation=_ints(attr, "dilations", (1, 1), 2, "ApproxConv"),
                     groups=int(attr.get("group", 1)), pad_code=pad_code, signed=signed)
-        low = _LOWERINGS.get().get(getattr(lut, "name", "") if isinstance(lut, relax.Var) else "")
-        if low is not None and low.kind == "masked":
-            return bb.call_te(kernels.masked_conv2d, x, w, lut, **conv, primfunc_name_hint="masked_conv2d")
-        if low is not None and low.kind == "rows" and type(w).__name__ in ("GenericConst", "Constant"):
-            return _rows_conv(bb, x, w, lut, low, conv)
-        if low is not None and low.kind == "lowrank":
-            wt, xt = _slot_inputs(lut.name, params[0], lut_factors.SLOT_SUFFIXES, "low-rank factors")
-            if low.isa:
-                return _dot_conv(bb, x, w, wt, xt, low, conv)
-            return bb.call_te(lut_factors.factored_conv2d, x, w, wt, xt, **conv, primfunc_name_hint="factored_conv2d")
-        return bb.call_te(kernels.approx_conv2d, x, w, lut, **conv, primfunc_name_hint="approx_conv2d")
+        name = getattr(lut, "name", "") if isinstance(lut, relax.Var) else ""
+        low = _LOWERINGS.get().get(name)
+        is_const = type(w).__name__ in ("GenericConst", "Constant")
+        if low is None or (low.variant.const_weights and not is_const):
+            low = gather_lowering(signed)
+        ops = variants.ConvOperands(x, w, lut, conv, _conv_spec(x, ws, conv), w.value.numpy() if is_const else None,
+                                    lambda suffixes, what: _slot_inputs(name, params[0], suffixes, what))
+        return low.variant.emit(bb, ops, low)
 
 
 def _slot_inputs(lut_name: str, nodes: dict, suffixes: tuple[str, ...], what: str) -> list[Any]:
@@ -136,42 +134,6 @@ def _conv_spec(x: Any, w_shape: tuple[int, ...], conv: dict) -> kernels.ConvSpec
                                  conv["dilation"], conv["groups"], conv["pad_code"], conv["signed"])
 
 
-def _rows_conv(bb: relax.BlockBuilder, x: Any, w: Any, lut: Any, low: Any, conv: dict) -> relax.Expr:
-    """Per-weight table rows: taps + planes + the byte-permute microkernel (``lut_rows``)."""
-    wn = w.value.numpy()
-    spec = _conv_spec(x, wn.shape, conv)
-    layout = lut_rows.rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa)
-    kg = wn.shape[1] * spec.kh * spec.kw
-    tp = bb.call_te(lut_rows.rows_inputs, x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
-                    spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad,
-                    primfunc_name_hint="rows_taps")
-    pl = bb.call_te(lut_rows.planes, lut, relax.const(layout.codes), low.bias, primfunc_name_hint="rows_planes")
-    micro = lut_rows.rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, low.bias)
-    gv = bb.add_func(micro, f"rows_conv_{low.isa}")
-    acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow)],
-                                 relax.TensorType((spec.n, spec.o, layout.p_pad), "int32")))
-    return bb.call_te(lut_rows.unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint="rows_unpack")
-
-
-def _dot_conv(bb: relax.BlockBuilder, x: Any, w: Any, wt: Any, xt: Any, low: Any, conv: dict) -> relax.Expr:
-    """Low-rank conv on a dot-product ISA: inputs + weights (+ bias) + the microkernel (``lut_dot``)."""
-    spec = _conv_spec(x, _static_shape(w, "ApproxConv W"), conv)
-    layout = lut_dot.dot_layout(spec, low.isa, low.terms)
-    # closures: call_te passes only tensors and plain values through
-    xf = bb.call_te(lambda a, t: lut_dot.dot_inputs(a, t, layout, spec), x, xt, primfunc_name_hint="dot_inputs")
-    wp = bb.call_te(lambda a, t: lut_dot.dot_weights(a, t, layout, spec.signed), w, wt,
-                    primfunc_name_hint="dot_weights")
-    if lut_dot.DOT_ISAS[low.isa].xoffset:
-        bias = bb.call_te(lambda a, t: lut_dot.dot_bias(a, t, layout, spec.signed), w, wt,
-                          primfunc_name_hint="dot_bias")
-    else:
-        bias = relax.const(np.zeros(spec.o, np.int32))
-    gv = bb.add_func(lut_dot.dot_microkernel(spec, layout), f"dot_conv_{low.isa}")
-    acc = bb.emit(relax.call_tir(gv, [xf, wp, bias],
-                                 relax.TensorType((spec.n, spec.o, spec.ho, layout.wo_pad), "int32")))
-    return bb.call_te(lut_dot.unpack, acc, spec.wo, primfunc_name_hint="dot_unpack")
-
-
 class ApproxGemmConverter(_frontend.OnnxOpConverter):
     """``ai.qosnets::ApproxGemm`` v1 (X (N, K), W (O, K)) -> the TIR LUT dense (int32 (N, O))."""
 
@@ -182,8 +144,9 @@ class ApproxGemmConverter(_frontend.OnnxOpConverter):
         xs, ws = _static_shape(x, "ApproxGemm X"), _static_shape(w, "ApproxGemm W")
         if xs[1] != ws[1]:
             raise QosError(f"ApproxGemm: X {xs} and W {ws} disagree in K")
-        return bb.call_te(kernels.approx_dense, x, w, lut, signed=_dtype(x) == "int8",
-                          primfunc_name_hint="approx_dense")
+        signed = _dtype(x) == "int8"
+        return bb.call_te(kernels.approx_dense, x, w, lut, signed=signed,
+                          primfunc_name_hint=variants.dense_kernel_name(signed).replace("-", "_"))
 
 
 def custom_converters() -> dict[str, type]:
@@ -247,9 +210,10 @@ def from_onnx(model: "onnx.ModelProto | str | os.PathLike", shape_dict: dict[str
     """Import an ONNX model (a ModelProto or a path) into Relax.
 
     lowerings: ``{LUT graph input name: lowering.ConvLowering}`` picks each ApproxConv's
-    kernel (masked / lowrank / rows / gather); layers not named use the gather kernel. A
-    low-rank layer reads its factors from the graph inputs ``slot.<layer>.wterms|xterms``
-    (``lut_factors``), which the model must have.
+    kernel variant (``variants``); layers not named use the gather kernel, and so does a
+    variant that needs constant weights where they are not. A low-rank layer reads its
+    factors from the graph inputs ``slot.<layer>.wterms|xterms`` (``lut_factors``), which
+    the model must have.
 
     QosError for an unsupported operator or a malformed ApproxConv/ApproxGemm.
     """

@@ -2,14 +2,17 @@
  *
  * Build (see qos_compile/runtime/build.py: build_fuzzer):
  *   clang -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
- *         -DQOS_MAX_ARENA_BYTES='((uint64_t)64<<20)' -I runtime \
+ *         -DQOS_MAX_ARENA_BYTES='((uint64_t)64<<20)' -DFUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION -I runtime \
  *         runtime/fuzz/fuzz_manifest.c runtime/tests/qos_touch_kernel.c \
  *         runtime/qos_manifest.c runtime/qos_runtime.c runtime/qos_backend.c -o fuzz_manifest
  * Seeds: python runtime/fuzz/make_corpus.py DIR (valid manifests from manifest.py).
  *
- * Each input is opened twice: as is (exercises the header and checksum path),
- * and with its file_size field and CRC-32 rewritten to match (so mutations,
- * including insertions and deletions, reach every structural check).
+ * FUZZING_BUILD_MODE_UNSAFE_FOR_PRODUCTION (a fuzzing-only build) makes the loader skip the CRC
+ * check, so every mutation reaches the parser. Each input is opened twice: as is (exercises the
+ * header path), and with its file_size field and CRC-32 rewritten to match (so mutations,
+ * including insertions and deletions, reach every structural check; also in a checking build).
+ * The structure-aware campaign (runtime/fuzz/fuzz_recipes.c, qos_compile/runtime/fuzzing.py)
+ * complements this byte-level fuzzer with field-level mutations of compiled manifests.
  * Every model that opens is inspected and run once per OP (inputs <= 1 MiB)
  * with a kernel that reads the first and last byte of every argument, so a
  * DLTensor pointing outside its memory is an ASan report.
