@@ -785,6 +785,7 @@ def _run_stages(qnet: Any, meta: Records, t: Any, out_dir: Path, tmp: Path, buil
                    "features": sorted(t.features), "runs_here": t.is_host},
         "model": {"source": source, "arch": arch if isinstance(arch, dict) else None,
                   "num_ops": qnet.num_ops, "layers": [layer.name for layer in slotted.layers],
+                  "kernels": {la["name"]: la["kernel"] for la in metadata["layers"]},   # registry names
                   "input_shape": [batch, *slotted.input_shape],
                   "output_shape": list(plan.outputs[0].shape) if plan.outputs else None},
         "options": {"batch": batch, "threads": threads, "cross_compiler": t.cc, "kernel_prefix": prefix,

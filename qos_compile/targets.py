@@ -21,7 +21,7 @@ A file (``targets/<name>.toml``)::
     package = "gcc-aarch64-linux-gnu"      # Debian package of the compiler (for messages)
     features = ["neon"]                    # or "native": detected from /proc/cpuinfo
     [kernel_costs]                         # optional: conv kernel time / exact int8 conv time per
-    gather = 5.1                           # unit, keys tvm.variants.COST_KEYS (bench.kernels
+    gather = 5.1                           # unit, keys kernel_costs.COST_KEYS (bench.kernels
                                            # measures them, bench.estimate estimates them)
     [tvm]                                  # TVM target dict; mcpu = "native" -> LLVM host CPU
     kind = "llvm"
@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import QosError
+from .kernel_costs import COST_KEYS
 from .resources import data_dir, data_dir_candidates
 from .runtime_env import import_tvm
 
@@ -58,21 +59,6 @@ X86_FEATURES = ("sse2", "sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "
 _TOP_KEYS = {"name", "arch", "aliases", "description", "package", "features", "tvm", "toolchain", "kernel_costs"}
 _TOOL_KEYS = {"cc", "cflags", "ldflags", "sysroot", "emulator", "emulator_package"}
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "aarch64_be": "aarch64"}
-
-
-def cost_keys() -> tuple[str, ...]:
-    """The kernel cost keys a target file's ``[kernel_costs]`` may state (time / exact int8 conv
-    time per unit): those of the kernel variant registry, ``tvm.variants.COST_KEYS``."""
-    from .tvm.variants import COST_KEYS as keys
-
-    return keys
-
-
-def __getattr__(name: str) -> Any:
-    """``COST_KEYS``: ``cost_keys()``, resolved on first use (the registry imports tvm)."""
-    if name == "COST_KEYS":
-        return cost_keys()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def host_arch() -> str:
@@ -216,10 +202,10 @@ def _parse(path: Path, resolve_native: bool = True) -> Target:
     if "mattr" in tvm:
         tvm["mattr"] = list(_str_list(tvm["mattr"], "[tvm] mattr", path))
     costs = data.get("kernel_costs", {})
-    keys = cost_keys() if costs else ()
+    keys = COST_KEYS if costs else ()
     if not isinstance(costs, dict) or set(costs) - set(keys) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in costs.values()):
-        raise QosError(f"{path}: [kernel_costs] takes positive numbers for {', '.join(keys or cost_keys())}")
+        raise QosError(f"{path}: [kernel_costs] takes positive numbers for {', '.join(keys or COST_KEYS)}")
     emulator = tool.get("emulator")
     if emulator is not None:
         emulator = list(_str_list(emulator, "[toolchain] emulator", path)) or None

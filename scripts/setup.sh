@@ -10,6 +10,8 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing+=(gcc-aarch64-linux-gnu)
 command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || missing+=(g++-aarch64-linux-gnu)
 command -v qemu-aarch64-static >/dev/null 2>&1 || missing+=(qemu-user-static)
+# llvm-mca-19 / llvm-objdump-19 for the kernel cost estimate (python -m qos_compile.bench.estimate)
+command -v llvm-mca-19 >/dev/null 2>&1 || missing+=(llvm-19)
 # clang + its runtime libraries (libFuzzer, sanitizers) for the manifest fuzz test
 command -v clang >/dev/null 2>&1 || missing+=(clang)
 dpkg -s libclang-rt-14-dev >/dev/null 2>&1 || missing+=(libclang-rt-14-dev)

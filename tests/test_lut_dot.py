@@ -143,7 +143,7 @@ def test_arm_cost_choice_exact_masked_lowrank_ops(target, tmp_path):
     from qos_compile.tvm.lowering import choose_conv_lowering
 
     circuits = ["master:mul8s_1KV8", "mul8s_1KTY", "master:mul8s_1KVA"]
-    qnet = _small_qnet(circuits, lambda op, i: op)
+    qnet = _small_qnet(circuits, lambda op, i: op, "lenet5", 28)       # 2 convs: quick to build
     res = compile_qnet(qnet, target, tmp_path / "out", progress=lambda line: None)
     m = read_manifest(res.manifest)
     kernels = {la["kernel"] for la in m.metadata_json()["layers"] if la["kind"] == "conv"}

@@ -92,22 +92,24 @@ def test_choice_follows_the_kernel_costs():
     one_term = get("mul8s_1L2H").lut                                # int16 factors
     # the TE low-rank kernel costs ~1 exact conv per term: 3 terms lose to rows, 1 term wins
     assert choose_conv_lowering([lowrank], True, vbmi, taps=144).kind == "rows"
-    assert choose_conv_lowering([one_term], True, vbmi, taps=144).describe() == "lowrank-1"
+    assert choose_conv_lowering([one_term], True, vbmi, taps=144).describe() == "s8-lutconv-lowrank-t1"
     # a multiply-add that sums 4 (vpdpbusd) or 2 (vpmaddwd) terms per lane beats both
     low = choose_conv_lowering([lowrank], True, vnni, taps=144)
-    assert (low.describe(), low.slot_terms) == ("lowrank-3-avx512vnni", 4)
-    assert choose_conv_lowering([general], True, vnni, taps=144).describe() == "lowrank-5-avx512vnni"
-    assert choose_conv_lowering([one_term], True, vnni, taps=144).describe() == "lowrank-1-avx512bw"  # int16
+    assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx512vnni-dot-t3", 4)
+    assert choose_conv_lowering([general], True, vnni, taps=144).describe() == "s8-lutconv-avx512vnni-dot-t5"
+    assert choose_conv_lowering([one_term], True, vnni, taps=144).describe() == "s8-lutconv-avx512bw-dot-t1"
     cost = get_target("x86_64-avx2").kernel_costs
     low = choose_conv_lowering([general], True, avx2, taps=144, costs=cost)
-    assert (low.describe(), low.slot_terms) == ("lowrank-5-avx2", 6)
+    assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx2-dot-t5", 6)
     assert choose_conv_lowering([general], True, avx2, taps=144, costs={**cost, "dot": 2.0}).kind == "gather"
-    # qemu's costs rank gather first on ARM; forced, the int8 factors take sdot, int16 ones the TE kernel
+    # ARM by its estimated costs: sdot for int8 factors, the exact circuit too (T = 1); int16 factors
+    # have no sdot, forced they take the TE kernel
     a76 = get_target("aarch64-cortex-a76").kernel_costs
-    assert choose_conv_lowering([lowrank], True, arm, taps=144, costs=a76).kind == "gather"
+    assert choose_conv_lowering([lowrank], True, arm, taps=144, costs=a76).describe() == "s8-lutconv-neondot-dot-t3"
+    exact = get("master:mul8s_1KV8").lut
+    assert choose_conv_lowering([exact], True, arm, taps=144, costs=a76).describe() == "s8-lutconv-neondot-dot-t1"
     force = ("lowrank", "gather")
-    assert choose_conv_lowering([lowrank], True, arm, force, 144, a76).describe() == "lowrank-3-dotprod"
-    assert choose_conv_lowering([one_term], True, arm, force, 144, a76).describe() == "lowrank-1"
+    assert choose_conv_lowering([one_term], True, arm, force, 144, a76).describe() == "s8-lutconv-lowrank-t1"
     forced = choose_conv_lowering([general], True, frozenset(), allow=force, taps=144)
     assert (forced.kind, forced.terms, forced.dtype, forced.isa) == ("lowrank", 5, "int8", None)
     assert choose_conv_lowering([general, get("mul8u_ZDF").lut], True, avx2, allow=force,
@@ -115,18 +117,18 @@ def test_choice_follows_the_kernel_costs():
     assert choose_conv_lowering([lowrank], True, avx2, taps=10**8, allow=force).kind == "gather"
 
 
-def _small_qnet(circuits, assign_of):
+def _small_qnet(circuits, assign_of, arch="resnet8", size=16):
     from qos_compile.models import build_model
     from qos_compile.nn import wrap_model
 
     torch.manual_seed(0)
-    qnet = wrap_model(build_model("resnet8", 10, 1, 16), circuits, num_ops=3, input_shape=(1, 16, 16))
+    qnet = wrap_model(build_model(arch, 10, 1, size), circuits, num_ops=3, input_shape=(1, size, size))
     n = len(qnet.approx_layers())
     qnet.set_assignment([[assign_of(op, i) for i in range(n)] for op in range(3)])
     qnet.set_mode("quant")
     qnet.train()
     with torch.no_grad():
-        qnet(torch.rand(64, 1, 16, 16))
+        qnet(torch.rand(64, 1, size, size))
     qnet.eval()
     qnet.freeze_observers(True)
     qnet.set_mode("approx")

@@ -14,7 +14,7 @@ from qos_compile.targets import get_target, host_target
 from qos_compile.tvm import kernels as K
 from qos_compile.tvm import lut_rows
 from qos_compile.tvm.build import build_kernels
-from qos_compile.tvm.lowering import choose_conv_lowering
+from qos_compile.tvm.lowering import LOWERINGS, choose_conv_lowering, lowering_allow
 
 HAS_VBMI = "avx512vbmi" in host_target().features
 #: (target, ISA) pairs whose rows kernels run here: NEON under qemu always, VBMI natively when present.
@@ -99,21 +99,40 @@ def test_is_masked_agrees_with_the_emulation_strategies():
 def test_lowering_choice_per_layer():
     # (no avx2 / avx512bw: their multiply-add would take the low-rank tables, lut_dot)
     vbmi, neon, plain = frozenset({"avx512f", "avx512vbmi"}), frozenset({"neon"}), frozenset({"sse2"})
-    arm = get_target("aarch64").kernel_costs
+    arm = get_target("aarch64").kernel_costs                     # ESTIMATED (llvm-mca): gather below rows
     masked = [get("mul8s_1KTY").lut, get("mul8s_1KR3").lut, get("master:mul8s_1KV8").lut]
     general = get("mul8s_1KX2").lut
-    assert choose_conv_lowering(masked, True, plain).kind == "masked"          # no permute needed
+    # cost decides, masked layers too: they are one int8 factor term, and the x86 defaults price
+    # the TE low-rank kernel (1.05) below the masked one (1.12); on ARM's estimate masked is cheaper
+    assert choose_conv_lowering(masked, True, plain).describe() == "s8-lutconv-lowrank-t1"
+    assert choose_conv_lowering(masked, True, plain, costs={"masked": 1.0}).describe() == "s8-lutconv-masked"
+    assert choose_conv_lowering(masked, True, neon, costs=arm).describe() == "s8-lutconv-masked"
+    assert choose_conv_lowering(masked, True, plain, allow=("masked", "gather")).kind == "masked"
     low = choose_conv_lowering(masked + [general], True, vbmi)                 # one OP is not masked
     assert (low.kind, low.isa) == ("rows", "avx512vbmi")
     assert low.bias == -min(int(t.min()) for t in masked + [general])          # smallest bias that fits
     assert choose_conv_lowering([general], True, neon, costs=arm).kind == "gather"    # cheapest by its costs
-    assert choose_conv_lowering([general], True, neon, allow=("rows", "gather"), costs=arm).describe() == "rows-neon"
+    assert choose_conv_lowering([general], True, neon, allow=("rows", "gather"), costs=arm).describe() == \
+        "s8-lutconv-neon-rows"
     assert choose_conv_lowering([general], True, plain, allow=("rows", "gather")).kind == "gather"   # no permute
     wide = np.full((256, 256), 70000, np.int64)                                # does not fit 16 bits
     assert choose_conv_lowering([wide], False, vbmi, allow=("rows", "gather")).kind == "gather"
-    assert choose_conv_lowering([wide], False, vbmi).describe() == "lowrank-1"         # a constant is rank 1
+    assert choose_conv_lowering([wide], False, vbmi).describe() == "u8-lutconv-lowrank-t1"   # a constant: rank 1
     assert choose_conv_lowering(masked, True, vbmi, allow=("rows", "gather")).kind == "rows"
     with pytest.raises(QosError, match="none of the lowerings"):
         choose_conv_lowering([general], True, plain, allow=("rows",))
     with pytest.raises(QosError, match="unknown lowering"):
         choose_conv_lowering([general], True, plain, allow=("fast",))
+    # a registry name forces that variant (gather where it does not fit)
+    assert lowering_allow("s8-lutconv-neon-rows") == ("s8-lutconv-neon-rows", "gather")
+    assert lowering_allow("rows") == ("rows", "gather") and lowering_allow("auto") == LOWERINGS
+    assert choose_conv_lowering([general], True, neon, lowering_allow("s8-lutconv-neon-rows"), costs=arm).kind == "rows"
+    assert choose_conv_lowering(masked, True, vbmi, lowering_allow("s8-lutconv-lowrank-t3")).kind == "gather"
+    with pytest.raises(QosError, match="unknown kernel variant 's8-lutconv-fast'"):
+        lowering_allow("s8-lutconv-fast")
+    from qos_compile.cli.compile import build_parser          # the CLI takes families and registry names
+
+    for choice in ("auto", "rows", "s8-lutconv-neon-rows", "u8-lutconv-gather"):
+        assert build_parser().parse_args(["m.pt", "--lowering", choice]).lowering == choice
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["m.pt", "--lowering", "s8-lutconv-fast"])

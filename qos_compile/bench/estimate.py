@@ -332,18 +332,19 @@ def fit_costs(layers: Sequence[LayerEstimate]) -> tuple[dict[str, float], dict[s
 
 def write_costs(target: Target, costs: dict[str, float], model: str, layers: Sequence[LayerEstimate]) -> Path:
     """Replace the target file's ``[kernel_costs]`` table (and the comment block above it)."""
-    from ..targets import cost_keys
+    from ..kernel_costs import COST_KEYS
 
     path = Path(target.source)
     text = path.read_text()
     date = datetime.date.today().isoformat()
-    shapes = ", ".join(la.layer for la in layers)
-    comment = (f"# Conv kernel time / exact int8 conv time per cost unit (tvm.variants), ESTIMATED (llvm-mca {model}, "
-               f"{date}):\n# python -m qos_compile.bench.estimate --target {target.name}: basic-block counts of every "
-               f"variant under\n# qemu (-d in_asm,exec,nochain) x llvm-mca cycles per block, summed over ResNet-20 "
-               f"convs\n# ({shapes}). A model, not a measurement: replace with a board's numbers\n"
-               f"# (python -m qos_compile.bench.kernels --target {target.name} on the board) where you have one.\n")
-    table = "[kernel_costs]\n" + "".join(f"{k} = {costs[k]:.3g}\n" for k in cost_keys() if k in costs)
+    every = len(layers) == len(RESNET20_CONVS)
+    over = "ResNet-20's 19 convs" if every else "ResNet-20's convs " + ", ".join(la.layer for la in layers)
+    comment = (f"# Conv kernel time / exact int8 conv time per cost unit (tvm.variants),\n"
+               f"# ESTIMATED (llvm-mca {model}, {date}): python -m qos_compile.bench.estimate --target {target.name}\n"
+               f"# (every variant's basic-block counts under qemu -d in_asm,exec,nochain x llvm-mca cycles\n"
+               f"# per block, over {over}). A model, not a measurement: replace these with a\n"
+               f"# board's numbers (python -m qos_compile.bench.kernels --target {target.name} on it) where you can.\n")
+    table = "[kernel_costs]\n" + "".join(f"{k} = {costs[k]:.3g}\n" for k in COST_KEYS if k in costs)
     m = re.search(r"(?:^#[^\n]*\n)*\[kernel_costs\]\n(?:[^\[\n][^\n]*\n|\n(?!\[))*", text, re.M)
     if m:
         text = text[:m.start()] + comment + table + "\n" + text[m.end():].lstrip("\n")

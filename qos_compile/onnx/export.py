@@ -43,7 +43,7 @@ from ..nn.graph import FUNCTIONS, METHODS, MODULES, function_name, source_line
 from ..nn.multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from ..nn.quant import Mode
 from ..nn.wrap import QoSNet
-from ..numerics import FLOAT32_EXACT, INT32_MAX, conv_pads, pair
+from ..numerics import INT32_MAX, conv_pads, pair
 from .. import reference
 from . import ops
 
@@ -417,25 +417,19 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
         xc = g.node("Cast", [codes], f"{name}/zero_point/codes_int", to=TensorProto.INT32)
         if z_x != 0:
             xc = g.node("Sub", [xc, g.const(z_x, np.int32)], f"{name}/zero_point/center")
+        og = out_ch // groups
         if conv:
-            if bound_x >= FLOAT32_EXACT:
-                raise QosError(f"layer {where}: {terms} products per output are too many for the exact "
-                               "float32 window sum of the zero-point correction")
-            xf = g.node("Cast", [xc], f"{name}/zero_point/codes_float", to=TensorProto.FLOAT)
-            og = out_ch // groups
-            cg = w_codes.shape[1]
-            if og == 1 or groups == 1:  # one window sum per group, broadcast to the group's channels
-                ones = np.ones((groups, cg, kh, kw), np.float32)
-            else:
-                ones = np.ones((out_ch, cg, kh, kw), np.float32)
-            sx = g.node("Conv", [xf, g.init(f"{name}.window_ones", ones)], f"{name}/zero_point/window_sum",
-                        kernel_shape=[int(kh), int(kw)], strides=attrs["strides"], pads=attrs["pads"],
-                        dilations=attrs["dilations"], group=groups)
-            sx = g.node("Cast", [sx], f"{name}/zero_point/window_sum_int", to=TensorProto.INT32)
+            sx = _window_sum(g, name, xc, in_shape, out_shape, groups, attrs)       # [N, G, Ho, Wo]
         else:
             sx = g.node("ReduceSum", [xc, g.const([1], np.int64)], f"{name}/zero_point/row_sum", keepdims=1)
-        zw = g.init(f"{name}.w_zero_point", z_w_vec.reshape(bshape))
-        t = g.node("Mul", [sx, zw], f"{name}/zero_point/zw_sum_x")
+        if conv and groups > 1 and og > 1:   # each group's window sum times its og channels' z_w
+            zw = g.init(f"{name}.w_zero_point", z_w_vec.reshape(1, groups, og, 1, 1))
+            sx = g.node("Unsqueeze", [sx, g.const([2], np.int64)], f"{name}/zero_point/per_group")
+            t = g.node("Mul", [sx, zw], f"{name}/zero_point/zw_sum_x_grouped")
+            t = g.node("Reshape", [t, g.const([0, *out_shape[1:]], np.int64)], f"{name}/zero_point/zw_sum_x")
+        else:
+            zw = g.init(f"{name}.w_zero_point", z_w_vec.reshape(bshape))
+            t = g.node("Mul", [sx, zw], f"{name}/zero_point/zw_sum_x")
         q = g.node("Sub", [q, t], f"{name}/zero_point/sub_zw_sum_x", out=f"{name}.q")
 
     # one per-OP affine: dequantization, per-OP bias and (if folded) the per-OP BatchNorm
@@ -465,6 +459,42 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
         folded_bn=None if bn is None else bn[0], assign=assign, input_shape=in_shape[1:],
         output_shape=out_shape[1:], terms=terms))
     return y
+
+
+def _window_sum(g: _Graph, name: str, xc: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], groups: int,
+                attrs: dict[str, Any]) -> str:
+    """``Σ_rf(x − z_x)`` of a conv layer in int32: the centred codes ``xc`` [N, C, H, W] summed over
+    each group's channels (ReduceSum), zero-padded, one strided Slice per window tap, the taps
+    added up; [N, G, Ho, Wo] (G = 1 without groups). Integer adds are exact in any order. Not a
+    float Conv + Cast: TVM guards that Cast against NaN/inf, and the guarded expression fused
+    into a depthwise layer's epilogue took TVM half a minute per kernel to build."""
+    c, h, w = in_shape[1:]
+    cg = c // groups
+    ho, wo = out_shape[2:]
+    x = xc
+    if groups == 1 and c > 1:
+        x = g.node("ReduceSum", [x, g.const([1], np.int64)], f"{name}/zero_point/channel_sum", keepdims=1)
+    elif groups > 1 and cg > 1:
+        x = g.node("Reshape", [x, g.const([0, groups, cg, h, w], np.int64)], f"{name}/zero_point/groups")
+        x = g.node("ReduceSum", [x, g.const([2], np.int64)], f"{name}/zero_point/channel_sum", keepdims=0)
+    pt, pl, pb, pr = attrs["pads"]
+    if any((pt, pl, pb, pr)):
+        x = g.node("Pad", [x, g.const([0, 0, pt, pl, 0, 0, pb, pr], np.int64), g.const(0, np.int32)],
+                   f"{name}/zero_point/pad")
+    (kh, kw), (sh, sw), (dh, dw) = attrs["kernel_shape"], attrs["strides"], attrs["dilations"]
+    if (kh, kw, sh, sw) == (1, 1, 1, 1):
+        return x
+    taps = [g.node("Slice", [x, g.const([u * dh, v * dw], np.int64),
+                             g.const([u * dh + sh * (ho - 1) + 1, v * dw + sw * (wo - 1) + 1], np.int64),
+                             g.const([2, 3], np.int64), g.const([sh, sw], np.int64)], f"{name}/zero_point/tap")
+            for u in range(kh) for v in range(kw)]
+    if len(taps) == 1:
+        return taps[0]
+    # stacked and summed by one ReduceSum: a reduction the compilers materialise, rather than
+    # a tree of adds they inline into every consumer (and a following mean's every term)
+    taps = [g.node("Unsqueeze", [t, g.const([2], np.int64)], f"{name}/zero_point/tap_axis") for t in taps]
+    x = g.node("Concat", taps, f"{name}/zero_point/taps", axis=2)
+    return g.node("ReduceSum", [x, g.const([2], np.int64)], f"{name}/zero_point/window_sum", keepdims=0)
 
 
 def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm, rank: int) -> str:

@@ -455,19 +455,35 @@ SCHEDULES = {
 }
 
 
+#: Block annotation -> schedule hook, for every family module imported so far. A module that
+#: builds a kind of block registers its hooks on import, so the blocks it makes can always be
+#: scheduled; kernels.py imports no family module (the registry, ``variants``, imports them).
+_BLOCK_SCHEDULES: dict[str, Any] = {}
+
+
+def register_block_schedules(hooks: dict[str, Any]) -> None:
+    """Add a family module's ``SCHEDULES`` (block annotation -> hook) to ``schedule_primfunc``."""
+    for kind, hook in hooks.items():
+        if _BLOCK_SCHEDULES.get(kind, hook) is not hook:
+            raise QosError(f"internal error: block kind {kind!r} is scheduled by two family modules")
+        _BLOCK_SCHEDULES[kind] = hook
+
+
+register_block_schedules(SCHEDULES)
+
+
 def schedule_primfunc(func: "tvm.tirx.PrimFunc", target: Any = None,
                       approx_style: str | None = None) -> "tvm.tirx.PrimFunc":
     """Apply the qos schedules to every annotated block of ``func`` (unknown blocks stay as they are).
 
     Each block is scheduled by the hook its family module declares for its ``KERNEL_ATTR``
-    annotation (``SCHEDULES`` of each module in ``variants.block_schedules``). Works on the
+    annotation (``SCHEDULES`` of each family module, registered with
+    ``register_block_schedules`` when that module is imported). Works on the
     PrimFuncs that ``relax.BlockBuilder.call_te(approx_conv2d, ...)`` creates, too.
     """
-    from .variants import block_schedules
-
     feats = _features(target)
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    for kind, hook in block_schedules().items():
+    for kind, hook in list(_BLOCK_SCHEDULES.items()):
         for b in _sblocks(sch, kind):
             hook(sch, b, feats, approx_style)
     return sch.mod["main"]

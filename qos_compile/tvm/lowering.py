@@ -36,8 +36,6 @@ from .lut_dot import DOT_ISAS
 
 #: The ``--lowering`` families (a family forces all its variants; a registry name one).
 LOWERINGS = V.FAMILIES
-#: Default cost per unit of each cost key (``variants.DEFAULT_COSTS``).
-KERNEL_COST = V.DEFAULT_COSTS
 
 
 @dataclass(frozen=True)

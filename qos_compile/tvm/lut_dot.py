@@ -45,7 +45,7 @@ from tvm.script import tirx as T
 
 from ..errors import QosError
 from ..numerics import code_offset
-from .kernels import KERNEL_ATTR, _largest_divisor, parallel_outer
+from .kernels import KERNEL_ATTR, register_block_schedules, _largest_divisor, parallel_outer
 from .lut_factors import SLOT_SUFFIXES, layer_factors
 
 
@@ -318,6 +318,7 @@ def _schedule_inputs(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[
 #: Block schedules of this module's TE stages (``variants.block_schedules``); the
 #: microkernel is written in its final form (``qos_prescheduled``).
 SCHEDULES = {"dot_inputs": _schedule_inputs, "dot_weights": parallel_outer, "dot_bias": parallel_outer}
+register_block_schedules(SCHEDULES)
 
 
 def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
@@ -337,7 +338,7 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
         bias = bb.call_te(lambda a, t: dot_bias(a, t, layout, spec.signed), ops.w, wt, primfunc_name_hint=f"{sym}_bias")
     else:
         bias = relax.const(np.zeros(spec.o, np.int32))
-    gv = bb.add_func(dot_microkernel(spec, layout), sym)
+    gv = bb.add_func(dot_microkernel(spec, layout), f"{sym}_micro")
     acc = bb.emit(relax.call_tir(gv, [xf, wp, bias],
                                  relax.TensorType((spec.n, spec.o, spec.ho, layout.wo_pad), "int32")))
     return bb.call_te(unpack, acc, spec.wo, primfunc_name_hint=f"{sym}_unpack")

@@ -36,7 +36,8 @@ from tvm import te
 from ..errors import QosError
 from ..multipliers.structure import Factors, integer_factors
 from ..numerics import INT32_MAX, code_offset
-from .kernels import KERNEL_ATTR, on_output_shape, parallel_outer, schedule_exact_conv2d
+from .kernels import (KERNEL_ATTR, on_output_shape, parallel_outer, register_block_schedules,
+                      schedule_exact_conv2d)
 
 #: Most terms of a layer's factorisation (beyond it the gather kernel is as fast).
 MAX_TERMS = 5
@@ -170,6 +171,7 @@ SCHEDULES = {
     "factor_weights": parallel_outer,
     "factor_lookup": _schedule_lookup,
 }
+register_block_schedules(SCHEDULES)
 
 
 def emit_conv(bb: Any, ops: Any, low: Any) -> Any:

@@ -41,7 +41,7 @@ from tvm.script import tirx as T
 from ..errors import QosError
 from ..multipliers.structure import fits_rows  # noqa: F401 - the kernel's condition, importable from here
 from ..numerics import LUT_SHAPE, code_offset
-from .kernels import KERNEL_ATTR
+from .kernels import KERNEL_ATTR, register_block_schedules
 
 #: Byte-permute ISAs with a rows microkernel: lanes (positions per vector) per ISA.
 ROW_ISAS = {"avx512vbmi": 64, "neon": 16}
@@ -268,6 +268,7 @@ def _schedule_planes(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[
 #: Block schedules of this module's TE stages (``variants.block_schedules``); the
 #: microkernel is written in its final form (``qos_prescheduled``).
 SCHEDULES = {"rows_taps": _schedule_taps, "rows_planes": _schedule_planes}
+register_block_schedules(SCHEDULES)
 
 
 def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
@@ -284,7 +285,7 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
                     primfunc_name_hint=f"{sym}_taps")
     pl = bb.call_te(planes, ops.lut, relax.const(layout.codes), low.bias, primfunc_name_hint=f"{sym}_planes")
     micro = rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, low.bias)
-    gv = bb.add_func(micro, sym)
+    gv = bb.add_func(micro, f"{sym}_micro")
     acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow)],
                                  relax.TensorType((spec.n, spec.o, layout.p_pad), "int32")))
     return bb.call_te(unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint=f"{sym}_unpack")

@@ -31,8 +31,11 @@ Everything that names a kernel reads this table: the lowering choice (``lowering
 Relax importer's dispatch (``relax_import``), the block schedules, the benchmark
 (``bench.kernels``) and the cost estimate (``bench.estimate``), ``qos-compile --lowering``,
 the cost keys a target file may state (``COST_KEYS``), and the kernel name the manifest,
-``report.json`` and ``qos-run --profile`` show per layer (``Variant.name``; the PrimFuncs
-are named ``Variant.symbol``). ``python -m qos_compile.tvm.variants`` prints the table.
+``report.json`` and ``qos-run --profile`` show per layer (``Variant.name``; its PrimFuncs are
+named ``Variant.symbol``, with ``_<stage>`` for the stages of a multi-stage kernel:
+``s8_lutconv_neondot_dot_t3_inputs`` ... ``_micro``). ``python -m qos_compile.tvm.variants
+[TARGET]`` prints the table. The dense layers' one kernel (``kernels.approx_dense``) is
+named ``dense_kernel_name``: ``s8-lutgemm-gather`` / ``u8-lutgemm-gather``.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import QosError
+from ..kernel_costs import DEFAULT_COSTS
 from ..multipliers.structure import fits_rows, is_masked
 from . import kernels, lut_dot, lut_factors, lut_rows
 
@@ -59,7 +63,6 @@ FAMILIES = ("masked", "lowrank", "rows", "gather")
 #: thread (``python -m qos_compile.bench.kernels``; the README's table). A target file's
 #: ``[kernel_costs]`` replaces any of them (``targets.Target.kernel_costs``), measured or
 #: estimated (``python -m qos_compile.bench.estimate``).
-DEFAULT_COSTS = {"masked": 1.12, "gather": 5.7, "lowrank": 1.05, "dot": 0.45, "rows": 1.35}
 #: ISA token in the registry name -> the family module's key for it (the same string).
 DOT_ISA_ORDER = ("avx512vnni", "avx512bw", "avx2", "neondot")
 ROWS_ISA_ORDER = ("avx512vbmi", "neon")
@@ -228,10 +231,11 @@ def _table() -> tuple[Variant, ...]:
 VARIANTS: tuple[Variant, ...] = _table()
 BY_NAME: dict[str, Variant] = {v.name: v for v in VARIANTS}
 #: The cost keys of the variants: what a target file's ``[kernel_costs]`` may state.
-COST_KEYS: tuple[str, ...] = tuple(dict.fromkeys(v.cost_key for v in VARIANTS))
+COST_KEYS: tuple[str, ...] = tuple(dict.fromkeys(v.cost_key for v in VARIANTS))   # == kernel_costs.COST_KEYS
 #: What ``qos-compile --lowering`` accepts: auto, a family, or a registry name.
 LOWERING_CHOICES: tuple[str, ...] = ("auto", *FAMILIES, *BY_NAME)
-assert set(COST_KEYS) == set(DEFAULT_COSTS), "every cost key needs a default"
+if set(COST_KEYS) != set(DEFAULT_COSTS):
+    raise QosError("internal error: every kernel cost key needs a default (DEFAULT_COSTS)")
 
 
 def dense_kernel_name(signed: bool) -> str:

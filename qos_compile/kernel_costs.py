@@ -1,0 +1,14 @@
+"""The kernel cost keys and their defaults: plain data below ``targets`` and ``tvm``.
+
+A conv kernel variant's price is ``costs[cost_key] * units`` (time relative to the exact int8
+conv, ``tvm.variants``); a target file's ``[kernel_costs]`` may override any of these keys.
+The defaults were measured on an x86-64 host with AVX-512 VNNI (``python -m
+qos_compile.bench.kernels``). ``tvm.variants`` checks that its table uses exactly these keys.
+"""
+from __future__ import annotations
+
+__all__ = ["DEFAULT_COSTS", "COST_KEYS"]
+
+DEFAULT_COSTS: dict[str, float] = {"masked": 1.12, "dot": 0.45, "lowrank": 1.05, "rows": 1.35, "gather": 5.7}
+#: What a target file's ``[kernel_costs]`` may state.
+COST_KEYS: tuple[str, ...] = tuple(DEFAULT_COSTS)
