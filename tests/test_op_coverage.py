@@ -176,13 +176,15 @@ def _recorded(model: nn.Module) -> set[str]:
     return names
 
 
-def _wrapped(name: str) -> tuple[QoSNet, torch.Tensor]:
-    case = CASES[name]
+def _wrapped(case: Case, entry: str | None = None) -> tuple[QoSNet, torch.Tensor]:
+    """The case's network wrapped (2 OPs, per-OP BatchNorm statistics of their own), calibrated, eval,
+    APPROX; and its input. ``entry``: the allowlist entry the record must contain."""
     torch.manual_seed(0)
     model = _Net(case)
     shape = CONV_IN if case.stem == "conv" else LINEAR_IN
     x = 3 * torch.randn(64, *shape, generator=torch.Generator().manual_seed(1))
-    assert ALIASES.get(name, name) in _recorded(model)
+    if entry is not None:
+        assert ALIASES.get(entry, entry) in _recorded(model)
     qnet = wrap_model(model, CIRCUITS, num_ops=2, input_shape=shape)
     qnet.set_assignment([[0], [1]])
     qnet.set_mode(Mode.QUANT)
@@ -216,7 +218,7 @@ def _one_torch_thread():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_exported_and_run_in_onnxruntime(name):
-    qnet, x = _wrapped(name)
+    qnet, x = _wrapped(CASES[name], name)
     ex = export_onnx(qnet)
     check_model(ex.model)
     for op in range(qnet.num_ops):
@@ -229,6 +231,20 @@ def test_exported_and_run_in_onnxruntime(name):
         # (one folded affine vs dequantize-then-bias); transcendental ops add their own exp's
         tol = (1e-5 if name in TRANSCENDENTAL else 2e-6) * max(1.0, float(np.abs(want).max()))
         assert float(np.abs(got - want).max()) <= tol, (name, op, float(np.abs(got - want).max()))
+
+
+def test_batchnorm1d_on_n_c_l_is_a_per_op_affine_of_its_own():
+    """BatchNorm1d on [N, C, L] (here a conv's output flattened to [N, 4, 48]) normalises C: exported
+    as its own per-OP affine (never folded into the linear layer before it, which would be axis L)."""
+    qnet, x = _wrapped(Case(lambda n, y: n.m(y.flatten(2)), lambda: nn.BatchNorm1d(4)))
+    ex = export_onnx(qnet)
+    assert ex.layers[0].folded_bn is None
+    for op in range(qnet.num_ops):
+        qnet.set_operating_point(op)
+        with torch.no_grad():
+            want = qnet(x).numpy()
+        got = run_onnxruntime(ex, x.numpy(), op, batch_size=64, threads=1)
+        assert float(np.abs(got - want).max()) <= 2e-6 * float(np.abs(want).max()), op
 
 
 # --------------------------------------------------------------------------- refusals

@@ -39,6 +39,7 @@ from qos_compile.nn import Mode, MultiBatchNorm, MultiBatchNorm1d, QoSNet, Quant
 from test_compile import HAVE_ARM  # noqa: E402
 
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.slow      # eight networks compiled (x86-64, and aarch64 when available)
 
 TOP1_MIN = 0.999          # samples that are not ties at the measured resolution
 TOP1_MIN_ALL = 0.99       # all samples
@@ -416,6 +417,34 @@ def test_wrapped_per_op_layers(name):
     assert len({o.tobytes() for o in b.torch_out}) == n_ops
 
 
+def test_batchnorm_folded_only_where_it_directly_follows_a_layer():
+    """BatchNorm1d after a linear layer (with and without bias) and BatchNorm2d after a conv with bias
+    fold into that layer's per-OP affine; pre-activation BatchNorm stays a per-OP affine of its own."""
+    from qos_compile.onnx import export_onnx
+
+    folded = {n: {layer.name: layer.folded_bn for layer in export_onnx(built(n).qnet).layers}
+              for n in ("mlp_batchnorm1d", "grouped_dilated_5x5", "dense_concat")}
+    assert folded["mlp_batchnorm1d"] == {"fc1": "bn1", "fc2": "bn2", "fc3": None}
+    assert folded["grouped_dilated_5x5"] == {"stem": "bn0", "g1": "bn1", "g2": "bn2", "fc": None}
+    assert set(folded["dense_concat"].values()) == {None}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_pt_round_trip(name, tmp_path):
+    """model.pt keeps the architecture as data: the rebuilt network computes the same at every OP
+    (F.dropout(x, p, self.training) included: the record is traced in eval mode)."""
+    from qos_compile.qosmodel import load_qos_model, save_qos_model
+
+    b = built(name)
+    save_qos_model(tmp_path / "model.pt", b.qnet)
+    qnet, _ = load_qos_model(tmp_path / "model.pt")
+    x = torch.from_numpy(b.x)
+    with torch.no_grad():
+        for op in range(b.qnet.num_ops):
+            qnet.set_operating_point(op)
+            assert np.array_equal(qnet(x).numpy(), b.torch_out[op]), (name, op)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_qos_run_matches_onnxruntime(name):
     """qos-run (x86-64) == onnxruntime on the exported model.onnx, every OP; bit for bit unless the
@@ -440,6 +469,19 @@ def test_qos_run_matches_pytorch_emulation(name):
     b = built(name)
     for op, got in enumerate(x86_outputs(name)):
         _assert_close(got, b.torch_out[op], f"{name} OP {op}: qos-run vs PyTorch APPROX")
+
+
+@pytest.mark.parametrize("name", ["mlp_batchnorm1d", "nonsquare_pools"])
+def test_python_binding_on_vector_and_non_square_inputs(name):
+    """The manifest's input is [batch, 64] / [batch, 1, 12, 16]; the ctypes binding runs it like qos-run."""
+    from qos_compile.runtime.model import Model
+
+    b = built(name)
+    with Model(b.outs["x86_64"]) as m:
+        assert m.inputs[0].shape == (BATCH, *b.x.shape[1:])
+        for op in range(b.qnet.num_ops):
+            m.select(op)
+            assert np.array_equal(m.run(b.x[:BATCH]), x86_outputs(name)[op][:BATCH]), (name, op)
 
 
 @pytest.mark.parametrize("name", NAMES)

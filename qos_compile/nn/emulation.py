@@ -22,6 +22,7 @@ splits or widens the convolution when the bound fails.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -41,36 +42,22 @@ STRATEGIES = structure.KINDS
 
 
 @dataclass(frozen=True, eq=False)
-class EmulationPlan:
-    """The verified decomposition ``denom * lut[a, b] == sum_t wterms[t, a] * xterms[t, b]``.
+class EmulationPlan(structure.Structure):
+    """A circuit's verified ``structure.Structure`` (kind, factors, rank, mask) plus what the
+    emulation needs besides: ``table``, the int32 table (general strategy), and its SHA-256."""
 
-    ``wterms``/``xterms``: (T, 256) int64 port-A (weight) / port-B (activation) factors,
-    read-only; empty for the general strategy. ``main_term``: ``xterms[0]`` is the
-    activation code itself (term 0 is ``wterms[0](a) * code(b)``), so weight centring can
-    be folded into it.
-    ``rank``: exact rank of the error table; ``table``: the int32 table (general strategy).
-    """
-
-    strategy: str
-    signed: bool
-    rank: int
-    wterms: np.ndarray
-    xterms: np.ndarray
-    denom: int
-    main_term: bool
-    mask_bits: int
     table: np.ndarray
     sha256: str
+
+    @property
+    def strategy(self) -> str:
+        """The emulation strategy: the structure's kind (one of ``STRATEGIES``)."""
+        return self.kind
 
     @property
     def offset(self) -> int:
         """Table index of code 0."""
         return code_offset(self.signed)
-
-    @property
-    def terms(self) -> int:
-        """Number of stacked convolution terms; 0 for the general kernel."""
-        return self.wterms.shape[0]
 
     def describe(self) -> str:
         """One line for logs and reports."""
@@ -102,8 +89,7 @@ def _plan(table: np.ndarray, signed: bool, sha: str, max_terms: int) -> Emulatio
     s = structure.analyse(table, signed, max_terms)
     frozen = np.array(table, dtype=np.int32)
     frozen.flags.writeable = False
-    return EmulationPlan(s.kind, signed=signed, rank=s.rank, wterms=s.wterms, xterms=s.xterms, denom=s.denom,
-                         main_term=s.main_term, mask_bits=s.mask_bits, table=frozen, sha256=sha)
+    return EmulationPlan(**{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}, table=frozen, sha256=sha)
 
 
 _PLANS: dict[tuple[str, bool, int], EmulationPlan] = {}  # by (table SHA-256, signed, max_terms)

@@ -207,6 +207,10 @@ def capture(model: nn.Module) -> dict[str, Any]:
     if any(type(m).__name__ in ("ApproxConv2d", "ApproxLinear", "MultiBatchNorm2d", "MultiBatchNorm1d")
            for m in model.modules()):
         raise QosError("the model is already converted to approximate layers")
+    # the record is the inference network: fx bakes `self.training` into the graph as a constant
+    # (`F.dropout(x, p, self.training)`), so trace in eval mode, then restore every module's flag
+    training = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         graph = _Tracer().trace(model)
     except QosError:
@@ -214,6 +218,9 @@ def capture(model: nn.Module) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - fx raises many types for untraceable code
         first = " ".join(str(e).split())[:200]
         raise QosError(f"cannot trace the model with torch.fx ({type(e).__name__}: {first})") from None
+    finally:
+        for m, flag in training.items():
+            m.training = flag
     modules = dict(model.named_modules())
     rec_modules: dict[str, Any] = {}
     rec_nodes: list[dict[str, Any]] = []

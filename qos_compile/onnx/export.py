@@ -220,7 +220,8 @@ _CONVERTED: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: ApproxConv2d, n
                                                       nn.AvgPool2d: OrderedAvgPool2d,
                                                       nn.AdaptiveAvgPool2d: OrderedAdaptiveAvgPool2d}
 _MODULES: frozenset[type[nn.Module]] = frozenset(
-    {_CONVERTED.get(cls, cls) for cls, _ in MODULES.values()} | set(_CONVERTED))
+    {_CONVERTED.get(cls, cls) for cls, _ in MODULES.values()}
+    | {nn.BatchNorm1d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d})   # plain ones export too
 _FUNCTIONS: frozenset[Any] = frozenset(FUNCTIONS.values())
 _METHODS: frozenset[str] = frozenset(METHODS)
 _BINARY = {operator.add: "Add", torch.add: "Add", operator.iadd: "Add", operator.sub: "Sub", torch.sub: "Sub",
