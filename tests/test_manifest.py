@@ -166,15 +166,3 @@ def test_int16_bank_tables_and_truncated_table():
     m = read_manifest(data)
     assert m.tensors[m.bank[1].table].dtype == DType.INT16
     assert np.array_equal(m.tensor_data(m.bank[1].table), truncated_table(2) // 2)
-
-
-def test_reader_rechecks_each_table_against_its_sha256():
-    """A table changed after compilation, with the CRC recomputed, is refused: the hash names
-    the circuit the report and the bank claim."""
-    t = tiny_model(seed=4)
-    m = read_manifest(t.data)
-    data = bytearray(t.data)
-    info = m.tensors[m.bank[1].table]
-    struct.pack_into("<i", data, info.offset + 4 * 1000, struct.unpack_from("<i", data, info.offset + 4000)[0] + 1)
-    with pytest.raises(ManifestError, match="bank entry 1 .*does not match its sha256"):
-        read_manifest(_fix(data))
