@@ -7,6 +7,7 @@ ctypes only for cases that are known to be rejected cleanly.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import random
 import re
@@ -86,6 +87,19 @@ def patch_section(data: bytes, sec: Section, fname: str, fmt: str, value) -> byt
     buf = bytearray(data)
     struct.pack_into("<" + fmt, buf, M.HEADER.size + M.SECTION.size * int(sec) + field_off(M.SECTION, fname), value)
     return fix_crc(buf)
+
+
+def change_table_cell(data: bytes, at: int, delta: int) -> bytes:
+    """The int32 table cell at file offset ``at`` changed by ``delta``, CRC recomputed (the sha256 is stale)."""
+    buf = bytearray(data)
+    struct.pack_into("<i", buf, at, struct.unpack_from("<i", buf, at)[0] + delta)
+    return fix_crc(buf)
+
+
+def sha_string_at(data: bytes, bank: int) -> int:
+    """File offset of bank entry ``bank``'s sha256 string."""
+    ref = struct.unpack_from("<I", data, record(data, Section.BANK, bank) + field_off(M.BANK, "sha256"))[0]
+    return section(data, Section.STRINGS)[0] + ref
 
 
 def py_code(data: bytes) -> str:
@@ -263,6 +277,8 @@ def _targeted_cases(tiny_data: bytes) -> list[tuple[str, bytes, str, str]]:
          "not NUL-terminated"),
         ("sha256 not hex", patch(d, Section.BANK, 0, "sha256", "I", 0), "FORMAT", "sha256"),
         ("bank table not a LUT", patch(d, Section.BANK, 0, "table", "I", 3), "FORMAT", "256, 256"),
+        ("bank table changed", change_table_cell(d, m.tensors[m.bank[1].table].offset + 4 * 1000, 1), "FORMAT",
+         r"^bank entry 1 \(mul8s_trunc2\): table does not match its sha256"),
         ("zero ops", patch_section(patch_section(d, Section.OPS, "count", "Q", 0), Section.OPS, "offset", "Q", 0),
          "FORMAT", "operating point count 0"),
         ("buffer outside arena", patch(d, Section.BUFFERS, 2, "offset", "Q", 192), "FORMAT", "outside the arena"),
@@ -289,6 +305,63 @@ def test_targeted_corruptions_are_clean_errors(rt, kernels, tiny):
         assert msg and re.search(pattern, msg), f"{name}: message {msg!r} lacks {pattern!r}"
         expect_py = {"FORMAT": "format", "VERSION": "version", "CHECKSUM": "checksum", "LIMIT": "ok"}[code]
         assert py_code(data) == expect_py, name
+
+
+def test_c_loader_rechecks_bank_tables_against_their_sha256(rt, tiny):
+    """The C loader recomputes each bank table's SHA-256 with its own FIPS 180-4 code and agrees with
+    read_manifest (hashlib). Intact int32 (tiny) and int16 (bank.qosm) manifests loading is the known-answer
+    test: their sha256 strings come from hashlib in the writer."""
+    for name, data in (("tiny", tiny.data), ("bank.qosm", seed_manifests()["bank.qosm"])):
+        m = read_manifest(data)
+        assert rt.try_open(data, None) == (0, ""), name
+        for k, b in enumerate(m.bank):
+            info = m.tensors[b.table]
+            # a changed cell (CRC recomputed): both refuse, with the same words
+            buf = bytearray(data)
+            buf[info.offset + info.nbytes - 1] ^= 0x80       # the last cell's sign bit
+            bad = fix_crc(buf)
+            c, msg = rt.try_open(bad, None)
+            want = f"bank entry {k} ({b.name}): table does not match its sha256"
+            assert c == ERR["FORMAT"] and msg.split(" [QOS_ERR_")[0] == want, (name, k, c, msg)  # binding adds [code]
+            with pytest.raises(ManifestError) as ei:
+                read_manifest(bad)
+            assert str(ei.value) == want and ei.value.code == "format"
+            # with the sha256 string rewritten to the changed table's (widened) hash it loads again
+            cells = np.frombuffer(bad, dtype=info.numpy_dtype, count=256 * 256, offset=info.offset)
+            at = sha_string_at(data, k)
+            buf[at:at + 64] = hashlib.sha256(cells.astype("<i4").tobytes()).hexdigest().encode()
+            good = fix_crc(buf)
+            assert rt.try_open(good, None) == (0, "") and py_code(good) == "ok", (name, k)
+            if info.dtype == M.DType.INT16:      # the hash of the raw int16 bytes is not the format's hash
+                buf[at:at + 64] = hashlib.sha256(bytes(cells.tobytes())).hexdigest().encode()
+                raw16 = fix_crc(buf)
+                assert rt.try_open(raw16, None)[0] == ERR["FORMAT"] and py_code(raw16) == "format", (name, k)
+
+
+def test_sha256_mismatch_message_shows_odd_names_alike(rt):
+    """The bank name in the message comes from the file: both readers show it as printable ASCII ('?'
+    for any other byte, so no newline or invalid UTF-8 reaches a log line), cut at 64 characters."""
+    for name, shown in (("mul\n\x1b[2Jé", "mul??[2J??"), ("ü" * 40, "?" * 64 + "..."),
+                        ("x" * 64, "x" * 64), ("y" * 65, "y" * 64 + "...")):
+        w = ManifestWriter()
+        w.add_op("a")
+        e = w.add_bank_entry(name, np.zeros((256, 256), np.int32))
+        layer = w.add_layer("fc")
+        w.set_assignment([[e]])
+        s = w.add_slot("lut", layer=layer)
+        x = w.add_input("x", np.int8, (1, 16))
+        y = w.add_output("y", np.int32, (1, 8))
+        w.add_step("k", [Arg.input(x), Arg.slot(s), Arg.output(y)])
+        data = w.to_bytes()
+        assert rt.try_open(data, None) == (0, "") and py_code(data) == "ok"
+        m = read_manifest(data)
+        bad = change_table_cell(data, m.tensors[m.bank[0].table].offset + 4 * 300, -7)
+        want = f"bank entry 0 ({shown}): table does not match its sha256"
+        c, msg = rt.try_open(bad, None)
+        assert c == ERR["FORMAT"] and msg.split(" [QOS_ERR_")[0] == want, (name, msg)
+        with pytest.raises(ManifestError) as ei:
+            read_manifest(bad)
+        assert str(ei.value) == want
 
 
 # ----------------------------------------------------------------------------- mass corruption (ASan subprocess)
