@@ -13,6 +13,8 @@ and fine-tuning code); this module only guarantees a safe, atomic, well-formed f
 """
 from __future__ import annotations
 
+import codecs
+import io
 import json
 import os
 import pickle
@@ -54,6 +56,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 # for torch's own tensor rebuild functions, which weights_only allows.
 _OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
 _REFUSED = "refusing to load {path}: the file contains code/objects that a QoS checkpoint never has"
+_NOT_A_MODEL = "{path} is not a model.pt: not a PyTorch checkpoint file (neither a zip archive nor a pickle)"
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -192,13 +195,52 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[
             raise QosError(f"{p}: truncated or corrupt checkpoint archive ({reason})") from None
         # a legacy (non-zip) load of arbitrary bytes fails with internal errors such as
         # "KeyError: 101" that mean nothing to a user: say what the file is not instead
-        raise QosError(f"{p}: not a PyTorch checkpoint file (neither a torch zip archive nor a pickle)") from None
+        raise QosError(_NOT_A_MODEL.format(path=p)) from None
     return _unpack(p, obj)
+
+
+def _not_a_model(p: str) -> str:
+    """The one line for a file that is neither a zip archive nor a pickle (a hint for Python source)."""
+    hint = ("; a Python file: save_qos_model or 'qos-nets pipeline --model FILE.py:FUNCTION' writes a model.pt"
+            if p.endswith(".py") else "")
+    return _NOT_A_MODEL.format(path=p) + hint
+
+
+def _is_text(p: str) -> bool:
+    """True when the file starts with UTF-8 text (no control bytes but tabs, newlines, form feeds).
+
+    A protocol-2+ pickle or legacy torch file starts with 0x80, which no UTF-8 text does."""
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return not any(b < 32 and b not in b"\t\n\r\f" for b in head)
+
+
+def _is_text_pickle(p: str, limit: int = 1 << 20) -> bool:
+    """True when a text file is a (protocol-0) pickle: its first ``limit`` bytes parse (never run)
+    up to a STOP opcode, and the stream imports or calls something or nothing but whitespace
+    follows it (a text that starts with ".", i.e. STOP, is not a pickle)."""
+    with open(p, "rb") as f:
+        head = io.BytesIO(f.read(limit))    # a text line is read whole: bound what is read
+    objects = False
+    try:
+        for op, _arg, _pos in pickletools.genops(head):
+            objects = objects or op.name in _OBJECT_OPCODES
+    except Exception:  # noqa: BLE001 - not a pickle, or a truncated one
+        return False
+    return objects or not head.read().strip()   # genops returns only at STOP
 
 
 def _refuse_non_zip(p: str) -> None:
     """Every QoS checkpoint is a torch zip archive; a legacy torch file or a raw pickle is refused
     unread (its loader sizes storages from the file's own claims before reading them)."""
+    # Text (Python source, JSON, ...) parses as a few pickle opcodes ("import" starts with INST)
+    # before it fails: only a protocol-0 pickle parses to its STOP.
+    if _is_text(p) and not _is_text_pickle(p):
+        raise QosError(_not_a_model(p))
     if _file_references_objects(p):
         raise QosError(_REFUSED.format(path=p) + " (a pickle that imports or calls something)")
     with open(p, "rb") as f:
@@ -209,7 +251,7 @@ def _refuse_non_zip(p: str) -> None:
     if seen:
         raise QosError(f"{p}: not a QoS checkpoint (a pickle or legacy torch file; QoS checkpoints are torch zip "
                        "archives)")
-    raise QosError(f"{p}: not a PyTorch checkpoint file (neither a torch zip archive nor a pickle)")
+    raise QosError(_not_a_model(p))
 
 
 def _check_archive(p: str) -> None:

@@ -1,5 +1,7 @@
 """model.pt's typed meta: round trips of zoo and user models, loading without the user's code,
-version-1 files, and hostile meta (one line each, quickly, without memory)."""
+version-1 files, and hostile meta or a file that is no model.pt (one line each, quickly, without
+memory). ``fresh_python`` (a fresh interpreter where no test module is importable) is shared with
+tests/test_user_architectures.py."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any, Sequence
 
 import pytest
 import torch
@@ -160,10 +163,44 @@ def test_zoo_model_round_trip(zoo_file):
         assert torch.equal(a, b)
 
 
-_SUBPROCESS = textwrap.dedent("""
-    import importlib.util, sys, torch
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def fresh_python(script: str, *args: object, cwd: os.PathLike | str, forbid: Sequence[str],
+                 env_update: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
+    """Start ``python -I -c SCRIPT ARGS...`` in ``cwd``: a fresh interpreter where no test module
+    can be imported (isolated mode: no PYTHONPATH, neither the current nor the tests' folder on
+    sys.path), one OpenMP thread. The script first asserts that none of the modules ``forbid``
+    names is imported or importable; ``env_update`` adds to its environment. stdout and stderr are
+    pipes unless ``popen`` says otherwise; wait with ``finish``."""
+    guard = textwrap.dedent(f"""
+        import importlib.util as _util, os as _os, sys as _sys
+        assert {TESTS!r} not in [_os.path.abspath(_p or ".") for _p in _sys.path], _sys.path
+        for _name in {list(forbid)!r}:
+            assert _name not in _sys.modules and _util.find_spec(_name) is None, _name + " is importable"
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env.update(OMP_NUM_THREADS="1", **(env_update or {}))
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **popen}
+    return subprocess.Popen([sys.executable, "-I", "-c", guard + textwrap.dedent(script), *map(str, args)],
+                            cwd=cwd, env=env, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``proc`` ("" where not a pipe); past ``timeout`` s it is
+    killed and the test fails."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{proc.args[:3]}... ran past {timeout} s")
+    return proc.returncode, out or "", err or ""
+
+
+_SUBPROCESS = """
+    import sys, torch
     torch.set_num_threads(1)
-    assert importlib.util.find_spec("test_model_schema") is None, "the test module must not be importable"
     from qos_compile.qosmodel import load_qos_model
     qnet, meta = load_qos_model(sys.argv[1])
     x = torch.load(sys.argv[2], weights_only=True)
@@ -174,7 +211,7 @@ _SUBPROCESS = textwrap.dedent("""
             outs.append(qnet(x))
     torch.save(outs, sys.argv[3])
     print(type(qnet.net).__name__, meta.num_ops)
-""")
+"""
 
 
 def test_loads_where_the_users_class_does_not_exist(user_file, tmp_path):
@@ -188,17 +225,37 @@ def test_loads_where_the_users_class_does_not_exist(user_file, tmp_path):
     torch.save(x, tmp_path / "x.pt")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-I", "-c", _SUBPROCESS, str(path), str(tmp_path / "x.pt"),
-                          str(tmp_path / "out.pt")], cwd=elsewhere, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["QosArchitecture", "3"]
+    code, stdout, stderr = finish(fresh_python(_SUBPROCESS, path, tmp_path / "x.pt", tmp_path / "out.pt",
+                                               cwd=elsewhere, forbid=["test_model_schema"]))
+    assert code == 0, stderr
+    assert stdout.split() == ["QosArchitecture", "3"]
     outs = torch.load(tmp_path / "out.pt", weights_only=True)
     assert len(outs) == 3 and not torch.equal(outs[0], outs[1])
     for a, b in zip(outs, ref):
         assert torch.equal(a, b)   # bit-exact: same torch, same numerics
+
+
+def test_qos_compile_on_a_python_file_is_one_line(tmp_path):
+    """`qos-compile mynet.py` (the model's source, not a model.pt): exit 2, one line saying so, no
+    traceback, nothing written. (Source text parses as a few pickle opcodes, "import" as INST, so
+    it used to be refused as "a pickle that imports or calls something".)"""
+    src = tmp_path / "mynet.py"
+    src.write_text("import torch\nfrom torch import nn\n\n\ndef build():\n    return nn.Linear(4, 2)\n")
+    cli = os.path.join(os.path.dirname(sys.executable), "qos-compile")
+    cmd = [cli] if os.path.exists(cli) else [sys.executable, "-m", "qos_compile.cli.compile"]
+    res = subprocess.run([*cmd, str(src), "--target", "x86_64", "-o", str(tmp_path / "out")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert lines[0].startswith(f"qos-compile: error: {src} is not a model.pt: not a PyTorch checkpoint file "
+                               "(neither a zip archive nor a pickle); a Python file: "), lines[0]
+    assert "pickle that imports" not in lines[0] and "qos-nets pipeline --model FILE.py:FUNCTION" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mynet.py"]
+    # the same for any other text, e.g. JSON; real pickles keep their messages (tests/test_checkpoint.py)
+    (tmp_path / "config.json").write_text(json.dumps({"model": "mynet.py:build"}))
+    with pytest.raises(QosError, match=r"config.json is not a model.pt: not a PyTorch checkpoint file \(neither "
+                                       r"a zip archive nor a pickle\)$"):
+        load_qos_model(tmp_path / "config.json")
 
 
 def test_float_model_of_a_user_network(tmp_path):

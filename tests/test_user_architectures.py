@@ -1,24 +1,39 @@
-"""A user's own networks, not from the model zoo, end to end: wrap_model with a few circuits and
-2-3 operating points (different circuits per OP), brief calibration, ``compile_qnet`` for x86-64
-(and aarch64 when the cross compiler and qemu are installed), then ``qos-run`` at every OP against
+"""A user's own networks, not from the model zoo, end to end, along the chain a user runs: wrap_model
+with a few circuits and 2-3 operating points (different circuits per OP), brief calibration,
+``save_qos_model`` to a model.pt, then, in fresh processes where the user's classes (this module)
+cannot be imported,
+
+* ``load_qos_model(model.pt)`` and the PyTorch APPROX emulation at every OP: bit for bit what the
+  user's network computes in this process (the network rebuilt from data is the user's);
+* the ``qos-compile`` command (its console script's entry point, in the same process) for x86-64
+  (verifying against onnxruntime; report.json) and, when the cross compiler and qemu are installed,
+  for aarch64 (``--no-verify``: the test runs qos-run under qemu itself),
+
+then ``qos-run`` at every OP against
 
 * onnxruntime on the compiled output's ``model.onnx``: bit for bit, except for the network with
   sigmoid/SiLU (each runtime has its own ``exp``), which is held to the PyTorch tolerance below;
-* the PyTorch APPROX emulation: the tolerance of tests/test_qos_run.py (every logit within 2 % of
-  the OP's largest |logit|; top-1 agreement >= 99.9 % on samples that are not ties at the
-  measured resolution, >= 99 % on all);
-* qos-run on aarch64 (under qemu): bit for bit with x86-64.
+* PyTorch inference (APPROX, eval, no gradients) in this process and in the fresh one: bit for
+  bit (it computes the device's float32 epilogue, docs/design.md section 3.6), except for the
+  network with sigmoid/SiLU, held to a tolerance (every logit within 2 % of the OP's largest
+  |logit|; top-1 agreement >= 99.9 % on samples that are not ties at the measured resolution,
+  >= 99 % on all);
+* qos-run on aarch64 (under qemu): bit for bit with x86-64 (and so with PyTorch).
 
 The eight networks are written here with plain ``F.relu``/``torch.cat``/... spellings and cover
 depthwise and grouped/dilated convolutions, 5x5 with padding 0, non-square inputs and pools,
 concatenation, squeeze-and-excitation (sigmoid, broadcast multiply, hardswish, SiLU), biases
 with and without BatchNorm, an MLP with per-OP BatchNorm1d on [N, F] inputs and residual
-1x1 projections with nearest upsampling. Each is built and compiled once per session.
+1x1 projections with nearest upsampling (signed circuits, per-channel weights; the digits
+model of tests/test_compile.py is the unsigned residual network). Each is built, saved and compiled once per session, the
+steps after save_qos_model in one fresh process per network, which runs while the next is trained.
 """
 from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -36,10 +51,13 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qos_compile.nn import Mode, MultiBatchNorm, MultiBatchNorm1d, QoSNet, QuantConfig, wrap_model  # noqa: E402
+from qos_compile.qosmodel import save_qos_model  # noqa: E402
 from test_compile import HAVE_ARM  # noqa: E402
+from test_model_schema import finish, fresh_python  # noqa: E402
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow      # eight networks compiled (x86-64, and aarch64 when available)
+TARGETS = ("x86_64", "aarch64") if HAVE_ARM else ("x86_64",)
 
 TOP1_MIN = 0.999          # samples that are not ties at the measured resolution
 TOP1_MIN_ALL = 0.99       # all samples
@@ -235,7 +253,7 @@ ARCHS: dict[str, Spec] = {
     "squeeze_excite": Spec(SqueezeExcite, UNSIGNED, 3, transcendental=True),
     "bias_no_bn": Spec(BiasNoBatchNorm, SIGNED, 2, qconfig=QuantConfig(per_channel=True)),
     "mlp_batchnorm1d": Spec(MlpBatchNorm1d, SIGNED, 3, data="vector", qconfig=QuantConfig(per_channel=True)),
-    "residual_upsample": Spec(ResidualUpsample, UNSIGNED, 3),
+    "residual_upsample": Spec(ResidualUpsample, SIGNED, 3, qconfig=QuantConfig(per_channel=True)),
 }
 
 
@@ -244,9 +262,16 @@ ARCHS: dict[str, Spec] = {
 class Built:
     qnet: QoSNet
     x: np.ndarray                          # EVAL_SAMPLES inputs, float32
-    torch_out: list[np.ndarray]            # PyTorch APPROX emulation per OP
-    outs: dict[str, Path] = field(default_factory=dict)        # target -> compile_qnet output
-    reports: dict[str, dict] = field(default_factory=dict)
+    torch_out: list[np.ndarray]            # PyTorch APPROX emulation per OP (this process)
+    model_pt: Path                         # save_qos_model(qnet)
+    cli: dict[str, list[str]]              # target -> the qos-compile command line (after "qos-compile")
+    proc: subprocess.Popen                 # the fresh process (below), until chained() has waited for it
+    # filled by chained(), from that process:
+    fresh_out: np.ndarray | None = None    # [OP, sample, logit]: load_qos_model's emulation
+    rebuilt: str = ""                      # "rebuilt: <type of the loaded qnet.net> <OPs>"
+    outs: dict[str, Path] = field(default_factory=dict)        # target -> qos-compile's output folder
+    reports: dict[str, dict] = field(default_factory=dict)     # target -> its report.json
+    failed: dict[str, str] = field(default_factory=dict)       # target (or "fresh") -> why it failed
 
 
 @functools.lru_cache(maxsize=1)
@@ -306,7 +331,8 @@ def _calibrate(qnet: QoSNet, x: torch.Tensor) -> None:
 
 @functools.lru_cache(maxsize=None)
 def built(name: str) -> Built:
-    """Train the float network briefly (real logit margins), wrap, assign, calibrate, compile for x86-64."""
+    """Train the float network briefly (real logit margins), wrap, assign, calibrate, emulate, save
+    model.pt and start its fresh process (``chained`` waits for it)."""
     spec = ARCHS[name]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # many tiny ops: one thread is faster on a shared 2-core machine
@@ -335,25 +361,100 @@ def built(name: str) -> Built:
                 qnet.set_operating_point(op)
                 torch_out.append(qnet(x).numpy())
         qnet.set_operating_point(0)
-        b = Built(qnet, x.numpy().astype(np.float32), torch_out)
-        _compile(b, name, "x86_64")
     finally:
         torch.set_num_threads(threads)
+    folder = _ROOT / name
+    folder.mkdir()
+    save_qos_model(folder / "model.pt", qnet)
+    np.save(folder / "x.npy", x.numpy().astype(np.float32))
+    cli = {t: ["model.pt", "--target", t, "-o", t, "--batch", str(BATCH), "--threads", "2",
+               # aarch64: the test runs qos-run under qemu itself, the compiler's own check would repeat it
+               *(["--no-verify"] if t != "x86_64" else [])] for t in TARGETS}
+    for other in list(_IN_FLIGHT):      # one fresh process at a time, next to the next network's training
+        _wait_chain(other)
+    # one fresh process for every step after save_qos_model (its start and imports, several seconds,
+    # once per network), one thread (a compile is serial work; it runs next to the next training)
+    with open(folder / "fresh.log", "w") as log:
+        proc = fresh_python(_FRESH_CHAIN, "x.npy", "fresh.npy", json.dumps(cli), cwd=folder, stdout=log,
+                            stderr=subprocess.STDOUT, env_update={"QOS_THREADS": "1", "TVM_NUM_THREADS": "1"},
+                            forbid=[__name__, "test_compile", "test_model_schema"])
+    b = Built(qnet, x.numpy().astype(np.float32), torch_out, folder / "model.pt", cli, proc)
+    _IN_FLIGHT.append(b)
     return b
+
+
+def chained(name: str) -> Built:
+    """built(name) once its fresh process has loaded model.pt, emulated it and run qos-compile."""
+    b = built(name)
+    _wait_chain(b)
+    assert "fresh" not in b.failed, b.failed["fresh"]
+    return b
+
+
+def _wait_chain(b: Built) -> None:
+    """Wait for b's fresh process; record its outputs, or why a step failed (for the tests that need it)."""
+    if b not in _IN_FLIGHT:
+        return
+    _IN_FLIGHT.remove(b)
+    code = finish(b.proc, timeout=900)[0]
+    folder = b.model_pt.parent
+    log = (folder / "fresh.log").read_text()
+    lines = log.splitlines()
+    rebuilt = [ln for ln in lines if ln.startswith("rebuilt: ")]
+    if not rebuilt or not (folder / "fresh.npy").exists():
+        b.failed["fresh"] = f"{folder.name}: the fresh process failed (exit {code}): {log[-3000:]}"
+        return
+    b.fresh_out, b.rebuilt = np.load(folder / "fresh.npy"), rebuilt[0]
+    for target in TARGETS:
+        if code == 0 and f"qos-compile {target}: exit 0" in lines:
+            b.outs[target] = folder / target
+            b.reports[target] = json.loads((folder / target / "report.json").read_text())
+        else:       # the tests of this target fail with it (the log ends with qos-compile's one-line error)
+            b.failed[target] = f"qos-compile {' '.join(b.cli[target])} failed in {folder}: {log[-3000:]}"
 
 
 _ROOT = Path(tempfile.mkdtemp(prefix="qos_user_arch_"))
 atexit.register(shutil.rmtree, _ROOT, True)
+_IN_FLIGHT: list[Built] = []     # at most one: its fresh process runs while the next network is built
+
+
+@atexit.register
+def _stop_in_flight() -> None:   # registered after the rmtree: runs before it
+    for b in _IN_FLIGHT:
+        b.proc.kill()
+        b.proc.wait()
+
+
+# Run in FOLDER (holding model.pt) by a fresh interpreter where this module and its classes cannot be
+# imported: load_qos_model and the PyTorch APPROX emulation at every OP as built() runs it here (one
+# thread), then the qos-compile command (the console script's own entry point) for each target.
+_FRESH_CHAIN = """
+    import json, sys
+    from importlib.metadata import entry_points
+    import numpy as np, torch
+    torch.set_num_threads(1)
+    from qos_compile.qosmodel import load_qos_model
+    inputs, outputs, cli = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    qnet, meta = load_qos_model("model.pt")
+    x = torch.from_numpy(np.load(inputs))
+    outs = []
+    with torch.no_grad():
+        for op in range(qnet.num_ops):
+            qnet.set_operating_point(op)
+            outs.append(qnet(x).numpy())
+    np.save(outputs, np.stack(outs))
+    print("rebuilt:", type(qnet.net).__name__, qnet.num_ops, flush=True)
+    from qos_compile.cli.compile import main
+    assert entry_points(group="console_scripts")["qos-compile"].load() is main
+    for target, argv in cli.items():
+        code = main(argv)
+        print(f"qos-compile {target}: exit {code}", flush=True)
+"""
 
 
 def _compile(b: Built, name: str, target: str) -> Path:
-    from qos_compile.compiler import compile_qnet
-
-    if target not in b.outs:
-        out = _ROOT / f"{name}-{target}"
-        # aarch64: the test runs qos-run under qemu itself, the compiler's own check would repeat it
-        res = compile_qnet(b.qnet, target, out, batch=BATCH, threads=2, verify=target == "x86_64")
-        b.outs[target], b.reports[target] = out, res.report
+    """qos-compile's output folder of ``name`` for ``target`` (b from chained())."""
+    assert target not in b.failed, b.failed[target]
     return b.outs[target]
 
 
@@ -369,7 +470,8 @@ def _qos_run(out: Path, x: np.ndarray, op: int, prefix: tuple[str, ...] = ()) ->
 
 @functools.lru_cache(maxsize=None)
 def x86_outputs(name: str) -> tuple[np.ndarray, ...]:
-    b = built(name)
+    b = chained(name)
+    _compile(b, name, "x86_64")
     return tuple(_qos_run(b.outs["x86_64"], b.x, op) for op in range(b.qnet.num_ops))
 
 
@@ -446,12 +548,32 @@ def test_model_pt_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_fresh_process_rebuilds_the_users_network(name):
+    """load_qos_model(model.pt) in a process where the user's classes do not exist computes, at every
+    OP, bit for bit what the user's network computes here; qos-compile compiled that model.pt."""
+    b = chained(name)
+    assert b.rebuilt.split() == ["rebuilt:", "QosArchitecture", str(b.qnet.num_ops)], b.rebuilt
+    assert b.fresh_out.shape == (b.qnet.num_ops, *b.torch_out[0].shape)
+    for op in range(b.qnet.num_ops):
+        assert np.array_equal(b.fresh_out[op], b.torch_out[op]), (name, op)
+    sha = hashlib.sha256(b.model_pt.read_bytes()).hexdigest()
+    for target in TARGETS:
+        _compile(b, name, target)
+        report = b.reports[target]
+        assert report["tool"] == "qos-compile" and report["target"]["arch"] == target, report["target"]
+        assert report["model"]["source"]["sha256"] == sha and report["model"]["num_ops"] == b.qnet.num_ops
+        assert report["options"]["batch"] == BATCH and report["options"]["threads"] == 2
+        assert report["verification"]["ran"] == (target == "x86_64"), report["verification"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_qos_run_matches_onnxruntime(name):
     """qos-run (x86-64) == onnxruntime on the exported model.onnx, every OP; bit for bit unless the
     network has a transcendental op."""
     from qos_compile.onnx import run_onnxruntime
 
-    b, spec = built(name), ARCHS[name]
+    b, spec = chained(name), ARCHS[name]
+    _compile(b, name, "x86_64")
     report = b.reports["x86_64"]["verification"]
     assert report["ran"] and report["ok"], report
     for op, got in enumerate(x86_outputs(name)):
@@ -464,11 +586,21 @@ def test_qos_run_matches_onnxruntime(name):
         assert report["bit_exact"], report
 
 
+def _assert_device(y: np.ndarray, t: np.ndarray, name: str, what: str) -> None:
+    """qos-run output ``y`` against PyTorch inference ``t``: bit for bit, or (sigmoid/SiLU) close."""
+    if ARCHS[name].transcendental:
+        _assert_close(y, t, what)
+    else:
+        assert np.array_equal(y, t), (what, int(np.any(y != t, 1).sum()), float(np.max(np.abs(y - t))))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_qos_run_matches_pytorch_emulation(name):
-    b = built(name)
+    b = chained(name)
     for op, got in enumerate(x86_outputs(name)):
-        _assert_close(got, b.torch_out[op], f"{name} OP {op}: qos-run vs PyTorch APPROX")
+        _assert_device(got, b.torch_out[op], name, f"{name} OP {op}: qos-run vs PyTorch APPROX")
+        _assert_device(got, b.fresh_out[op], name,
+                       f"{name} OP {op}: qos-run vs PyTorch APPROX of model.pt, fresh process")
 
 
 @pytest.mark.parametrize("name", ["mlp_batchnorm1d", "nonsquare_pools"])
@@ -476,8 +608,8 @@ def test_python_binding_on_vector_and_non_square_inputs(name):
     """The manifest's input is [batch, 64] / [batch, 1, 12, 16]; the ctypes binding runs it like qos-run."""
     from qos_compile.runtime.model import Model
 
-    b = built(name)
-    with Model(b.outs["x86_64"]) as m:
+    b = chained(name)
+    with Model(_compile(b, name, "x86_64")) as m:
         assert m.inputs[0].shape == (BATCH, *b.x.shape[1:])
         for op in range(b.qnet.num_ops):
             m.select(op)
@@ -490,9 +622,10 @@ def test_aarch64_bit_exact_with_x86(name):
         pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64-static")
     from qos_compile.targets import get_target
 
-    b = built(name)
+    b = chained(name)
     out = _compile(b, name, "aarch64")
     prefix = tuple(get_target("aarch64").run_prefix())
     for op, want in enumerate(x86_outputs(name)):
         got = _qos_run(out, b.x, op, prefix)
         assert np.array_equal(got, want), (name, op, float(np.max(np.abs(got - want))))
+        _assert_device(got, b.fresh_out[op], name, f"{name} OP {op}: aarch64 qos-run vs PyTorch APPROX of model.pt")

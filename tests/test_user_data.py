@@ -363,11 +363,14 @@ def test_model_spec_bad_input(tmp_path, model_file, capsys, monkeypatch):
     data = write_npz(tmp_path / "d.npz")
     (tmp_path / "broken.py").write_text("def build(:\n")
     (tmp_path / "raising.py").write_text("import nothing_called_this_exists\n")
+    (tmp_path / "returns.py").write_text("def an_int():\n    return 3\n\n\ndef nothing():\n    pass\n")
     cases = [
         (f"{tmp_path / 'absent.py'}:build", "no such file"),
         (f"{model_file}:nope", "has no function 'nope' (it defines: Net, Sorting, build"),
         (f"{model_file}:build_raises", "build_raises() raised ValueError: no weights here (line"),
-        (f"{model_file}:build_not_a_module", "returned a list, not a torch.nn.Module"),
+        (f"{model_file}:build_not_a_module", "build_not_a_module() returned a list, not a torch.nn.Module"),
+        (f"{tmp_path / 'returns.py'}:an_int", "an_int() returned an int, not a torch.nn.Module"),
+        (f"{tmp_path / 'returns.py'}:nothing", "nothing() returned None, not a torch.nn.Module"),
         (f"{model_file}:build_unsupported", "unsupported function torch.cumsum"),
         (f"{model_file}:build_wrong_classes", "returns 7 logits per sample but the dataset"),
         (f"{tmp_path / 'broken.py'}:build", "raised SyntaxError"),
@@ -383,7 +386,7 @@ def test_model_spec_bad_input(tmp_path, model_file, capsys, monkeypatch):
     cumsum_line = textwrap.dedent(MODEL_SRC).splitlines().index("        x = torch.cumsum(self.conv(x), dim=1)") + 1
     assert f"mynet.py:{cumsum_line}" in one_line_error(*run(capsys, "pipeline", "--model", f"{model_file}:build_unsupported",
                                                   "--dataset", f"npz:{data}", "-o", str(tmp_path / "m.pt")))
-    assert sorted(os.listdir(tmp_path)) == ["broken.py", "d.npz", "mynet.py", "raising.py"]
+    assert sorted(os.listdir(tmp_path)) == ["broken.py", "d.npz", "mynet.py", "raising.py", "returns.py"]
     # package.module:FUNC resolves from the current folder
     pkg = tmp_path / "userpkg"
     pkg.mkdir()

@@ -154,8 +154,16 @@ def build_user_model(text: str) -> nn.Module:
         raise QosError(f"--model {spec.text}: {spec.func}() raised {type(e).__name__}: {_first_line(e)}"
                        f"{_where(e, spec.file.resolve() if spec.file else None)}") from None
     if not isinstance(model, nn.Module):
-        raise QosError(f"--model {spec.text}: {spec.func}() returned a {type(model).__name__}, not a torch.nn.Module")
+        raise QosError(f"--model {spec.text}: {spec.func}() returned {_a_type(model)}, not a torch.nn.Module")
     return model
+
+
+def _a_type(value: Any) -> str:
+    """``None``, or the value's type name with its article: "an int", "a list"."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def model_source_sha256(text: str) -> str | None:
