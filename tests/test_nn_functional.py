@@ -260,3 +260,22 @@ def test_exact_despite_reduced_float32_precision_settings():
         assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"  # restored afterwards
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("circuit", ["mul8u_1JFF", "mul8u_1446", "mul8u_2NDH"])   # exact, lowrank, general
+def test_large_accumulators_round_once_like_the_device(circuit):
+    """Q beyond 2**24 (float32 cannot hold every integer there): the float32 result is Q rounded
+    once, as the device's Cast(int32 -> float32) rounds it, whatever the strategy's chunking."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(200, 256, (2, 64, 6, 6), generator=g).to(torch.uint8)
+    w = torch.randint(200, 256, (8, 64, 3, 3), generator=g).to(torch.uint8)
+    plan = plan_for(get(circuit))
+    geo = qf.conv_geometry(x.shape, w.shape, 1, 1, 1, 1)
+    prep = qf.prepare_weights(w, plan, 0, torch.zeros(8, dtype=torch.int64))
+    q32 = qf.conv_prepared(x, prep, geo)
+    q64 = qf.conv_prepared(x, prep, geo, exact=True)
+    ref = reference.approx_conv2d_acc(x.numpy().astype(np.int64), w.numpy().astype(np.int64),
+                                      get(circuit).lut.astype(np.int64), padding=1, pad_code=0, signed=False)
+    assert float(np.abs(ref).max()) > 2 ** 24 and not np.all(ref % 2 == 0)
+    assert np.array_equal(q64.numpy(), ref.astype(np.float64))
+    assert q32.dtype == torch.float32 and np.array_equal(q32.numpy(), ref.astype(np.float32))

@@ -13,16 +13,29 @@ that is cheap; the strategy is the structure's kind:
   factors (the three signed circuits of table rank 1 become a single convolution), as long
   as the number of terms stays below what the general kernel costs on this machine
   (``max_lowrank_terms``).
-* ``general`` - everything else: the C table-lookup kernel (``kernels``).
+* ``general`` - everything else: a table lookup per product (C kernel or ``functional.table_conv``).
 
 Whether the float convolutions that evaluate a plan are exact for a given layer (all
 partial sums integers below 2**24 in float32) is checked per call in ``functional``, which
 splits or widens the convolution when the bound fails.
+
+Every strategy runs on the tensors' own device (CPU, CUDA, ...). The emulation backend
+(``set_emulation`` / ``use_emulation``, the CLI's ``--emulation``) only chooses how the
+*general* strategy is evaluated; the float-convolution strategies are torch convolutions
+everywhere (on CPU tensors helped by the C quantize/expand kernels, whatever the choice):
+
+* ``auto``   - the C kernel (``kernels.lut_gemm``) for CPU tensors when it can be built,
+  else the pure torch path;
+* ``native`` - always the C kernel: a QosError for tensors off the CPU or without a C
+  compiler;
+* ``torch``  - always the pure torch path (``functional.table_conv``), bit-exact with the
+  C kernel.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from dataclasses import dataclass
 from typing import Iterator
@@ -77,12 +90,13 @@ def max_lowrank_terms() -> int:
 
     Measured on ResNet-20 (batch 32, 2 cores, AVX-512): every term costs ~15-20 ms of
     float32 convolution and expansion; the AVX-512 VBMI lookup kernel costs ~65 ms over
-    the exact plan (break-even at 4 terms), the portable C kernel ~5x that, and the
-    torch gather fallback ~100x that.
+    the exact plan (break-even at 4 terms), the portable C kernel ~5x that; with the pure
+    torch path (``--emulation torch``, or no C compiler) the break-even is at 6 terms
+    (batch 32, one thread: a 5-term plan 186 ms, the general path 240-320 ms, 7 terms 267 ms).
     """
-    if kernels.simd_enabled():
-        return 4
-    return 16 if kernels.load() is not None else 64
+    if emulation_backend() == "torch" or kernels.load() is None:
+        return 6
+    return 4 if kernels.simd_enabled() else 16
 
 
 def _plan(table: np.ndarray, signed: bool, sha: str, max_terms: int) -> EmulationPlan:
@@ -133,8 +147,9 @@ def forced_strategy() -> str | None:
 def force_strategy(name: str | None) -> Iterator[None]:
     """Route every table through one path, for tests and the benchmark.
 
-    ``"general"``: the C kernel (or its torch fallback); ``"lookup"``: the straightforward
-    chunked per-element ``lut[w, x]`` gather in torch; None: each plan's own strategy.
+    ``"general"``: the table path (C kernel or torch, as ``table_backend`` decides);
+    ``"lookup"``: the straightforward chunked per-element ``lut[w, x]`` gather in torch
+    (``functional.lookup_gemm``, the benchmark's baseline); None: each plan's own strategy.
     """
     if name not in (None, "general", "lookup"):
         raise QosError(f"unknown forced strategy {name!r}; use 'general', 'lookup' or None")
@@ -144,3 +159,75 @@ def force_strategy(name: str | None) -> Iterator[None]:
         yield
     finally:
         _forced.name = old
+
+
+# --- emulation backend of the general strategy ----------------------------------------
+
+#: ``--emulation`` choices (see the module docstring).
+EMULATIONS = ("auto", "native", "torch")
+
+#: Environment variable holding the process setting, so that worker processes started by
+#: ``multiprocessing`` (spawn) or a launcher inherit the parent's choice.
+EMULATION_ENV = "QOS_EMULATION"
+
+_thread_emulation = threading.local()
+
+
+def _check_emulation(name: str) -> str:
+    if name not in EMULATIONS:
+        raise QosError(f"unknown emulation {name!r}; use one of {', '.join(EMULATIONS)}")
+    return name
+
+
+def set_emulation(name: str) -> None:
+    """Select the general strategy's backend for the whole process: ``auto``, ``native`` or
+    ``torch`` (the CLI's ``--emulation``; threads inside ``use_emulation`` keep their own).
+    Stored in ``$QOS_EMULATION``, which child processes inherit."""
+    os.environ[EMULATION_ENV] = _check_emulation(name)
+
+
+def emulation_backend() -> str:
+    """The selected backend of this thread: its ``use_emulation`` override, else the process
+    setting (``set_emulation``, or ``$QOS_EMULATION``; default ``auto``)."""
+    name = getattr(_thread_emulation, "name", None)
+    if name is not None:
+        return name
+    value = os.environ.get(EMULATION_ENV, "").strip() or "auto"
+    if value not in EMULATIONS:
+        raise QosError(f"${EMULATION_ENV}={value!r} is not one of {', '.join(EMULATIONS)}")
+    return value
+
+
+@contextlib.contextmanager
+def use_emulation(name: str | None) -> Iterator[None]:
+    """Select the general strategy's backend for this thread inside the block (None: the
+    process setting)."""
+    if name is not None:
+        _check_emulation(name)
+    old = getattr(_thread_emulation, "name", None)
+    _thread_emulation.name = name
+    try:
+        yield
+    finally:
+        _thread_emulation.name = old
+
+
+def table_backend(device: torch.device | str) -> str:
+    """How the general strategy runs for tensors on ``device`` under the current selection:
+    ``"native"`` (the C kernel) or ``"torch"``; ``native`` on another device than the CPU, or
+    without a usable C kernel, is a QosError."""
+    dev = torch.device(device)
+    choice = emulation_backend()
+    if choice == "torch":
+        return "torch"
+    if dev.type != "cpu":
+        if choice == "native":
+            raise QosError(f"emulation 'native' (--emulation native) runs the C kernel on the CPU only, but the "
+                           f"tensors are on {dev}; use --emulation auto or torch")
+        return "torch"
+    if kernels.load() is None:
+        if choice == "native":
+            raise QosError("emulation 'native' (--emulation native): the C kernel cannot be built or loaded here "
+                           "(see the warning above, or QOS_COMPILE_NO_CKERNEL); use --emulation auto or torch")
+        return "torch"
+    return "native"

@@ -22,6 +22,7 @@ from . import kernels
 from .emulation import EmulationPlan, forced_strategy
 from .functional import (ConvGeometry, PreparedWeights, conv_geometry, conv_prepared, linear_geometry,
                          prepare_weights)
+from .affine import layer_affine
 from .multibn import op_index
 from .quant import Mode, QuantConfig, as_mode, code_dtype, fake_quant, qparams, quantize
 
@@ -215,9 +216,25 @@ class _ApproxMixin:
         x_idx, x_range = self._input_indices(x4, s_x, z_x)
         prep = self._prepared_weights(plan, int(z_x) + self.qconfig.offset, s_w, z_w)
         q = conv_prepared(x_idx, prep, geo, x_range=x_range)
+        deploy = self.__dict__.get("_deploy")
+        if deploy is not None:
+            return self._deployed_output(q, s_x, s_w, deploy)
         scale = s_x * s_w
         # some strategies leave a permuted memory layout; a user's forward may .view() the output
         return (q * (scale.view(1, -1, 1, 1) if scale.ndim else scale)).contiguous()
+
+    def _deployed_output(self, q: torch.Tensor, s_x: torch.Tensor, s_w: torch.Tensor, deploy: Any) -> torch.Tensor:
+        """Inference under ``QoSNet``: the device's epilogue ``float32(q) * scale + shift``
+        (``nn.affine``), this OP's bias and, where the exporter folds one in (``deploy.bn``), this
+        OP's BatchNorm; a BatchNorm1d after a linear layer folds only on a 2-D ``[N, O]`` output."""
+        bn = deploy.bn
+        if isinstance(self, nn.Linear) and len(self.input_shape or ()) != 1:
+            bn = None
+        scale, shift = layer_affine(s_x, s_w, self.current_bias(), q.shape[1],
+                                    None if bn is None else bn.bns[bn.op], f"net.{deploy.bn_name}")
+        deploy.folded = bn is not None
+        shape = (1, -1, 1, 1)
+        return (q * scale.to(q.device).view(shape) + shift.to(q.device).view(shape)).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer in its current mode at its current operating point (see Mode)."""
@@ -229,6 +246,12 @@ class _ApproxMixin:
             return self._float_product(x, self.weight, self.current_bias())
         self._observe(x)
         bias = self.current_bias()
+        if mode == Mode.APPROX and self.__dict__.get("_deploy") is not None:
+            deploy = self.__dict__["_deploy"]
+            y = self._approx_product(x)           # epilogue, bias and folded BatchNorm included
+            if deploy.folded:
+                deploy.bn.__dict__["_folded_output"] = y   # the BatchNorm passes exactly this tensor on
+            return y
         if mode == Mode.APPROX:
             y = self._approx_product(x)
             if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):

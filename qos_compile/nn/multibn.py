@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import QosError
+from .affine import bn_affine32
 
 
 def op_index(op: object, num_ops: int) -> int:
@@ -70,7 +71,14 @@ class MultiBatchNorm(nn.Module):
         self.op = op_index(op, self.num_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The active OP's BatchNorm applied to ``x``."""
+        """The active OP's BatchNorm applied to ``x``; in inference under an APPROX ``QoSNet`` the
+        device's float32 affine (``nn.affine``), or nothing when the layer before folded it in."""
+        if self.__dict__.get("_deploy"):
+            if self.__dict__.pop("_folded_output", None) is x:
+                return x
+            a, b = bn_affine32(self.bns[self.op], type(self).__name__)
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            return x * a.to(x.device).view(shape) + b.to(x.device).view(shape)
         return self.bns[self.op](x)
 
     def extra_repr(self) -> str:

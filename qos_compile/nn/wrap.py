@@ -13,6 +13,7 @@ from ..errors import QosError
 from ..multipliers import Multiplier, bundled
 from ..multipliers import get as get_multiplier
 from .bank import MultiplierBank
+from .fold import fold_map
 from .graph import capture
 from .pooling import ordered_pooling
 from .layers import ApproxConv2d, ApproxLinear
@@ -75,6 +76,16 @@ def _as_multipliers(multipliers: Iterable[Multiplier | str] | None, qconfig: Qua
     return [get_multiplier(m) if isinstance(m, str) else m for m in multipliers]
 
 
+@dataclass
+class _Deploy:
+    """An approximate layer's part in one inference pass (``QoSNet.forward``): the BatchNorm the
+    exporter folds into it (None: none), and whether this pass folded it."""
+
+    bn: MultiBatchNorm | None
+    bn_name: str
+    folded: bool = False
+
+
 class QoSNet(nn.Module):
     """A converted model (``net``), its MultiplierBank (``bank``) and the per-OP assignment.
 
@@ -101,10 +112,44 @@ class QoSNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the converted model (the first input's per-sample shape becomes ``input_shape``
-        when it was not given)."""
+        when it was not given).
+
+        Inference in APPROX mode (eval mode, no gradients recorded) computes what the compiled
+        model computes, bit for bit: every approximate layer's epilogue, and every BatchNorm, as
+        the float32 affine of ``nn.affine``, with BatchNorms folded into the layer before them
+        where the exporter folds them (``nn.fold``). Training, and eval passes that record
+        gradients, keep the training numerics (float BatchNorm after the layer).
+        """
         if self.input_shape is None and isinstance(x, torch.Tensor):
             self.input_shape = tuple(int(v) for v in x.shape[1:])
-        return self.net(x)
+        if self.training or self._mode != Mode.APPROX or torch.is_grad_enabled():
+            return self.net(x)
+        folds = self._folds()
+        if folds is None:
+            return self.net(x)
+        modules = dict(self.net.named_modules())
+        try:
+            for name, mod in modules.items():
+                if isinstance(mod, (ApproxConv2d, ApproxLinear)) and mod.mode == Mode.APPROX:
+                    bn_name = folds.get(name, "")
+                    mod.__dict__["_deploy"] = _Deploy(modules[bn_name] if bn_name else None, bn_name)
+                elif isinstance(mod, MultiBatchNorm):
+                    mod.__dict__["_deploy"] = True
+            return self.net(x)
+        finally:
+            for mod in modules.values():
+                mod.__dict__.pop("_deploy", None)
+                mod.__dict__.pop("_folded_output", None)
+
+    def _folds(self) -> dict[str, str] | None:
+        """``nn.fold.fold_map`` of the network, traced once (None: it does not trace with torch.fx,
+        and so does not export either)."""
+        if "_fold_map" not in self.__dict__:
+            try:
+                self.__dict__["_fold_map"] = fold_map(self.net)
+            except Exception:  # noqa: BLE001 - fx raises many kinds; such a network keeps torch numerics
+                self.__dict__["_fold_map"] = None
+        return self.__dict__["_fold_map"]
 
     def approx_layers(self) -> list[LayerInfo]:
         """Approximate layers in assignment order (see ``approx_layers``)."""

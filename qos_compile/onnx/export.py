@@ -40,6 +40,8 @@ from ..errors import QosError
 from ..nn.layers import ApproxConv2d, ApproxLinear
 from ..nn.pooling import OrderedAdaptiveAvgPool2d, OrderedAvgPool2d
 from ..nn.graph import FUNCTIONS, METHODS, MODULES, function_name, source_line
+from ..nn.affine import bn_affine32, layer_affine
+from ..nn.fold import LeafTracer, fold_target
 from ..nn.multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from ..nn.quant import Mode
 from ..nn.wrap import QoSNet
@@ -176,18 +178,6 @@ def _batched(shape: Sequence[int]) -> list[Any]:
 
 # --- tracing ----------------------------------------------------------------------------------
 
-_LEAVES = (ApproxConv2d, ApproxLinear, MultiBatchNorm, OrderedAvgPool2d, OrderedAdaptiveAvgPool2d)
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self) -> None:
-        super().__init__()
-        self.record_stack_traces = True  # error messages name the user's source line
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAVES) or super().is_leaf_module(m, qualname)
-
-
 def _type_name(obj: Any) -> str:
     cls = obj if isinstance(obj, type) else type(obj)
     mod = cls.__module__ or ""
@@ -247,7 +237,7 @@ def _check_supported(gm: fx.GraphModule) -> None:
 
 def _trace(qnet: QoSNet, input_shape: tuple[int, ...]) -> fx.GraphModule:
     try:
-        graph = _Tracer().trace(qnet.net)
+        graph = LeafTracer().trace(qnet.net)
     except QosError:
         raise
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds (TraceError, TypeError, ...)
@@ -285,19 +275,6 @@ def _shape(node: Any) -> tuple[int, ...]:
 
 
 # --- numerics of approximate layers --------------------------------------------------------------
-
-def _bn_affine(bn: nn.BatchNorm2d, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) float64 with bn(y) = a*y + b per channel (eval statistics)."""
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        raise QosError(f"BatchNorm at {where} has no running statistics (track_running_stats=False); "
-                       "only eval-mode BatchNorm can be exported")
-    mean = bn.running_mean.detach().double().cpu().numpy()
-    var = bn.running_var.detach().double().cpu().numpy()
-    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else np.ones_like(mean)
-    beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else np.zeros_like(mean)
-    a = gamma / np.sqrt(var + float(bn.eps))
-    return a, beta - mean * a
-
 
 @dataclass
 class _Ctx:
@@ -433,18 +410,15 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
             t = g.node("Mul", [sx, zw], f"{name}/zero_point/zw_sum_x")
         q = g.node("Sub", [q, t], f"{name}/zero_point/sub_zw_sum_x", out=f"{name}.q")
 
-    # one per-OP affine: dequantization, per-OP bias and (if folded) the per-OP BatchNorm
-    deq = np.float64(s_x) * np.broadcast_to(s_w.astype(np.float64), (out_ch,))
-    bias = layer.bias_per_op.detach().double().cpu().numpy() if layer.bias_per_op is not None else None
+    # one per-OP affine (nn.affine, which the emulation computes too): dequantization, per-OP
+    # bias and (if folded) the per-OP BatchNorm
     scales, shifts = [], []
     for op in range(ctx.num_ops):
-        scale = deq.copy()
-        shift = bias[op].copy() if bias is not None else np.zeros(out_ch)
-        if bn is not None:
-            a, b = _bn_affine(bn[1].bns[op], f"net.{bn[0]}")
-            scale, shift = scale * a, shift * a + b
-        scales.append(scale.astype(np.float32).reshape(bshape[1:]))
-        shifts.append(shift.astype(np.float32).reshape(bshape[1:]))
+        bias = layer.bias_per_op[op] if layer.bias_per_op is not None else None
+        scale, shift = layer_affine(s_x, s_w_t, bias, out_ch, None if bn is None else bn[1].bns[op], f"net.{bn[0]}"
+                                    if bn is not None else where)
+        scales.append(scale.numpy().reshape(bshape[1:]))
+        shifts.append(shift.numpy().reshape(bshape[1:]))
     sc = _per_op(ctx, name, "scale", scales, f"{name}/scale")
     sh = _per_op(ctx, name, "shift", shifts, f"{name}/shift")
     y = g.node("Cast", [q], f"{name}/to_float", to=TensorProto.FLOAT)
@@ -503,9 +477,9 @@ def _emit_multibn(ctx: _Ctx, name: str, x: str, bn: MultiBatchNorm, rank: int) -
     shape = (bn.num_features,) + (1,) * (rank - 2)
     scales, shifts = [], []
     for op in range(ctx.num_ops):
-        a, b = _bn_affine(bn.bns[op], f"net.{name}")
-        scales.append(a.astype(np.float32).reshape(shape))
-        shifts.append(b.astype(np.float32).reshape(shape))
+        a, b = bn_affine32(bn.bns[op], f"net.{name}")
+        scales.append(a.numpy().reshape(shape))
+        shifts.append(b.numpy().reshape(shape))
     if bn.num_ops != ctx.num_ops:
         raise QosError(f"{type(bn).__name__} at net.{name} has {bn.num_ops} OPs, the QoSNet {ctx.num_ops}")
     sc = _per_op(ctx, name, "scale", scales, f"{name}/scale")
@@ -617,10 +591,10 @@ class _Emitter:
         if isinstance(mod, MultiBatchNorm):
             return _emit_multibn(self.ctx, name, x, mod, rank)
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            a, b = _bn_affine(mod, where)
+            a, b = bn_affine32(mod, where)
             shape = (-1,) + (1,) * (rank - 2)
-            y = g.node("Mul", [x, g.init(f"{name}.scale", a.astype(np.float32).reshape(shape))], f"{name}/mul")
-            return g.node("Add", [y, g.init(f"{name}.shift", b.astype(np.float32).reshape(shape))], f"{name}/add",
+            y = g.node("Mul", [x, g.init(f"{name}.scale", a.numpy().reshape(shape))], f"{name}/mul")
+            return g.node("Add", [y, g.init(f"{name}.shift", b.numpy().reshape(shape))], f"{name}/add",
                           out=f"{name}.out")
         if isinstance(mod, nn.ReLU):
             return g.node("Relu", [x], name)
@@ -666,21 +640,14 @@ class _Emitter:
         """The per-OP BatchNorm to fold into approximate layer ``node``: the node's only user, and
         normalising its channels (MultiBatchNorm2d after a conv, MultiBatchNorm1d after a linear
         layer's [N, O] output; BatchNorm1d on [N, C, L] normalises another axis and stays apart)."""
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
+        target = fold_target(node, self.modules)
+        if target is None or len(_shape(node)) != (4 if isinstance(self.modules[str(node.target)], ApproxConv2d) else 2):
             return None
-        mod = self.modules.get(str(users[0].target))
-        if not isinstance(mod, MultiBatchNorm) or users[0].args != (node,) or users[0].kwargs:
-            return None
+        mod = self.modules[target]
+        assert isinstance(mod, MultiBatchNorm)
         if mod.num_ops != self.ctx.num_ops:
-            raise QosError(f"{type(mod).__name__} at net.{users[0].target} has {mod.num_ops} OPs, "
-                           f"the QoSNet {self.ctx.num_ops}")
-        layer = self.modules[str(node.target)]
-        rank = len(_shape(node))
-        if not (isinstance(mod, MultiBatchNorm2d) and isinstance(layer, ApproxConv2d) and rank == 4
-                or isinstance(mod, MultiBatchNorm1d) and isinstance(layer, ApproxLinear) and rank == 2):
-            return None
-        return str(users[0].target), mod
+            raise QosError(f"{type(mod).__name__} at net.{target} has {mod.num_ops} OPs, the QoSNet {self.ctx.num_ops}")
+        return target, mod
 
     def ordered_sum(self, terms: list[str], name: str) -> str:
         """``reference.ordered_sum`` of same-shape tensors as Add nodes (the fixed halving order)."""
