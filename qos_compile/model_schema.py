@@ -31,8 +31,8 @@ from .errors import QosError
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "KIND", "FLOAT_KIND", "STRUCTURAL", "LIMITS", "Limits",
            "Circuit", "Layer", "Stats", "Accuracy", "OpRecord", "PredictedRatio", "Normalization", "DatasetRecord",
-           "Provenance", "Misfit", "SearchRecord", "FinetuneRecord", "Baseline", "Baselines", "Records", "ModelMeta",
-           "ArchitectureShape", "parse", "parse_records", "records_of", "check_architecture"]
+           "DistributedRecord", "Provenance", "Misfit", "SearchRecord", "FinetuneRecord", "Baseline", "Baselines",
+           "Records", "ModelMeta", "ArchitectureShape", "parse", "parse_records", "records_of", "check_architecture"]
 
 #: The meta format this package writes.
 FORMAT_VERSION = 2
@@ -374,9 +374,29 @@ class DatasetRecord:
 
 
 @dataclass(frozen=True)
+class DistributedRecord:
+    """How many processes trained the model together (``torchrun``; 1 = a single process), their
+    ``torch.distributed`` backend (``gloo``/``nccl``; None for one process), the device type
+    (``cpu``/``cuda``) and each process's share of a step's batch. Results depend on the
+    process count (per-process BatchNorm statistics, data order)."""
+
+    world_size: int = 1
+    backend: str | None = None
+    device: str | None = None
+    per_process_batch: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form."""
+        return _with_extra({"world_size": self.world_size, "backend": self.backend, "device": self.device,
+                            "per_process_batch": self.per_process_batch}, self.extra)
+
+
+@dataclass(frozen=True)
 class Provenance:
     """Where the model came from: dataset, model (zoo name or user spec), seed, the pipeline
-    configuration, versions, candidate circuits, run statistics (free-form parts kept as JSON)."""
+    configuration, versions, candidate circuits, run statistics (free-form parts kept as JSON),
+    and the processes that trained it (``distributed``)."""
 
     dataset: DatasetRecord | None = None
     model: str | None = None
@@ -385,6 +405,7 @@ class Provenance:
     versions: Mapping[str, Any] | None = None
     candidates: tuple[str, ...] | None = None
     run: Mapping[str, Any] | None = None
+    distributed: DistributedRecord | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -392,7 +413,8 @@ class Provenance:
         return _with_extra({"dataset": self.dataset and self.dataset.to_json(), "model": self.model, "seed": self.seed,
                             "config": self.config, "versions": self.versions,
                             "candidates": None if self.candidates is None else list(self.candidates),
-                            "run": self.run}, self.extra)
+                            "run": self.run, "distributed": self.distributed and self.distributed.to_json()},
+                           self.extra)
 
 
 @dataclass(frozen=True)
@@ -648,7 +670,16 @@ def _provenance(o: _Obj | None) -> Provenance | None:
                       versions=_opt_obj(o, "versions"),
                       candidates=None if cands is None else _names(cands, f"{o.path}.candidates", LIMITS.list_items,
                                                                    unique=False),
-                      run=_opt_obj(o, "run"), extra=o.extra())
+                      run=_opt_obj(o, "run"), distributed=_distributed(o.obj("distributed")), extra=o.extra())
+
+
+def _distributed(o: _Obj | None) -> DistributedRecord | None:
+    if o is None:
+        return None
+    return DistributedRecord(world_size=o.int("world_size", 1, 1 << 20, 1),
+                             backend=o.str("backend", LIMITS.name_chars, None),
+                             device=o.str("device", LIMITS.name_chars, None),
+                             per_process_batch=o.int("per_process_batch", 1, 1 << 30, None), extra=o.extra())
 
 
 def _opt_obj(o: _Obj, key: str) -> dict[str, Any] | None:

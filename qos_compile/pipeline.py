@@ -10,6 +10,12 @@ as ``<stage>-<key>.pt``, written atomically with ``save_checkpoint``. The key is
 everything the stage's result depends on (its own arguments and the previous stage's
 key), so a rerun with the same arguments resumes where it stopped, and a cache made
 with other arguments is never reused. ``fresh=True`` recomputes every stage.
+
+Every stage computes on ``train.distributed.current().device`` (set by ``--device``). Under
+``torchrun`` every process runs every stage: the training ones data-parallel, the search
+identically (rank 0's result is then taken by all), evaluation split over the processes.
+Rank 0 alone logs and writes the stage files and the output; the others read a cached stage
+only after rank 0 decided it is one (a file system all processes see is assumed).
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from .search.presets import agn_preset, stage_defaults
 from .search.search import SearchConfig, check_scales, run_search, with_exact
 from .search.trace import trace_samples
 from .train import EpochStats, TrainConfig, evaluate, train_float, train_qat
+from .train import distributed as dist_rt
 
 __all__ = ["PipelineConfig", "PipelineResult", "resolve_multipliers", "load_data", "stage_float", "stage_qat",
            "stage_agn", "stage_search", "stage_finetune", "stage_full_baseline", "run_pipeline", "op_rows",
@@ -319,6 +326,26 @@ def _stats(s: EpochStats) -> dict[str, Any]:
     return {"top1": num(s.top1), "top5": num(s.top5), "loss": num(s.loss), "count": s.count}
 
 
+def _quiet(progress: bool, log: Log) -> tuple[bool, Log]:
+    """Progress bars and log lines on rank 0 only."""
+    main = dist_rt.is_main()
+    return progress and main, log if main else (lambda msg: None)
+
+
+def _with_runtime(meta: dict[str, Any], cfg: PipelineConfig) -> dict[str, Any]:
+    """``meta`` with ``provenance.distributed``: how many processes computed it, their backend and
+    device type, and the per-process batch (results depend on the process count)."""
+    out = dict(meta)
+    out["provenance"] = {**(out.get("provenance") or {}),
+                         "distributed": dist_rt.current().record(cfg.batch_size)}
+    return out
+
+
+def _on_device(module: Any) -> Any:
+    """``module`` moved (in place) to the run's device."""
+    return module.to(dist_rt.current().device)
+
+
 # ----------------------------------------------------------------------------- stages
 def build_float_model(cfg: PipelineConfig, splits: DatasetSplits) -> torch.nn.Module:
     """The untrained float model of ``cfg`` for ``splits``: a zoo model built to the data's shape, or
@@ -364,22 +391,24 @@ def stage_float(cfg: PipelineConfig, splits: DatasetSplits, progress: bool = Tru
                 log: Log = _stderr, model: torch.nn.Module | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build the model (``build_float_model``, unless ``model`` is given: built by the caller) and train
     it in float, or load ``cfg.float_weights`` (the user's trained weights; no training then)."""
+    progress, log = _quiet(progress, log)
     if model is None:
         model = build_float_model(cfg, splits)
     info: dict[str, Any] = {"epochs": cfg.float_epochs, "lr": cfg.float_lr}
     if cfg.float_weights:
         _load_user_weights(model, cfg.float_weights)
         info = {"weights_from": str(cfg.float_weights)}
-    elif cfg.float_epochs:
+    _on_device(model)
+    if not cfg.float_weights and cfg.float_epochs:
         train_float(model, splits, TrainConfig(epochs=int(cfg.float_epochs), lr=float(cfg.float_lr),
                                                batch_size=cfg.batch_size, seed=cfg.seed), progress=progress)
     loaders = splits.loaders(256, shuffle=False)
     val = evaluate(model, loaders.val)
     info["val"] = _stats(val)
     log(f"  float model: val top-1 {val.top1:.2f}%")
-    return model, {"provenance": {"dataset": dataset_record(cfg), "model": cfg.model, "seed": cfg.seed,
-                                  "config": cfg.to_json()},
-                   "normalization": normalization(splits), "float": info}
+    return model, _with_runtime({"provenance": {"dataset": dataset_record(cfg), "model": cfg.model, "seed": cfg.seed,
+                                                "config": cfg.to_json()},
+                                 "normalization": normalization(splits), "float": info}, cfg)
 
 
 def _load_user_weights(model: torch.nn.Module, path: str) -> None:
@@ -437,9 +466,11 @@ def _state_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]
 def stage_qat(cfg: PipelineConfig, splits: DatasetSplits, model: torch.nn.Module, meta: dict[str, Any],
               signed: bool, progress: bool = True, log: Log = _stderr) -> tuple[QoSNet, dict[str, Any]]:
     """Wrap the float model (one OP, exact circuit) and run QAT; measure the exact baseline."""
+    progress, log = _quiet(progress, log)
     torch.manual_seed(cfg.seed)
     qcfg = QuantConfig(signed=signed, per_channel=cfg.per_channel)
-    qnet = wrap_model(model, None, num_ops=1, qconfig=qcfg, input_shape=splits.input_shape)
+    # wrapped on the CPU (wrap_model probes the shapes with a CPU batch), then moved
+    qnet = _on_device(wrap_model(model.to("cpu"), None, num_ops=1, qconfig=qcfg, input_shape=splits.input_shape))
     train_qat(qnet, splits, TrainConfig(epochs=int(cfg.qat_epochs), lr=float(cfg.qat_lr), batch_size=cfg.batch_size,
                                         seed=cfg.seed), observer_epochs=cfg.observer_epochs, progress=progress)
     qnet.set_mode(Mode.QUANT)
@@ -451,28 +482,35 @@ def stage_qat(cfg: PipelineConfig, splits: DatasetSplits, model: torch.nn.Module
                   "qconfig": asdict(qcfg)}
     out["baseline"] = {"qat_exact": {"val": _stats(val), "test": _stats(test), "relative_power": 1.0,
                                      "dataset": dataset_record(cfg)}}
-    return qnet, out
+    return qnet, _with_runtime(out, cfg)
 
 
 def stage_agn(cfg: PipelineConfig, splits: DatasetSplits, qnet: QoSNet, meta: dict[str, Any], progress: bool = True,
               log: Log = _stderr) -> tuple[QoSNet, dict[str, Any]]:
     """Learn the per-layer noise tolerances (in place)."""
+    progress, log = _quiet(progress, log)
     acfg = cfg.agn_config()
-    res = train_agn(qnet, splits, acfg, progress=progress, log=log)
+    res = train_agn(_on_device(qnet), splits, acfg, progress=progress, log=log)
     out = dict(meta)
     out["agn"] = {**res.to_json(), "config": asdict(acfg), "preset": agn_preset(cfg.model, cfg.dataset).as_dict()}
     log(f"  after AGN: val top-1 {res.val_top1:.2f}% (exact products)")
-    return qnet, out
+    return qnet, _with_runtime(out, cfg)
 
 
 def stage_search(cfg: PipelineConfig, splits: DatasetSplits, qnet: QoSNet, meta: dict[str, Any],
                  candidates: Sequence[Multiplier], progress: bool = True,
                  log: Log = _stderr) -> tuple[QoSNet, dict[str, Any]]:
-    """Trace, predict, choose OPs; return the multi-OP QoSNet before fine-tuning (measured per OP)."""
+    """Trace, predict, choose OPs; return the multi-OP QoSNet before fine-tuning (measured per OP).
+
+    Under torchrun every process searches (deterministic on the CPU, so no process waits) and
+    then takes rank 0's result, so all expand the same OPs even where GPU kernels differ."""
+    progress, log = _quiet(progress, log)
     scfg = cfg.search_config()
     samples = trace_samples(splits.train, scfg.trace_samples, cfg.seed)
-    res = run_search(qnet, samples, candidates, scfg, progress=progress, log=log)
-    qops = expand_operating_points(qnet, res.bank, res.assign_names)
+    res = run_search(_on_device(qnet), samples, candidates, scfg, progress=progress, log=log)
+    if dist_rt.current().distributed:
+        res = _rank0_search(res)
+    qops = _on_device(expand_operating_points(qnet, res.bank, res.assign_names))
     qops.freeze_observers(True)
     qops.set_mode(Mode.APPROX)
     qops.eval()
@@ -495,14 +533,27 @@ def stage_search(cfg: PipelineConfig, splits: DatasetSplits, qnet: QoSNet, meta:
                   for j, (s, row, v, t) in enumerate(zip(res.scales, res.power_table, val, test))]
     log("  before fine-tuning (APPROX): test top-1 per OP "
         + ", ".join(f"OP{j} {t.top1:.2f}%" for j, t in enumerate(test)))
-    return qops, out
+    return qops, _with_runtime(out, cfg)
+
+
+def _rank0_search(res: Any) -> Any:
+    """Rank 0's search result on every process: its small fields are broadcast (not the traces
+    or the candidates' tables, which every process holds alike) and the bank rebuilt by name."""
+    small = {f.name: getattr(res, f.name) for f in dataclasses.fields(res)
+             if f.name not in ("candidates", "traces", "bank")}
+    small["bank"] = [m.name for m in res.bank]
+    got = dist_rt.broadcast_object(small)
+    by_name = {m.name: m for m in res.candidates}
+    bank = [by_name[name] for name in got.pop("bank")]
+    return dataclasses.replace(res, bank=bank, **got)
 
 
 def stage_finetune(cfg: PipelineConfig, splits: DatasetSplits, qops: QoSNet, meta: dict[str, Any],
                    progress: bool = True, log: Log = _stderr) -> tuple[QoSNet, dict[str, Any]]:
     """BN-only fine-tuning of all OPs (in place); per-OP results into ``meta['ops']``."""
+    progress, log = _quiet(progress, log)
     fcfg = cfg.finetune_config()
-    res = finetune_bn(qops, splits, fcfg, progress=progress, log=None)
+    res = finetune_bn(_on_device(qops), splits, fcfg, progress=progress, log=None)
     loaders = splits.loaders(256, shuffle=False)
     test = evaluate_ops(qops, loaders.test)
     out = dict(meta)
@@ -513,14 +564,15 @@ def stage_finetune(cfg: PipelineConfig, splits: DatasetSplits, qops: QoSNet, met
     out["finetune"] = {"mode": "bn-only", "config": fcfg.to_json(), "history": res.to_json(),
                        "param_overhead": overhead_report(qops, qops.num_ops)}
     log("  after BN-only fine-tuning: test top-1 per OP " + ", ".join(f"OP{j} {t.top1:.2f}%" for j, t in enumerate(test)))
-    return qops, out
+    return qops, _with_runtime(out, cfg)
 
 
 def stage_full_baseline(cfg: PipelineConfig, splits: DatasetSplits, qops: QoSNet, meta: dict[str, Any],
                         progress: bool = True, log: Log = _stderr) -> dict[str, Any]:
     """Full retraining per OP (the comparison only); returns meta with ``ops[j]['full_retrain']``."""
+    progress, log = _quiet(progress, log)
     fcfg = cfg.finetune_config()
-    models, res = finetune_full(qops, splits, fcfg, progress=progress, log=None)
+    models, res = finetune_full(_on_device(qops), splits, fcfg, progress=progress, log=None)
     loaders = splits.loaders(256, shuffle=False)
     out = dict(meta)
     ops = [dict(o) for o in out.get("ops") or [{"op": j} for j in range(qops.num_ops)]]
@@ -669,9 +721,14 @@ def _cached_meta(path: Path, key: str) -> dict[str, Any] | None:
 def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: str | os.PathLike[str] | None = None,
                  fresh: bool = False, progress: bool = True, log: Log = _stderr) -> PipelineResult:
     """float → QAT → AGN → search → BN-only fine-tune (→ full-retraining baseline), cached in
-    ``work_dir`` (default ``<output>.work``); writes the final QoS model to ``output``."""
+    ``work_dir`` (default ``<output>.work``); writes the final QoS model to ``output``.
+
+    Under torchrun every process calls this with the same arguments (see the module doc); the
+    cache key includes the process count when there are several (results depend on it)."""
     t_start = time.time()
     load_start = _loadavg()
+    rt = dist_rt.current()
+    progress, log = _quiet(progress, log)
     cfg = cfg.resolved()
     out_path = check_output_path(output)
     candidates = resolve_multipliers(cfg.multipliers)
@@ -700,6 +757,8 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
     data_key = _key(*data_parts)
     float_parts: list[Any] = ["float", data_key, cfg.model, cfg.float_epochs, cfg.float_lr, cfg.batch_size, cfg.seed,
                               _file_sha(cfg.float_weights)]
+    if rt.distributed:  # only then: single-process keys (and their caches) stay what they were
+        float_parts.append({"world_size": rt.world_size})
     if user_model is not None:  # the defining file and the traced architecture: an edited model recomputes
         float_parts += [model_source_sha256(cfg.model), check_supported(user_model, cfg.model)]
     k_float = _key(*float_parts)
@@ -709,12 +768,27 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
     k_ft = _key("finetune", k_search, cfg.ft_epochs, cfg.ft_lr)
     k_full = _key("full", k_search, cfg.ft_epochs, cfg.ft_lr)
 
-    work.mkdir(parents=True, exist_ok=True)
-    log(f"qos-nets pipeline: {cfg.model} on {splits!r}, {torch.get_num_threads()} thread(s), work folder {work}")
+    per_process = dist_rt.per_process_batch(cfg.batch_size)  # QosError when the batch cannot be shared out
+    if rt.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+    dist_rt.barrier()
+    where = "" if not rt.distributed and rt.device.type == "cpu" else (
+        f", device {rt.device}" + (f", {rt.world_size} processes ({rt.backend}), per-process batch {per_process}"
+                                   if rt.distributed else ""))
+    log(f"qos-nets pipeline: {cfg.model} on {splits!r}, {torch.get_num_threads()} thread(s){where}, work folder {work}")
+
+    def agreed(ok: bool) -> bool:
+        """Rank 0's verdict on every process (so all take the same branch)."""
+        return dist_rt.broadcast_object(ok) if rt.distributed else ok
 
     def step(i: int, title: str, name: str, key: str) -> tuple[Path, dict[str, Any] | None]:
         path = work / f"{name}-{key}.pt"
-        meta = None if fresh else _cached_meta(path, key)
+        meta = None if fresh or not rt.is_main else _cached_meta(path, key)
+        if agreed(meta is not None) and meta is None:  # rank 0 found it (and wrote it before this point)
+            meta = _cached_meta(path, key)
+            if meta is None:
+                raise QosError(f"process {rt.rank} cannot read the cached stage {path} that rank 0 read: the work "
+                               f"folder must be on a file system every process sees (or pass --fresh)")
         log(f"[{i}/{total}] {title}" + (f": cached ({path})" if meta is not None else " ..."))
         return path, meta
 
@@ -727,18 +801,26 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
              if cfg.float_weights else f"float training ({cfg.model}, {cfg.dataset}, {cfg.float_epochs} epochs)")
     path, meta = step(1, title, "float", k_float)
     if meta is not None:
+        failure: QosError | None = None
         try:
             model, meta = load_float_model(path)
+        except QosError as e:
+            failure = e
+        if agreed(failure is None):
+            if failure is not None:
+                raise QosError(f"process {rt.rank} cannot load the cached stage {path} that rank 0 loaded "
+                               f"({failure})")
             cached.append("float")
-        except QosError as e:  # a cache entry that does not load is recomputed, not fatal
-            log(f"  the cached float stage does not load ({e}); recomputing")
+        else:  # a cache entry that does not load is recomputed, not fatal
+            log(f"  the cached float stage does not load ({failure}); recomputing")
             meta = None
     if meta is None:
         t0 = time.time()
         model, meta = stage_float(cfg, splits, progress, log, model=user_model)
         timed("float", t0)
         meta["stage_seconds"] = {"float": stage_seconds["float"]}
-        save_float_model(path, model, {**meta, "cache_key": k_float}, input_shape=splits.input_shape)
+        if rt.is_main:
+            save_float_model(path, model, {**meta, "cache_key": k_float}, input_shape=splits.input_shape)
     def qos_stage(i: int, title: str, name: str, key: str,
                   compute: Callable[[], tuple[QoSNet, dict[str, Any]]]) -> tuple[QoSNet, dict[str, Any]]:
         """Load stage ``name`` from the cache, or compute it, time it and cache it."""
@@ -750,7 +832,8 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
         net, m = compute()
         timed(name, t0)
         m["stage_seconds"] = {**m.get("stage_seconds", {}), name: stage_seconds[name]}
-        save_qos_model(path, net, {**m, "cache_key": key}, stage="final" if name == "finetune" else name)
+        if rt.is_main:
+            save_qos_model(path, net, {**m, "cache_key": key}, stage="final" if name == "finetune" else name)
         return net, m
 
     qnet, meta = qos_stage(2, f"quantization-aware training ({cfg.qat_epochs} epochs, 8 bit, "
@@ -774,9 +857,10 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
             timed("full", t0)
             from .checkpoint import save_checkpoint
 
-            save_checkpoint(path, {}, {"kind": "qos-stage-report", "stage": "full", "cache_key": k_full,
-                                       "ops": fmeta["ops"], "full_retrain": fmeta["full_retrain"],
-                                       "seconds": stage_seconds["full"]})
+            if rt.is_main:
+                save_checkpoint(path, {}, {"kind": "qos-stage-report", "stage": "full", "cache_key": k_full,
+                                           "ops": fmeta["ops"], "full_retrain": fmeta["full_retrain"],
+                                           "seconds": stage_seconds["full"]})
             cmeta = {"ops": fmeta["ops"], "full_retrain": fmeta["full_retrain"], "seconds": stage_seconds["full"]}
         else:
             cached.append("full")
@@ -791,12 +875,15 @@ def run_pipeline(cfg: PipelineConfig, output: str | os.PathLike[str], work_dir: 
     prov = dict(meta.get("provenance") or {})
     prov.update(config=cfg.to_json(), versions=versions(), candidates=[m.name for m in cands],
                 run={"seconds": round(seconds, 2), "cached_stages": cached, "threads": torch.get_num_threads(),
-                     "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": _loadavg()})
+                     "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": _loadavg()},
+                distributed=rt.record(cfg.batch_size))
     meta["provenance"] = prov
     rows = _final_rows(final, meta)
     meta["ops"] = [{**o, "relative_power": r["relative_power"], "savings_pct": r["savings_pct"]}
                    for o, r in zip(meta.get("ops") or [], rows)]
-    save_qos_model(out_path, final, meta, stage="final")
+    if rt.is_main:
+        save_qos_model(out_path, final, meta, stage="final")
+    dist_rt.barrier()  # every process returns once the output exists
     table = _pipeline_table(rows, meta)
     return PipelineResult(final, meta, table, seconds, stage_seconds, cached)
 

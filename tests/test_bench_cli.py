@@ -19,6 +19,8 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from qos_compile.bench.host import host_info, host_line  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_ARM = shutil.which("aarch64-linux-gnu-gcc") is not None and shutil.which("qemu-aarch64-static") is not None
 
@@ -92,6 +94,28 @@ def _check(res: dict, emulated: bool) -> None:
     assert res["baseline_info"]["ort_int8_op_types"].get("QLinearConv", 0) > 0
 
 
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def test_host_line_names_the_cpu_and_its_isa():
+    """The first line of every benchmark: the CPU model from /proc/cpuinfo and the ISA extensions
+    kernel selection reads (VNNI under one spelling), nothing else."""
+    from qos_compile.targets import X86_FEATURES
+
+    h, flags = host_info(), _cpu_flags()
+    model = next((ln.partition(":")[2].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), "")
+    assert model in h["cpu"] and h["cores"] == os.cpu_count()
+    want = {f.replace("avx512_vnni", "avx512vnni") for f in flags & set(X86_FEATURES)}
+    assert set(h["isa"]) >= want and "avx512_vnni" not in h["isa"]
+    line = host_line()
+    assert line.startswith("host: ") and all(f in line for f in want)
+
+
 def test_bench_x86(tiny, tmp_path):
     _, outs = tiny
     rc, out, err = nets("bench", str(outs["x86_64"]), "--repeats", "2", "--samples", "40", "--json",
@@ -106,6 +130,9 @@ def test_bench_x86(tiny, tmp_path):
     for p in ("p_accuracy.png", "p_latency.png"):
         assert (tmp_path / p).stat().st_size > 1000
     assert "| OP2 |" in out and "qos_select cost" in out
+    # the CPU model and its ISA come with every benchmark
+    assert res["host"]["arch"] == "x86_64" and res["host"]["cpu"]
+    assert host_line(res["host"]) in out and ("avx2" in res["host"]["isa"]) == ("avx2" in _cpu_flags())
     assert (tmp_path / "r.md").read_text().strip() == out.strip()
     assert "accuracy OP0" in err and "timing" in err     # progress lines
 

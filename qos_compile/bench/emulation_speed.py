@@ -1,6 +1,6 @@
 """Forward-pass speed of the approximate-multiplier emulation on ResNet-20 (CIFAR shapes).
 
-    python -m qos_compile.bench.emulation_speed [--threads N] [--batch 32] [--repeats 5]
+    python -m qos_compile.bench.emulation_speed [--threads N] [--batch 32] [--repeats 5] [--emulation auto|native|torch]
 
 Times (median over ``--repeats`` runs, interleaved round-robin so every row sees the same
 machine load; inference: eval mode, no grad) one forward pass
@@ -9,6 +9,10 @@ APPROX mode with every layer on one circuit: the exact circuit, low-rank circuit
 (signed mul8s_1KR6, unsigned mul8u_1446) and full-rank unsigned circuits (mul8u_12N4,
 mul8u_L40); then the same layers through the straightforward per-element lookup
 (``lut[w, x]`` gathered per chunk and summed). Prints a Markdown table.
+
+``--emulation`` selects how the general (full-rank) circuits run (``emulation.table_backend``):
+the C kernel (``native``; ``auto`` on the CPU) or pure torch (``torch``); the other strategies
+are torch either way.
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..errors import QosError
 from ..models import build_model
 from ..multipliers import bundled, get
 from ..nn import Mode, QoSNet, QuantConfig, wrap_model
-from ..nn.emulation import force_strategy
+from ..nn.emulation import EMULATIONS, force_strategy, table_backend, use_emulation
 from ..nn.kernels import simd_enabled
 
 LOWRANK = {"unsigned": "mul8u_1446", "signed": "mul8s_1KR6"}
@@ -98,13 +103,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per row (median reported)")
     ap.add_argument("--lookup-repeats", type=int, default=3, help="timed runs of the slow straightforward lookup")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--emulation", choices=EMULATIONS, default="auto",
+                    help="backend of the general circuits: auto (C kernel on the CPU), native (C kernel), torch")
     args = ap.parse_args(argv)
     if min(args.threads, args.batch, args.repeats, args.lookup_repeats) < 1:
         ap.error("--threads, --batch, --repeats and --lookup-repeats must be >= 1")
     torch.set_num_threads(args.threads)
+    with use_emulation(args.emulation):  # this thread only: an in-process caller keeps its own setting
+        try:
+            backend = table_backend("cpu")
+        except QosError as e:
+            ap.error(str(e))
+        return _run(args, backend)
+
+
+def _run(args: argparse.Namespace, backend: str) -> int:
+    """Time every row with the general circuits on ``backend`` ("native" or "torch")."""
     x = torch.randn(args.batch, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
     print(f"ResNet-20 (qos_compile.models), input {args.batch}x3x32x32, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, lookup kernel AVX-512 VBMI: {simd_enabled()}\n")
+          f"threads {torch.get_num_threads()}, lookup kernel AVX-512 VBMI: {simd_enabled()}, "
+          f"emulation {args.emulation} (general circuits: {'C kernel' if backend == 'native' else 'pure torch'})\n")
 
     rows: list[tuple[str, str, str]] = []  # kind, forward pass, strategy
     cases: list[_Case] = []
@@ -117,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append((kind, f"quant ({kind})", "QUANT"))
         cases.append(_case(net, x, Mode.QUANT, args.repeats))
         for i, name in enumerate(net.bank.names):
-            rows.append((kind, f"approx {name}", net.bank.plan(i).describe()))
+            plan = net.bank.plan(i)
+            via = f", {backend}" if plan.strategy == "general" else ""
+            rows.append((kind, f"approx {name}", plan.describe() + via))
             cases.append(_case(net, x, Mode.APPROX, args.repeats, i))
         rows.append((kind, f"approx ({kind}), straightforward lookup", "per-element lut[w, x] gather"))
         cases.append(_case(net, x, Mode.APPROX, args.lookup_repeats, 1, "lookup"))

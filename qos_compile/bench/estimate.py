@@ -60,6 +60,7 @@ import numpy as np
 from ..errors import QosError
 from ..multipliers import get
 from ..targets import Target, get_target
+from .host import host_line
 from .kernels import LAYER_CIRCUITS, RESNET20_CONVS, build_layer, layer_case, variant_cases
 
 #: llvm-mca scheduling model per LLVM -mcpu of a target (others: the mcpu itself).
@@ -368,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = a.mcpu or mca_model(target)
     idx = range(len(RESNET20_CONVS)) if a.layers == "all" else [int(i) for i in a.layers.split(",")]
     convs = [RESNET20_CONVS[i] for i in idx]
+    print(host_line() + " (the estimate models the target core, not this host)")
     print(f"# estimated conv kernel costs, {target.name}, llvm-mca -mcpu={model}, counts under qemu "
           f"({' '.join(QEMU_LOG)}), 1 thread")
     layers = []

@@ -17,10 +17,12 @@ picks per circuit. A multi-stage kernel's time is all of its stages (rows: taps 
 scheduled int8 conv (int32 multiply-adds; not hand-tensorized with VNNI or sdot).
 
 Part 2, network: ResNet-20 (untrained, calibrated on random data: accuracy is irrelevant)
-is compiled four times with one circuit in every layer (exact, masked, low-rank, general)
-and ``qos-run --bench`` times each whole inference; the ratio is against the exact-circuit
-build. onnxruntime's exact int8 model (QLinearConv, same float network) is timed on the
-host too.
+is compiled five times with one circuit in every layer (``CIRCUITS``: exact, masked,
+low-rank, general and ``table``, an unsigned circuit whose table does not factor) and
+``qos-run --bench`` times each whole inference; the ratios are against the exact-circuit
+build and, on the host, against onnxruntime's exact int8 model (QLinearConv, same float
+network) timed in the same run. The first line printed (and ``host`` in the JSON) names the
+CPU and its ISA extensions.
 
 On a non-host target everything runs under qemu: the times are EMULATED (qemu user-mode
 translation of the guest instructions), and only their ratios mean anything.
@@ -43,10 +45,13 @@ import numpy as np
 from ..errors import QosError
 from ..multipliers import get
 from ..targets import Target, get_target
+from .host import host_info, host_line
 
-#: One bundled signed circuit per kind (``nn.emulation`` strategy of each, checked at run time).
+#: One bundled circuit per kind of the whole-network part: signed exact, masked, low-rank and
+#: general (error rank > the low-rank limit), and ``table``: an unsigned circuit whose table does
+#: not factor at all (``mul8u_DG8``, which the main job's search picks), so it runs a table kernel.
 CIRCUITS = {"exact": "master:mul8s_1KV8", "masked": "mul8s_1KTY", "lowrank": "master:mul8s_1KVA",
-            "general": "mul8s_1KX2"}
+            "general": "mul8s_1KX2", "table": "mul8u_DG8"}
 
 #: The distinct conv shapes of ResNet-20 on 32x32 inputs: (name, C, H, O, stride, kernel, count in the net).
 RESNET20_CONVS = (
@@ -217,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     target = get_target(a.target)
     emu = "" if target.is_host else " EMULATED (qemu)"
+    print(host_line())
     print(f"# conv kernel variants vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
     print("circuits: " + ", ".join(f"{k} {v}" for k, v in LAYER_CIRCUITS.items()))
     layers = [bench_layer(target, name, c, h, o, s, k, a.repeats, a.threads)
@@ -237,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               + f" | {tot[vname] / exact_tot:.2f}x | {model:.2f}x |")
     print("\nauto picks (every layer): " + "; ".join(
         f"{kind} -> " + ", ".join(sorted({r.auto[kind] for r in layers})) for kind in LAYER_CIRCUITS))
-    out: dict[str, Any] = {"target": target.name, "emulated": not target.is_host, "threads": a.threads,
+    out: dict[str, Any] = {"host": host_info(), "target": target.name, "emulated": not target.is_host, "threads": a.threads,
                            "circuits": LAYER_CIRCUITS, "layers": [r.__dict__ for r in layers],
                            "conv_totals_ms": {"exact": exact_tot, **tot}}
     if not a.no_network:
@@ -245,14 +251,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             net = bench_network(target, a.runs, a.threads, Path(d))
         out["network_us"] = net
         base = net["exact"]["us"]
-        print(f"\n| whole ResNet-20 inference | circuit | conv kernels | median us{emu} | ratio vs exact circuit |")
-        print("| --- | --- | --- | ---: | ---: |")
+        ort = net.get("ort_int8", {}).get("us")
+        vs_ort = " ratio vs onnxruntime int8 |" if ort else ""
+        print(f"\n| whole ResNet-20 inference | circuit | conv kernels | median us{emu} | ratio vs exact circuit |"
+              + vs_ort)
+        print("| --- | --- | --- | ---: | ---: |" + (" ---: |" if ort else ""))
         for kind in CIRCUITS:
             r = net[kind]
-            print(f"| {kind} | {r['circuit']} | {r['kernels']} | {r['us']:.1f} | {r['us'] / base:.2f}x |")
-        if "ort_int8" in net:
-            ort = net["ort_int8"]["us"]
-            print(f"| onnxruntime int8 (QLinearConv) | exact | - | {ort:.1f} | {ort / base:.2f}x |")
+            print(f"| {kind} | {r['circuit']} | {r['kernels']} | {r['us']:.1f} | {r['us'] / base:.2f}x |"
+                  + (f" {r['us'] / ort:.2f}x |" if ort else ""))
+        if ort:
+            print(f"| onnxruntime int8 (QLinearConv) | exact | - | {ort:.1f} | {ort / base:.2f}x | 1.00x |")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
     return 0

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import QosError
+from .host import host_info, host_line
 from .timing import Timing, measure
 
 __all__ = ["run_bench", "load_out", "bench_markdown"]
@@ -278,7 +279,7 @@ def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int |
 
     return {
         "tool": "qos-nets bench", "out": str(out), "checkpoint": str(ckpt), "target": target.name,
-        "emulated": emulated, "emulator": prefix[0] if emulated else None,
+        "emulated": emulated, "emulator": prefix[0] if emulated else None, "host": host_info(),
         "model": meta.model_name, "dataset": splits.name, "split": "test", "samples": n,
         "batch": batch, "repeats": repeats, "threads": threads,
         "ops": rows, "baselines": base_rows, "baseline_info": base_info, "switch_cost": switch,
@@ -340,6 +341,8 @@ def bench_markdown(res: dict[str, Any]) -> str:
     lat = "latency spread vs OP0 median, EMULATED" if emu else "latency/inference (ms, median [p25-p75])"
     head = (f"## qos-nets bench: {res['model']} on {res['dataset']} ({res['samples']} test samples), "
             f"target {res['target']}{' (EMULATED under ' + str(res['emulator']) + ')' if emu else ''}\n")
+    if res.get("host"):
+        head += host_line(res["host"]) + "\n"
     lines = [head, "| OP | circuits | rel. power | saving % | top-1 % | top-5 % | " + lat + " | ratio vs OP0 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["ops"]:

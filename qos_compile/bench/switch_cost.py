@@ -24,6 +24,7 @@ from ..multipliers import get
 from ..nn import Mode, wrap_model
 from ..qosmodel import save_qos_model
 from ..targets import get_target
+from .host import host_line
 
 CIRCUITS = ("mul8u_1JFF", "mul8u_2P7", "mul8u_1446")
 
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             size = json.loads((out / "report.json").read_text()).get("sizes", {}).get("model.qosm")
             rows.append((name, layers, (out / "model.qosm").stat().st_size if size is None else size, ns))
     label = " (EMULATED under qemu)" if not target.is_host else ""
+    print(host_line())
     print(f"| model | approx layers | model.qosm bytes | ns per qos_select{label} |")
     print("| --- | ---: | ---: | ---: |")
     for name, layers, size, ns in rows:

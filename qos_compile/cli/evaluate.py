@@ -5,7 +5,8 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from .stages import add_data_args, log, one_line_errors, setup_threads
+from .stages import (add_data_args, add_device_arg, add_emulation_arg, log, one_line_errors, runtime_scoped,
+                     setup_threads)
 
 if TYPE_CHECKING:
     from ..model_schema import ModelMeta
@@ -22,8 +23,11 @@ def _eval(args: argparse.Namespace) -> int:
         parent = Path(args.plot).resolve().parent
         if not parent.is_dir():
             raise QosError(f"cannot write {args.plot}: folder {parent} does not exist")
-    setup_threads(args)
+    setup_threads(args)  # and --emulation, --device
+    from ..train.distributed import current, is_main
+
     qnet, meta = load_qos_model(args.model)
+    qnet.to(current().device)
     from ..data import canonical_dataset_name
 
     recorded = meta.dataset.name if meta.dataset is not None else None
@@ -41,7 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate_qos_model(qnet, meta, splits, args.split, same_data=same)
     report["file"] = str(args.model)
     report["stage"] = meta.stage
-    if args.plot:
+    if args.plot and is_main():
         from ..plots import plot_operating_points
 
         title = f"{report['model']} on {report['dataset']} ({args.split} split): accuracy per operating point"
@@ -69,7 +73,7 @@ def _num_classes(qnet: Any, meta: ModelMeta, splits: Any) -> int:
         return meta.num_classes
     x, _ = splits.test[[0]]
     with torch.no_grad():
-        return int(qnet(x).shape[-1])
+        return int(qnet(x.to(next(iter(qnet.parameters())).device)).shape[-1])
 
 
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -84,4 +88,6 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     add_data_args(p, required=False)
     p.add_argument("--split", choices=("test", "val"), default="test", help="which split (default test)")
     p.add_argument("--threads", type=int, help="CPU threads")
-    p.set_defaults(func=_eval)
+    add_emulation_arg(p)
+    add_device_arg(p)
+    p.set_defaults(func=runtime_scoped(_eval))

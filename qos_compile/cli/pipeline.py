@@ -25,7 +25,9 @@ def _run(args: argparse.Namespace) -> int:
     setup_threads(args)
     res = run_pipeline(cfg, args.output, args.work_dir, fresh=args.fresh, progress=not args.no_progress, log=log)
     meta = res.meta
-    if args.plot:
+    from ..train.distributed import is_main
+
+    if args.plot and is_main():  # under torchrun rank 0 writes every file
         from ..plots import plot_operating_points
         from ..pipeline import _final_rows
 

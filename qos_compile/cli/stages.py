@@ -44,7 +44,7 @@ def diverged_as_error(func: Any) -> Any:
         except FloatingPointError as e:
             raise QosError(f"training diverged: {e}; try a lower learning rate") from None
 
-    return wrapper
+    return runtime_scoped(wrapper)
 
 
 def scales_arg(text: str) -> tuple[float, ...]:
@@ -127,6 +127,96 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="CPU threads (default $QOS_THREADS or all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-samples", type=int, help="use at most this many samples per split (quick tries)")
+    add_emulation_arg(p)
+    add_device_arg(p)
+
+
+#: ``qos_compile.nn.emulation.EMULATIONS``, spelled out so that building the parser imports no torch.
+EMULATION_CHOICES = ("auto", "native", "torch")
+
+
+def add_emulation_arg(p: argparse.ArgumentParser) -> None:
+    """--emulation auto|native|torch: how general-table circuits are emulated (applied by ``setup_threads``)."""
+    p.add_argument("--emulation", choices=EMULATION_CHOICES, default=None,
+                   help="how circuits without a cheap table structure (the 'general' strategy) are emulated, "
+                        "bit-identically either way: auto = the C kernel for CPU tensors, pure torch on other "
+                        "devices; native = always the C kernel (CPU only); torch = always pure torch "
+                        "(default $QOS_EMULATION or auto)")
+
+
+def setup_emulation(args: argparse.Namespace) -> None:
+    """Apply ``--emulation`` to the whole process (before any model runs); without it, check
+    ``$QOS_EMULATION`` now rather than at the first general-table layer."""
+    from ..nn.emulation import emulation_backend, set_emulation
+
+    choice = getattr(args, "emulation", None)
+    if choice is not None:
+        set_emulation(choice)
+    else:
+        emulation_backend()
+
+
+#: ``qos_compile.train.distributed.DEVICES``, spelled out so that building the parser imports no torch.
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device cpu|cuda|auto (applied by ``setup_threads``, with torchrun's process group)."""
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="where models train and run: cpu, cuda (an error without a CUDA GPU), or auto = cuda when "
+                        "torch sees a GPU, else cpu (default auto). Under torchrun every process takes GPU "
+                        "LOCAL_RANK and the processes train data-parallel (NCCL on cuda, gloo on cpu; "
+                        "rendezvous timeout $QOS_DIST_TIMEOUT seconds, default 1800)")
+
+
+def _threads_per_process(threads: int | None) -> int | None:
+    """Under torchrun with several processes on this node and no --threads / $QOS_THREADS: the
+    node's cores shared out (every process taking every core would oversubscribe them)."""
+    import os
+
+    if threads is not None or (os.environ.get("QOS_THREADS") or "").strip():
+        return threads
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    except ValueError:
+        return threads
+    return max(1, (os.cpu_count() or 1) // local) if local > 1 else threads
+
+
+def setup_device(args: argparse.Namespace) -> None:
+    """Apply ``--device`` and, under torchrun, join the process group (one QosError line when the
+    device is missing or the rendezvous fails). Processes other than rank 0 print nothing on
+    stdout (rank 0 prints the tables); their errors still reach stderr."""
+    import os
+
+    if not hasattr(args, "device"):  # a command without --device (bench) keeps the CPU runtime
+        return
+    from ..train.distributed import init_runtime
+
+    rt = init_runtime(args.device or "auto")
+    if not rt.is_main and sys.stdout is sys.__stdout__:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
+def runtime_scoped(func: Any) -> Any:
+    """Wrap a command so the device and process group it set up end with it: after success every
+    process meets at a barrier and leaves the group; after an error the process just leaves
+    (waiting for the others could hang: torchrun stops them when one fails)."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(args: argparse.Namespace) -> int:
+        from ..train import distributed as dist_rt
+
+        try:
+            code = func(args)
+        except BaseException:
+            dist_rt.shutdown_runtime(wait=False)
+            raise
+        dist_rt.shutdown_runtime(wait=True)
+        return code
+
+    return wrapper
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -178,18 +268,25 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def setup_threads(args: argparse.Namespace) -> int:
-    """Thread count first (before torch does real work)."""
+    """Thread count, the emulation backend (``--emulation``) and the device with torchrun's process group
+    (``--device``) first (before torch does real work)."""
     from ..runtime_env import configure_threads
 
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
         raise QosError(f"--threads must be a positive integer, got {threads}")
-    return configure_threads(threads)
+    n = configure_threads(_threads_per_process(threads))
+    setup_emulation(args)
+    setup_device(args)
+    return n
 
 
 def log(msg: str) -> None:
-    """Progress line on stderr."""
-    print(msg, file=sys.stderr, flush=True)
+    """Progress line on stderr (rank 0 only under torchrun)."""
+    from ..train.distributed import is_main
+
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _load_stage(path: str, command: str) -> tuple[Any, dict[str, Any]]:
@@ -207,6 +304,7 @@ def _load_stage(path: str, command: str) -> tuple[Any, dict[str, Any]]:
 def _train(args: argparse.Namespace) -> int:
     from ..pipeline import PipelineConfig, check_output_path, load_data, stage_agn, stage_float, stage_qat
     from ..qosmodel import save_qos_model
+    from ..train.distributed import is_main
 
     cfg = PipelineConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir,
                          **{k: v for k, v in overrides(args).items() if v is not None and k in
@@ -224,7 +322,8 @@ def _train(args: argparse.Namespace) -> int:
     qnet, meta = stage_qat(cfg, splits, model, meta, args.signed, progress, log)
     log(f"[3/3] noise tolerance (AGN, {cfg.agn_epochs} epochs) ...")
     qnet, meta = stage_agn(cfg, splits, qnet, meta, progress, log)
-    save_qos_model(out, qnet, meta, stage="agn")
+    if is_main():
+        save_qos_model(out, qnet, meta, stage="agn")
     print(f"wrote {out} (stage agn): exact QAT baseline test top-1 "
           f"{meta['baseline']['qat_exact']['test']['top1']:.2f}%; |sigma| per layer "
           + ", ".join(f"{abs(s):.3f}" for s in meta["agn"]["sigmas"]))
@@ -234,6 +333,7 @@ def _train(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     from ..pipeline import check_output_path, config_from_meta, data_from_meta, resolve_multipliers, stage_search
     from ..qosmodel import save_qos_model
+    from ..train.distributed import is_main
 
     out = check_output_path(args.output)
     candidates = resolve_multipliers(args.multipliers)
@@ -250,7 +350,8 @@ def _search(args: argparse.Namespace) -> int:
     log(f"[1/1] search ({len(candidates)} circuits, n={cfg.n}, scales {','.join(f'{s:g}' for s in cfg.scales)}) ...")
     qops, meta = stage_search(cfg, splits, qnet, meta, candidates, not args.no_progress, log)
     meta.setdefault("provenance", {})["config"] = cfg.to_json()
-    save_qos_model(out, qops, meta, stage="search")
+    if is_main():
+        save_qos_model(out, qops, meta, stage="search")
     print(f"wrote {out} (stage search, {qops.num_ops} OPs, circuits {', '.join(qops.bank.names)})")
     return 0
 
@@ -259,6 +360,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from ..pipeline import (check_output_path, config_from_meta, data_from_meta, format_table, op_rows,
                             stage_finetune, stage_full_baseline)
     from ..qosmodel import save_qos_model
+    from ..train.distributed import is_main
 
     out = check_output_path(args.output)
     setup_threads(args)
@@ -277,7 +379,8 @@ def _finetune(args: argparse.Namespace) -> int:
         meta["ops"] = [{**o, "full_retrain": f.get("full_retrain")} for o, f in zip(meta["ops"], full_meta["ops"])]
         meta["full_retrain"] = full_meta["full_retrain"]
     meta.setdefault("provenance", {})["config"] = cfg.to_json()
-    save_qos_model(out, final, meta, stage="final")
+    if is_main():
+        save_qos_model(out, final, meta, stage="final")
     rows = op_rows(final, meta)
     for r, o in zip(rows, meta["ops"]):
         t = o["bn_only"]["test"]

@@ -11,6 +11,14 @@ accumulated gradients are divided by the number of OPs and one optimizer step is
 Full retraining: each OP gets its own deep copy of the model and fine-tunes *all* of it
 (weights, its BatchNorm and biases; its observers keep updating like in QAT) with the
 same schedule. It stores a whole model per OP and serves only as the comparison.
+
+Both train on the model's device. Under torchrun (``train.distributed``) the forward runs
+through DDP over a ``DistributedSampler`` share (per-process batch ``batch_size // world_size``):
+BN-only accumulates the OPs' gradients locally (``no_sync``) and all-reduces once per batch,
+with ``find_unused_parameters`` since each forward uses one OP's BatchNorm copies. BN-only
+skips DDP's buffer broadcast: the observers are frozen (equal everywhere) and BatchNorm
+running statistics do not enter a training-mode forward, so rank 0's evolve as they would
+with it, and rank 0's state is copied to every process after training.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from ..data import DatasetSplits
 from ..errors import QosError
 from ..nn import ApproxConv2d, ApproxLinear, Mode, MultiBatchNorm, QoSNet
 from ..train import EpochStats, evaluate
+from ..train import distributed as dist_rt
 from .expand import clone_qnet
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "bn_only_parameters", "evaluate_ops", "finetune_bn", "finetune_full"]
@@ -133,28 +142,38 @@ def finetune_bn(qnet: QoSNet, splits: DatasetSplits, cfg: FinetuneConfig = Finet
     ``requires_grad`` as it was before.
     """
     torch.manual_seed(cfg.seed)
+    rt = dist_rt.current()
+    progress, log = progress and rt.is_main, dist_rt.main_log(log)
     flags = [(p, p.requires_grad) for p in qnet.parameters()]
     params = bn_only_parameters(qnet)
     qnet.freeze_observers(True)
     qnet.set_mode(Mode.APPROX)
-    loaders = splits.loaders(cfg.batch_size, shuffle=True, seed=cfg.seed, eval_batch_size=256)
+    loaders = _train_loaders(splits, cfg)
+    device = dist_rt.module_device(qnet)
     opt, sched = _optimizer(params, cfg)
     s = qnet.num_ops
     result = FinetuneResult(mode="bn-only")
     try:
+        # only the BN-only parameters require grad now: they alone are DDP's
+        net = (dist_rt.data_parallel(qnet, broadcast_buffers=False, find_unused_parameters=True)
+               if rt.distributed and cfg.epochs > 0 else qnet)
         for epoch in range(cfg.epochs):
+            dist_rt.set_epoch(loaders.train, epoch)
             qnet.train()
             loss_sum, correct, n = [0.0] * s, [0] * s, 0
             bar = _bar(loaders.train, f"finetune {epoch + 1}/{cfg.epochs}", progress)
             for x, y in bar:
+                x, y = x.to(device), y.to(device)
                 opt.zero_grad(set_to_none=True)
                 for op in range(s):
                     qnet.set_operating_point(op)
-                    logits = qnet(x)
-                    loss = nn.functional.cross_entropy(logits, y)
-                    if not math.isfinite(loss.item()):
-                        raise FloatingPointError(f"fine-tuning: loss became {loss.item()} (OP {op}, epoch {epoch + 1})")
-                    loss.backward()
+                    with dist_rt.no_sync(net, op < s - 1):  # one all-reduce per batch, after the last OP
+                        logits = net(x)
+                        loss = nn.functional.cross_entropy(logits, y)
+                        if not math.isfinite(loss.item()):
+                            raise FloatingPointError(f"fine-tuning: loss became {loss.item()} (OP {op}, "
+                                                     f"epoch {epoch + 1})")
+                        loss.backward()
                     loss_sum[op] += loss.item() * len(y)
                     correct[op] += (logits.argmax(1) == y).sum().item()
                 n += len(y)
@@ -164,6 +183,7 @@ def finetune_bn(qnet: QoSNet, splits: DatasetSplits, cfg: FinetuneConfig = Finet
                 opt.step()
                 bar.set_postfix(loss=" ".join(f"{v / n:.3f}" for v in loss_sum))
             sched.step()
+            loss_sum, correct, n = _summed(loss_sum, correct, n)
             result.train_loss.append([v / max(n, 1) for v in loss_sum])
             result.train_top1.append([100.0 * c / max(n, 1) for c in correct])
             if log:
@@ -174,8 +194,26 @@ def finetune_bn(qnet: QoSNet, splits: DatasetSplits, cfg: FinetuneConfig = Finet
             p.requires_grad_(flag)
         qnet.set_operating_point(0)
         qnet.eval()
+    dist_rt.broadcast_state(qnet)
     result.val = evaluate_ops(qnet, loaders.val)
     return result
+
+
+def _train_loaders(splits: DatasetSplits, cfg: FinetuneConfig) -> Any:
+    """The split loaders; the training one this process's DistributedSampler share under torchrun."""
+    loaders = splits.loaders(cfg.batch_size, shuffle=True, seed=cfg.seed, eval_batch_size=256)
+    if dist_rt.current().distributed:
+        loaders = loaders._replace(train=dist_rt.train_loader(splits.train, cfg.batch_size, cfg.seed))
+    return loaders
+
+
+def _summed(loss_sum: list[float], correct: list[int], n: int) -> tuple[list[float], list[int], int]:
+    """Per-OP training sums over every process (themselves with one process)."""
+    if not dist_rt.current().distributed:
+        return loss_sum, correct, n
+    tot = dist_rt.all_reduce_sum([*loss_sum, *correct, n])
+    s = len(loss_sum)
+    return tot[:s], [int(v) for v in tot[s:2 * s]], int(tot[-1])
 
 
 def finetune_full(qnet: QoSNet, splits: DatasetSplits, cfg: FinetuneConfig = FinetuneConfig(), progress: bool = True,
@@ -183,7 +221,9 @@ def finetune_full(qnet: QoSNet, splits: DatasetSplits, cfg: FinetuneConfig = Fin
     """Full-retraining baseline: for each OP a deep copy of ``qnet`` (left unchanged) trained
     with all parameters (AGN σ's excluded) at that OP in APPROX mode. Returns the copies
     (copy ``op`` is meant to run at OP ``op``) and the statistics."""
-    loaders = splits.loaders(cfg.batch_size, shuffle=True, seed=cfg.seed, eval_batch_size=256)
+    rt = dist_rt.current()
+    progress, log = progress and rt.is_main, dist_rt.main_log(log)
+    loaders = _train_loaders(splits, cfg)
     result = FinetuneResult(mode="full")
     models: list[QoSNet] = []
     losses: list[list[float]] = [[0.0] * qnet.num_ops for _ in range(cfg.epochs)]
@@ -201,11 +241,17 @@ def finetune_full(qnet: QoSNet, splits: DatasetSplits, cfg: FinetuneConfig = Fin
             if id(p) not in sig:
                 params.append(p)
         opt, sched = _optimizer(params, cfg)
+        device = dist_rt.module_device(m)
+        # the other OPs' BatchNorm copies and bias rows train but this OP's forward never uses them
+        net = (dist_rt.data_parallel(m, find_unused_parameters=True)
+               if rt.distributed and cfg.epochs > 0 else m)
         for epoch in range(cfg.epochs):
+            dist_rt.set_epoch(loaders.train, epoch)
             m.train()
             loss_sum, correct, n = 0.0, 0, 0
             for x, y in _bar(loaders.train, f"full OP{op} {epoch + 1}/{cfg.epochs}", progress):
-                logits = m(x)
+                x, y = x.to(device), y.to(device)
+                logits = net(x)
                 loss = nn.functional.cross_entropy(logits, y)
                 if not math.isfinite(loss.item()):
                     raise FloatingPointError(f"full retraining: loss became {loss.item()} (OP {op})")
@@ -216,8 +262,11 @@ def finetune_full(qnet: QoSNet, splits: DatasetSplits, cfg: FinetuneConfig = Fin
                 correct += (logits.argmax(1) == y).sum().item()
                 n += len(y)
             sched.step()
+            (loss_sum,), (correct,), n = _summed([loss_sum], [correct], n)
             losses[epoch][op] = loss_sum / max(n, 1)
             tops[epoch][op] = 100.0 * correct / max(n, 1)
+        del net
+        dist_rt.broadcast_state(m)
         m.freeze_observers(True)
         m.eval()
         result.val.append(evaluate_ops(m, loaders.val, [op])[0])

@@ -10,6 +10,10 @@ with SGD (lr 1e-2, momentum 0.9) and StepLR(10). The learned ``|σ_l|`` is the
 relative output noise layer l tolerates; the search turns it into an absolute
 tolerance ``T_l = |σ_l| · s_l``. The weights keep what they learned (they were
 trained to tolerate the noise), as the reference code does.
+
+The stage trains on the model's device; under torchrun through DDP (``train.distributed``),
+every process drawing its own noise, the penalty read from the plain model (DDP averages
+its gradient like the cross-entropy's).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from ..data import DatasetSplits
 from ..errors import QosError
 from ..nn import Mode, QoSNet
 from ..train import History, evaluate, fit
+from ..train import distributed as dist_rt
 
 __all__ = ["AGNConfig", "AGNResult", "agn_penalty", "mac_shares", "train_agn"]
 
@@ -116,7 +121,7 @@ def agn_penalty(qnet: QoSNet, shares: torch.Tensor, sigma_max: float) -> torch.T
 
 def train_agn(qnet: QoSNet, splits: DatasetSplits, cfg: AGNConfig = AGNConfig(), progress: bool = True,
               log: Callable[[str], None] | None = None) -> AGNResult:
-    """Run the AGN stage on a QAT-trained ``qnet`` (in place); leaves it in QUANT mode.
+    """Run the AGN stage on a QAT-trained ``qnet`` (in place, on its device); leaves it in QUANT mode.
 
     Every σ is reset to ``cfg.sigma_init`` and made trainable; all other parameters
     train as they are (SGD over every parameter with ``requires_grad``). Observers
@@ -124,8 +129,11 @@ def train_agn(qnet: QoSNet, splits: DatasetSplits, cfg: AGNConfig = AGNConfig(),
     """
     torch.manual_seed(cfg.seed)
     loaders = splits.loaders(cfg.batch_size, shuffle=True, seed=cfg.seed, eval_batch_size=256)
-    example = next(iter(loaders.val))[0]
-    shares = mac_shares(qnet, example)
+    if dist_rt.current().distributed:
+        loaders = loaders._replace(train=dist_rt.train_loader(splits.train, cfg.batch_size, cfg.seed))
+    device = dist_rt.module_device(qnet)
+    example = next(iter(loaders.val))[0].to(device)
+    shares = mac_shares(qnet, example).to(device)
     names = [i.name for i in qnet.approx_layers()]
     with torch.no_grad():
         for s in qnet.sigmas():

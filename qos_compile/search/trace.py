@@ -238,11 +238,12 @@ def trace_layers(qnet: QoSNet, samples: torch.Tensor, batch_size: int = 16, max_
                  for i in infos]
     handles = [i.module.register_forward_pre_hook(r) for i, r in zip(infos, recorders)]
     mode, training = qnet.mode, qnet.training
+    device = next(iter(qnet.parameters())).device  # the hooks bring the codes back to the CPU
     qnet.eval()
     qnet.set_mode(Mode.QUANT)
     try:
         for s in range(0, samples.shape[0], batch_size):
-            qnet(samples[s:s + batch_size])
+            qnet(samples[s:s + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()

@@ -3,6 +3,10 @@
 Schedules follow the method (docs/design.md, section 2): SGD with momentum 0.9; QAT runs its first
 ``observer_epochs`` epochs in float mode while the activation observers settle
 (fake quantization off), then fake-quantizes at 8 bit.
+
+Both train the model on the device it is on. Under data parallelism (torchrun) each process
+takes a ``DistributedSampler`` share in batches of ``batch_size // world_size`` (see
+``distributed``); with one process the loaders are exactly the single-process ones.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from torch import nn
 
 from ..data import DatasetSplits
 from ..nn import Mode, QoSNet
+from . import distributed as dist_rt
 from .loops import History, fit, make_loader, seed_everything, sgd
 
 
@@ -30,6 +35,9 @@ class TrainConfig:
 
 def _loaders(splits: DatasetSplits, cfg: TrainConfig) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     gen = seed_everything(cfg.seed)
+    if dist_rt.current().distributed:
+        return (dist_rt.train_loader(splits.train, cfg.batch_size, cfg.seed),
+                make_loader(splits.val, 256, shuffle=False))
     return (make_loader(splits.train, cfg.batch_size, shuffle=True, generator=gen),
             make_loader(splits.val, 256, shuffle=False))
 
@@ -57,6 +65,15 @@ def train_qat(qnet: QoSNet, splits: DatasetSplits, cfg: TrainConfig = TrainConfi
     def on_epoch(epoch: int) -> None:
         qnet.set_mode(Mode.FLOAT if epoch < observer_epochs else Mode.QUANT)
 
-    hist = fit(qnet, train, val, cfg.epochs, opt, sched, on_epoch_start=on_epoch, progress=progress, desc="qat")
+    # the σ's take no part in FLOAT/QUANT forwards: outside DDP's parameters (their grad stays
+    # None either way, so the optimizer skips them as in one process)
+    frozen = [s for s in qnet.sigmas() if s.requires_grad] if dist_rt.current().distributed else []
+    for s in frozen:
+        s.requires_grad_(False)
+    try:
+        hist = fit(qnet, train, val, cfg.epochs, opt, sched, on_epoch_start=on_epoch, progress=progress, desc="qat")
+    finally:
+        for s in frozen:
+            s.requires_grad_(True)
     qnet.set_mode(Mode.QUANT)
     return hist
