@@ -10,3 +10,25 @@ def qos_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     home = tmp_path_factory.mktemp("qos_home")
     monkeypatch.setenv("QOS_COMPILE_HOME", str(home))
     return home
+
+
+# --- parallel runs (pytest-xdist, ``scripts/test.sh`` runs ``-n N --dist loadgroup``) --------------
+#: Files whose tests share another file's module-level artefacts run in that file's group.
+_SHARED_GROUP = {"test_qos_run": "test_compile"}
+#: Groups sent to the workers first (the longest ones), so that no long file starts last.
+_LONG_FIRST = ("test_user_architectures", "test_lut_dot", "test_compile", "test_bench_cli", "test_fuzz_manifest",
+               "test_distributed", "test_wheel", "test_lut_factors")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One xdist group per test file (each file builds its models once, in one worker), the
+    longest files first; a run without xdist only sees the order change between files."""
+    def group(item: pytest.Item) -> str:
+        mod = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else item.nodeid
+        return _SHARED_GROUP.get(mod, mod)
+
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda it: (rank.get(group(it), len(rank)), order[id(it)]))

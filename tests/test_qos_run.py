@@ -94,6 +94,19 @@ def test_pytorch_inference_is_the_device_on_random_inputs(tmp_path):
             assert np.array_equal(ya, got), op
 
 
+def test_agreement_benchmark_reports_no_difference(capsys):
+    """``python -m qos_compile.bench.agreement`` on the model.pt: host line, every OP, 0 outputs differ."""
+    from qos_compile.bench.agreement import main
+
+    assert main([str(x86().model_pt), "--samples", "40", "--random", "24", "--dataset", "digits",
+                 "--input-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("host: ")
+    rows = [ln.split("|")[1:-1] for ln in out.splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    assert all(int(r[1]) == 64 and int(r[2]) == 0 and r[4].strip() == "100.00%" for r in rows), out
+
+
 def test_qos_run_bit_exact_with_onnxruntime(tmp_path):
     """qos-run on x86-64 == onnxruntime on the exported model.onnx, every OP, whole test split."""
     import onnxruntime as ort

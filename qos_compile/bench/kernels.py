@@ -1,7 +1,7 @@
 """Approximate conv kernels vs the exact int8 conv, per ResNet-20 layer and whole network.
 
     python -m qos_compile.bench.kernels [--target x86_64|aarch64] [--repeats 20] [--threads 1]
-                                        [--no-network] [--json F]
+                                        [--no-network | --no-layers] [--kinds exact,table] [--json F]
 
 Part 1, layers: every distinct conv shape of ResNet-20 (CIFAR, 32x32) is compiled for the
 target as TVM's exact int8 conv and as EVERY signed kernel variant of the registry
@@ -177,10 +177,12 @@ def _qos_run_median_us(target: Target, out: Path, runs: int, threads: int | None
     return float(re.search(r"median ([0-9.]+) us", p.stdout).group(1))
 
 
-def bench_network(target: Target, runs: int, threads: int | None, tmp: Path) -> dict[str, Any]:
+def bench_network(target: Target, runs: int, threads: int | None, tmp: Path,
+                  kinds: Sequence[str] = tuple(CIRCUITS)) -> dict[str, Any]:
     """Whole ResNet-20 per circuit kind (see the module docstring)."""
     res: dict[str, Any] = {}
-    for kind, circuit in CIRCUITS.items():
+    for kind in kinds:
+        circuit = CIRCUITS[kind]
         ckpt, out = tmp / f"{kind}.pt", tmp / f"{kind}-{target.name}"
         _network_checkpoint(circuit, ckpt)
         p = subprocess.run([sys.executable, "-m", "qos_compile.cli.compile", str(ckpt), "--target", target.name,
@@ -216,39 +218,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=200, help="whole-network inferences per build (median)")
     ap.add_argument("--no-network", action="store_true", help="only the per-layer table")
+    ap.add_argument("--no-layers", action="store_true", help="only the whole-network table")
+    ap.add_argument("--kinds", default=",".join(CIRCUITS),
+                    help=f"whole-network kinds, comma-separated (default {','.join(CIRCUITS)}; exact always runs)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     from ..tvm.variants import get_variant
 
     target = get_target(a.target)
+    kinds = ["exact"] + [k for k in a.kinds.split(",") if k and k != "exact"]
+    bad = [k for k in kinds if k not in CIRCUITS]
+    if bad:
+        ap.error(f"unknown kind {bad[0]!r} (one of {', '.join(CIRCUITS)})")
     emu = "" if target.is_host else " EMULATED (qemu)"
     print(host_line())
-    print(f"# conv kernel variants vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
-    print("circuits: " + ", ".join(f"{k} {v}" for k, v in LAYER_CIRCUITS.items()))
-    layers = [bench_layer(target, name, c, h, o, s, k, a.repeats, a.threads)
-              for name, c, h, o, s, k, _ in RESNET20_CONVS]
-    counts = [conv[-1] for conv in RESNET20_CONVS]
-    exact_tot = sum(n * r.exact_ms for n, r in zip(counts, layers))
-    print(f"\nexact int8 conv, ms{emu}: " + ", ".join(f"{r.layer} {r.exact_ms:.4f}" for r in layers)
-          + f"; all 19 convs {exact_tot:.4f}")
-    print("\n| variant (circuit) | " + " | ".join(f"{r.layer} (x{n})" for r, n in zip(layers, counts))
-          + " | all 19 convs | cost model |")
-    print("| --- |" + " ---: |" * (len(layers) + 2))
-    tot: dict[str, float] = {}
-    for vname, (kind, _) in layers[0].variants.items():
-        ms = [r.variants[vname][1] for r in layers]
-        tot[vname] = sum(n * m for n, m in zip(counts, ms))
-        model = get_variant(vname).cost(target.kernel_costs)
-        print(f"| `{vname}` ({kind}) | " + " | ".join(f"{m / r.exact_ms:.2f}x" for m, r in zip(ms, layers))
-              + f" | {tot[vname] / exact_tot:.2f}x | {model:.2f}x |")
-    print("\nauto picks (every layer): " + "; ".join(
-        f"{kind} -> " + ", ".join(sorted({r.auto[kind] for r in layers})) for kind in LAYER_CIRCUITS))
-    out: dict[str, Any] = {"host": host_info(), "target": target.name, "emulated": not target.is_host, "threads": a.threads,
-                           "circuits": LAYER_CIRCUITS, "layers": [r.__dict__ for r in layers],
-                           "conv_totals_ms": {"exact": exact_tot, **tot}}
+    out: dict[str, Any] = {"host": host_info(), "target": target.name, "emulated": not target.is_host,
+                           "threads": a.threads, "circuits": LAYER_CIRCUITS}
+    if not a.no_layers:
+        print(f"# conv kernel variants vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
+        print("circuits: " + ", ".join(f"{k} {v}" for k, v in LAYER_CIRCUITS.items()))
+        layers = [bench_layer(target, name, c, h, o, s, k, a.repeats, a.threads)
+                  for name, c, h, o, s, k, _ in RESNET20_CONVS]
+        counts = [conv[-1] for conv in RESNET20_CONVS]
+        exact_tot = sum(n * r.exact_ms for n, r in zip(counts, layers))
+        print(f"\nexact int8 conv, ms{emu}: " + ", ".join(f"{r.layer} {r.exact_ms:.4f}" for r in layers)
+              + f"; all 19 convs {exact_tot:.4f}")
+        print("\n| variant (circuit) | " + " | ".join(f"{r.layer} (x{n})" for r, n in zip(layers, counts))
+              + " | all 19 convs | cost model |")
+        print("| --- |" + " ---: |" * (len(layers) + 2))
+        tot: dict[str, float] = {}
+        for vname, (kind, _) in layers[0].variants.items():
+            ms = [r.variants[vname][1] for r in layers]
+            tot[vname] = sum(n * m for n, m in zip(counts, ms))
+            model = get_variant(vname).cost(target.kernel_costs)
+            print(f"| `{vname}` ({kind}) | " + " | ".join(f"{m / r.exact_ms:.2f}x" for m, r in zip(ms, layers))
+                  + f" | {tot[vname] / exact_tot:.2f}x | {model:.2f}x |")
+        print("\nauto picks (every layer): " + "; ".join(
+            f"{kind} -> " + ", ".join(sorted({r.auto[kind] for r in layers})) for kind in LAYER_CIRCUITS))
+        out.update(layers=[r.__dict__ for r in layers], conv_totals_ms={"exact": exact_tot, **tot})
     if not a.no_network:
         with tempfile.TemporaryDirectory() as d:
-            net = bench_network(target, a.runs, a.threads, Path(d))
+            net = bench_network(target, a.runs, a.threads, Path(d), kinds)
         out["network_us"] = net
         base = net["exact"]["us"]
         ort = net.get("ort_int8", {}).get("us")
@@ -256,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n| whole ResNet-20 inference | circuit | conv kernels | median us{emu} | ratio vs exact circuit |"
               + vs_ort)
         print("| --- | --- | --- | ---: | ---: |" + (" ---: |" if ort else ""))
-        for kind in CIRCUITS:
+        for kind in kinds:
             r = net[kind]
             print(f"| {kind} | {r['circuit']} | {r['kernels']} | {r['us']:.1f} | {r['us'] / base:.2f}x |"
                   + (f" {r['us'] / ort:.2f}x |" if ort else ""))
