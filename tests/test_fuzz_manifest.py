@@ -26,7 +26,7 @@ def test_fuzz_manifest_loader(tmp_path):
         fuzzer = B.build_fuzzer()
     except QosError as exc:
         pytest.fail(f"cannot build the libFuzzer target (Debian: apt-get install clang libclang-rt-14-dev): {exc}")
-    seconds = int(os.environ.get("QOS_FUZZ_SECONDS", "20"))
+    seconds = int(os.environ.get("QOS_FUZZ_SECONDS", "12"))
     seeds, corpus, artifacts = tmp_path / "seeds", tmp_path / "corpus", tmp_path / "artifacts"
     for d in (seeds, corpus, artifacts):
         d.mkdir()
@@ -104,7 +104,7 @@ def _run_checked(setup, runner: str, seed: str, muts: list) -> list:
 def test_structure_aware_campaign(fuzz_setup):
     """Field-level mutations with the CRC recomputed reach the parser and never crash, hang or trip
     a sanitizer, through the loader (touching kernel) and through a compiled model's real kernels."""
-    seconds = float(os.environ.get("QOS_FUZZ_STRUCT_SECONDS", "30"))
+    seconds = float(os.environ.get("QOS_FUZZ_STRUCT_SECONDS", "18"))
     budget = int(os.environ.get("QOS_FUZZ_STRUCT_MUTANTS", "20000"))
     rng = random.Random(int(os.environ.get("QOS_FUZZ_SEED", "17")))
     plan = [("model", "compiled"), ("touch", "compiled"), ("touch", "tiny")] + \
