@@ -34,6 +34,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -379,19 +380,33 @@ def _layer_lowerings(qnet: Any, ex: Any, t: Any, lowering: str) -> dict[str, Any
 
 
 def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, dict[str, list[np.ndarray]]]:
-    """The per-OP factor tables of the low-rank layers (``tvm.lut_factors``): the slots model
-    with their graph inputs ``slot.<layer>.wterms|xterms`` added (for the TVM import only)
-    and their values per OP."""
+    """The per-OP tensors the chosen kernels read besides the LUT: the factor tables of the
+    low-rank layers (``tvm.lut_factors``), the accumulator start of the dot layers with an
+    activation offset (``tvm.lut_dot.dot_bias``) and the row minima of the ``rows8`` layers
+    (``tvm.lut_rows.row_minima``): the slots model with their graph inputs
+    ``slot.<layer>.wterms|xterms|dotbias|rowmin`` added (for the TVM import only) and their
+    values per OP."""
     import onnx
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
+    from .tvm.lut_dot import BIAS_SUFFIX, dot_bias, needs_bias
     from .tvm.lut_factors import SLOT_SUFFIXES, layer_factors
+    from .tvm.lut_rows import ROWMIN_SUFFIX, row_minima, rows_layout
 
     assign, signed = qnet.assignment(), bool(qnet.bank.signed)
     values: dict[str, list[np.ndarray]] = {}
     col = _assign_column(qnet, ex)
+    inits = {t.name: t for t in ex.model.graph.initializer}
     for layer in ex.layers:
         low = lowerings.get(layer.name)
+        if low is not None and low.variant.kind == "rows8":
+            j = col[layer.name]
+            w = numpy_helper.to_array(inits[f"{layer.name}.weight_codes"])
+            codes = rows_layout(w, signed, 1, low.isa, True).codes
+            mins = {m: row_minima(qnet.bank.luts[m].detach().cpu().numpy(), codes, signed)
+                    for m in sorted({int(row[j]) for row in assign})}
+            values[f"slot.{layer.name}.{ROWMIN_SUFFIX}"] = [mins[int(row[j])] for row in assign]
+            continue
         if low is None or low.kind != "lowrank":
             continue
         j = col[layer.name]
@@ -399,6 +414,10 @@ def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, d
                   for m in sorted({int(row[j]) for row in assign})}
         for k, suffix in enumerate(SLOT_SUFFIXES):
             values[f"slot.{layer.name}.{suffix}"] = [tables[int(row[j])][k] for row in assign]
+        if low.variant.kind == "dot" and needs_bias(low.isa):
+            w = numpy_helper.to_array(inits[f"{layer.name}.weight_codes"])
+            bias = {m: dot_bias(w, t[0], low.isa, signed) for m, t in tables.items()}
+            values[f"slot.{layer.name}.{BIAS_SUFFIX}"] = [bias[int(row[j])] for row in assign]
     if not values:
         return ex.model, values
     model = onnx.ModelProto()
@@ -662,12 +681,17 @@ def _compile(qnet: Any, meta: Records, t: Any, out_dir: Path, source: dict[str, 
         raise QosError(f"expected a QoSNet, got {type(qnet).__name__}")
     if input_shape is None:  # the file's (any rank, non-square too), else what wrap_model was given
         input_shape = meta.input_shape if isinstance(meta, ModelMeta) else qnet.input_shape
+    # SIGINT/SIGTERM wait while the folder is created, so one landing there is raised inside the
+    # try that removes it (it left the folder behind when it hit between mkdtemp and the try)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     except OSError as e:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         raise QosError(f"cannot create output folder {out_dir}: {e.strerror or e} in {out_dir.parent}") from None
     build = tmp / "_build"
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         build.mkdir()
         result = _run_stages(qnet, meta, t, out_dir, tmp, build, source, threads, batch, verify, pr, input_shape,
                              lowering, keep_mismatch)

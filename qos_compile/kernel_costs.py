@@ -9,6 +9,11 @@ from __future__ import annotations
 
 __all__ = ["DEFAULT_COSTS", "COST_KEYS"]
 
-DEFAULT_COSTS: dict[str, float] = {"masked": 1.12, "dot": 0.45, "lowrank": 1.05, "rows": 1.35, "gather": 5.7}
+DEFAULT_COSTS: dict[str, float] = {
+    "masked": 1.12, "dot": 0.45, "lowrank": 1.05,
+    # rows8, pshufb_*: measured on AMD Zen 4 (AVX-512 VBMI + VNNI), 2026-12-03; rows8 is the
+    # residual part (its exact part is priced as its own kernel)
+    "rows8": 1.5, "pshufb_rows8": 7.8, "rows": 1.35, "pshufb_rows": 14.0,
+    "gather": 5.7}
 #: What a target file's ``[kernel_costs]`` may state.
 COST_KEYS: tuple[str, ...] = tuple(DEFAULT_COSTS)

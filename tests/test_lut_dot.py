@@ -90,7 +90,7 @@ def test_dot_kernel_bit_exact(target, isa):
     built = build_kernels(funcs, t, system_lib=True)
     for key, spec, x, w, lut, lay, dt, name in cases:
         wt, xt = F.layer_factors(lut, spec.signed, lay.groups * lay.group, dt)
-        got, _ = D.run_dot_conv(built, key, spec, x, w, wt, xt)
+        got, _ = D.run_dot_conv(built, key, spec, x, w, wt, xt, isa)
         assert np.array_equal(got, _ref(spec, x, w, lut)), f"{target} {isa} {key} {name} {lay}"
 
 
@@ -130,6 +130,9 @@ def test_compiled_model_on_the_dot_kernel(tmp_path):
     rows = D.groups_of(5, isa) * D.DOT_ISAS[isa].group                 # 8: two groups of 4
     shapes = {m.tensors[t].shape for s in m.slots if s.name.endswith((".wterms", ".xterms")) for t in s.tensors}
     assert shapes == {(rows, 256)}, shapes
+    # vpdpbusd's activation offset comes back through a per-OP accumulator start, computed at compile time
+    bias = [s for s in m.slots if s.name.endswith(".dotbias")]
+    assert len(bias) == 7 and all(len(s.tensors) == 3 for s in bias)
 
 
 @pytest.mark.skipif(not HAVE_ARM, reason="no aarch64 toolchain")

@@ -7,7 +7,8 @@ import pytest
 from qos_compile.errors import QosError
 from qos_compile.multipliers import get
 from qos_compile.multipliers.library import bundled
-from qos_compile.multipliers.structure import is_masked
+from qos_compile.multipliers.structure import fits_rows8, is_masked
+from qos_compile.multipliers.table import exact_table
 from qos_compile.nn.emulation import plan_for
 from qos_compile.reference import approx_conv2d_acc
 from qos_compile.targets import get_target, host_target
@@ -16,11 +17,15 @@ from qos_compile.tvm import lut_rows
 from qos_compile.tvm.build import build_kernels
 from qos_compile.tvm.lowering import LOWERINGS, choose_conv_lowering, lowering_allow
 
-HAS_VBMI = "avx512vbmi" in host_target().features
-#: (target, ISA) pairs whose rows kernels run here: NEON under qemu always, VBMI natively when present.
+HOST = host_target().features
+HAS_VBMI = "avx512vbmi" in HOST
+#: (target, ISA) pairs whose rows kernels run here: NEON under qemu always, VBMI and AVX2 natively
+#: when present (every supported x86-64 CI machine has AVX2).
 ISA_TARGETS = [pytest.param("aarch64", "neon", id="aarch64-neon"),
                pytest.param("x86_64", "avx512vbmi", id="x86_64-vbmi",
-                            marks=pytest.mark.skipif(not HAS_VBMI, reason="this CPU has no AVX-512 VBMI"))]
+                            marks=pytest.mark.skipif(not HAS_VBMI, reason="this CPU has no AVX-512 VBMI")),
+               pytest.param("x86_64-avx2", "avx2", id="x86_64-avx2",
+                            marks=pytest.mark.skipif("avx2" not in HOST, reason="this CPU has no AVX2"))]
 
 # shapes that exercise every index path: stride, dilation, asymmetric pads, groups, depthwise,
 # positions not a multiple of the vector, K above one 256-weight chunk, batch > 1
@@ -48,27 +53,47 @@ def _ref(spec, x, w, lut):
                              groups=spec.groups, pad_code=spec.pad_code, signed=spec.signed)
 
 
+def _byte_rows(signed: bool, seed: int) -> np.ndarray:
+    """The exact product plus a random byte per entry, each row shifted by its own offset: the
+    widest residual rows8 takes (a span of 255 in every row)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (256, 256))
+    noise[:, 0], noise[:, 1] = 0, 255
+    return exact_table(signed) + noise + rng.integers(-5000, 5000, (256, 1))
+
+
 @pytest.mark.parametrize("target,isa", ISA_TARGETS)
 def test_rows_kernel_bit_exact(target, isa):
-    """Every conv shape, signed and unsigned, random full-range tables and real circuits."""
+    """Every conv shape, signed and unsigned, both variants: rows (random full-range tables and real
+    circuits) and rows8 (the residual part: real circuits whose residual fits a byte per row and
+    random tables at its limit)."""
     rng = np.random.default_rng(3)
-    tables = {False: [get("mul8u_2P7").lut, rng.integers(0, 65536, (256, 256))],
-              True: [get("mul8s_1KX2").lut, rng.integers(-32768, 32768, (256, 256))]}
+    tables = {(False, False): [get("mul8u_2NDH").lut, rng.integers(0, 65536, (256, 256))],
+              (True, False): [get("mul8s_1KX2").lut, rng.integers(-32768, 32768, (256, 256))],
+              (False, True): [get("mul8u_DG8").lut, get("mul8u_GTR").lut, _byte_rows(False, 1)],
+              (True, True): [get("mul8s_1KX2").lut, get("mul8s_1KVB").lut, _byte_rows(True, 2)]}
+    assert not fits_rows8([get("mul8u_2NDH").lut], False)
     funcs, cases = {}, []
     for i, cfg in enumerate(CONVS):
-        for signed in (False, True):
+        for (signed, residual), luts in tables.items():
             spec, x, w = _case(cfg, signed, i)
-            bias = lut_rows.fits_rows(tables[signed])
-            assert bias == (32768 if signed else 0)
-            layout, stages = lut_rows.rows_stage_funcs(spec, w, isa, bias)
-            tag = f"c{i}{'s' if signed else 'u'}_"
+            bias = 0
+            if residual:
+                assert fits_rows8(luts, signed)
+                assert not fits_rows8([luts[-1] + np.eye(256, dtype=np.int64)], signed)   # a span of 256
+            else:
+                bias = lut_rows.fits_rows(luts)
+                assert bias == (32768 if signed else 0)
+            layout, stages = lut_rows.rows_stage_funcs(spec, w, isa, bias, residual)
+            tag = f"c{i}{'s' if signed else 'u'}{'r' if residual else ''}_"
             funcs.update({tag + k: f for k, f in stages.items()})
-            cases.append((tag, spec, x, w, layout, tables[signed]))
+            cases.append((tag, spec, x, w, layout, luts))
     built = build_kernels(funcs, get_target(target), system_lib=True)
     for tag, spec, x, w, layout, luts in cases:
+        exact = _ref(spec, x, w, exact_table(spec.signed)) if layout.residual else 0
         for lut in luts:
             got, _ = lut_rows.run_rows_conv(built, tag, layout, x, lut.astype(np.int32), spec, threads=2)
-            np.testing.assert_array_equal(got, _ref(spec, x, w, lut), err_msg=tag)
+            np.testing.assert_array_equal(got + exact, _ref(spec, x, w, lut), err_msg=tag)
 
 
 @pytest.mark.parametrize("target", ["x86_64", "aarch64"])
@@ -136,3 +161,50 @@ def test_lowering_choice_per_layer():
         assert build_parser().parse_args(["m.pt", "--lowering", choice]).lowering == choice
     with pytest.raises(SystemExit):
         build_parser().parse_args(["m.pt", "--lowering", "s8-lutconv-fast"])
+
+
+def test_rows8_choice_prices_the_exact_part():
+    """rows8 fits where every row of the residual spans at most 255; its price is its own cost
+    plus the cheapest exact kernel's; the 16-bit rows and gather kernels stay where it does not fit."""
+    vbmi, avx2 = frozenset({"avx512f", "avx512bw", "avx512vbmi"}), frozenset({"avx2"})
+    dg8, gtr, ndh = get("mul8u_DG8").lut, get("mul8u_GTR").lut, get("mul8u_2NDH").lut
+    low = choose_conv_lowering([dg8, gtr], False, vbmi, costs={"rows8": 0.1})
+    assert low.describe() == "u8-lutconv-avx512vbmi-rows8" and low.exact is not None
+    assert low.exact.kind in ("masked", "lowrank") and low.cost == pytest.approx(0.1 + low.exact.cost)
+    assert choose_conv_lowering([dg8, ndh], False, vbmi, costs={"rows8": 0.1}).describe() != \
+        "u8-lutconv-avx512vbmi-rows8"                                       # 2NDH needs 16 bits
+    assert choose_conv_lowering([dg8], False, avx2, allow=("rows",), costs={"pshufb_rows8": 0.1}).describe() == \
+        "u8-lutconv-avx2-rows8"
+    assert choose_conv_lowering([ndh], False, avx2, allow=("rows",)).describe() == "u8-lutconv-avx2-rows"
+    assert choose_conv_lowering([ndh], False, frozenset({"sse2"}), allow=lowering_allow("rows")).kind == "gather"
+
+
+@pytest.mark.parametrize("target,variant", [
+    pytest.param("x86_64-avx2", "u8-lutconv-avx2-rows8", marks=pytest.mark.skipif("avx2" not in HOST, reason="no AVX2")),
+    pytest.param("x86_64", "u8-lutconv-avx512vbmi-rows8", marks=pytest.mark.skipif(not HAS_VBMI, reason="no VBMI"))])
+def test_compiled_model_on_the_rows8_kernel(target, variant, tmp_path):
+    """Three OPs of unsigned circuits that do not factor (DG8, GTR, 2P7): the rows8 kernel compiled
+    into the model, the per-OP row minima in the manifest, bit-exact with onnxruntime on every OP."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from qos_compile.compiler import compile_qnet
+    from qos_compile.runtime.manifest import read_manifest
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_lut_factors import _small_qnet
+
+    circuits = ["mul8u_DG8", "mul8u_GTR", "mul8u_2P7"]
+    qnet = _small_qnet(circuits, lambda op, i: op, "lenet5", 28)          # 2 convs: quick to build
+    lines: list[str] = []
+    res = compile_qnet(qnet, target, tmp_path / "out", lowering=variant, progress=lines.append)
+    assert any(f"conv kernels: {variant} x2" in ln for ln in lines), lines
+    report = json.loads((res.out_dir / "report.json").read_text())
+    assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]
+    m = read_manifest(res.manifest)
+    mins = [s for s in m.slots if s.name.endswith(".rowmin")]
+    assert len(mins) == 2
+    for s in mins:
+        per_op = [m.tensor_data(t) for t in s.tensors]
+        assert len(per_op) == 3 and len({v.tobytes() for v in per_op}) == 3         # one per circuit

@@ -36,7 +36,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,6 +68,10 @@ RESNET20_CONVS = (
 #: (1 exact, 1 masked, 3, 4, 5 int8 terms), so every variant of the registry meets one it fits.
 LAYER_CIRCUITS = {"exact": "master:mul8s_1KV8", "masked": "mul8s_1KTY", "lowrank": "master:mul8s_1KVA",
                   "lowrank4": "mul8s_1KVB", "general": "mul8s_1KX2"}
+#: The unsigned circuits of the per-layer table: tables that do not factor, one whose residual over
+#: the exact product fits a byte per row (``table``: rows8 fits) and one that needs 16 bits
+#: (``table16``: only rows and gather fit).
+TABLE_CIRCUITS = {"table": "mul8u_DG8", "table16": "mul8u_2NDH"}
 
 
 @dataclass
@@ -76,6 +80,12 @@ class LayerResult:
     exact_ms: float
     variants: dict[str, tuple[str, float]]   # registry name -> (circuit kind, ms)
     auto: dict[str, str]                     # circuit kind -> the registry name lowering picks
+    exact_u8_ms: float = 0.0                 # the unsigned exact int8 conv (the u8 variants' reference)
+    costs: dict[str, float] = field(default_factory=dict)   # registry name -> the cost model's price
+
+    def reference_ms(self, variant: str) -> float:
+        """The exact int8 conv time of the variant's datatype."""
+        return self.exact_u8_ms if variant.startswith("u8-") else self.exact_ms
 
 
 def _check(got: np.ndarray, want: np.ndarray, what: str) -> None:
@@ -83,71 +93,102 @@ def _check(got: np.ndarray, want: np.ndarray, what: str) -> None:
         raise QosError(f"{what} is not bit-exact against the reference")
 
 
-def variant_cases(target: Target, luts: dict[str, np.ndarray], taps: int) -> list[tuple[Any, str]]:
-    """Every signed registry variant ``target`` runs, as (ConvLowering, circuit kind) with the
-    first circuit of ``luts`` it fits (variants no circuit fits are left out)."""
-    from ..tvm.lowering import ConvLowering
+def variant_cases(target: Target, luts: dict[str, np.ndarray], taps: int, signed: bool = True) -> list[tuple[Any, str]]:
+    """Every registry variant of the datatype ``target`` runs, as (ConvLowering, circuit kind) with
+    the first circuit of ``luts`` it fits (variants no circuit fits are left out)."""
+    from ..tvm.lowering import variant_lowering
     from ..tvm.variants import VARIANTS, LayerTables
 
-    tables = {kind: LayerTables([lut], True, taps) for kind, lut in luts.items()}
+    tables = {kind: LayerTables([lut], signed, taps) for kind, lut in luts.items()}
     out = []
     for v in VARIANTS:
-        if not v.signed or not v.available(target.features):
+        if v.signed != signed or not v.available(target.features):
             continue
         for kind, t in tables.items():
-            fit = v.fits(t)
-            if fit is not None:
-                out.append((ConvLowering(v, fit, v.cost(target.kernel_costs)), kind))
+            low = variant_lowering(v, t, target.features, target.kernel_costs)
+            if low is not None:
+                out.append((low, kind))
                 break
     return out
 
 
-def layer_case(c: int, h: int, o: int, stride: int, k: int, seed: int = 0) -> tuple[Any, np.ndarray, np.ndarray]:
-    """(ConvSpec, x, w) of one signed ResNet-20 conv shape with random codes."""
+def layer_case(c: int, h: int, o: int, stride: int, k: int, seed: int = 0,
+               signed: bool = True) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(ConvSpec, x, w) of one ResNet-20 conv shape with random codes of the datatype."""
+    from ..numerics import code_range
     from ..tvm import kernels as K
 
     rng = np.random.default_rng(seed)
-    spec = K.ConvSpec.make((1, c, h, h), (o, c, k, k), stride=stride, padding=k // 2, pad_code=0, signed=True)
-    x = rng.integers(-128, 128, spec.x_shape).astype(np.int8)
-    w = rng.integers(-128, 128, spec.w_shape).astype(np.int8)
-    return spec, x, w
+    lo, hi = code_range(signed)
+    spec = K.ConvSpec.make((1, c, h, h), (o, c, k, k), stride=stride, padding=k // 2, pad_code=0, signed=signed)
+    dt = np.int8 if signed else np.uint8
+    return spec, rng.integers(lo, hi + 1, spec.x_shape).astype(dt), rng.integers(lo, hi + 1, spec.w_shape).astype(dt)
 
 
 def build_layer(target: Target, spec: Any, w: np.ndarray, cases: Sequence[tuple[Any, str]]) -> Any:
     """One system-lib build of the exact int8 conv (``exact``) and every case's stages
-    (``v<i>_<stage>``): the deployed runtime (C shim + its thread pool)."""
-    from ..tvm import kernels as K
+    (``v<i>_<stage>``) for one datatype: the deployed runtime (C shim + its thread pool)."""
     from ..tvm.build import build_kernels
 
-    funcs: dict[str, Any] = {"exact": K.exact_conv2d_func(spec, target)}
+    return build_kernels(layer_funcs(target, spec, w, cases, "v", "exact"), target, system_lib=True)
+
+
+def layer_funcs(target: Target, spec: Any, w: np.ndarray, cases: Sequence[tuple[Any, str]], prefix: str,
+                exact: str) -> dict[str, Any]:
+    """The exact int8 conv (named ``exact``) and every case's stages (``<prefix><i>_<stage>``)."""
+    from ..tvm import kernels as K
+
+    funcs: dict[str, Any] = {exact: K.exact_conv2d_func(spec, target)}
     for i, (low, _) in enumerate(cases):
-        funcs.update({f"v{i}_{st}": f for st, f in low.variant.stages(spec, low, w, target).items()})
-    return build_kernels(funcs, target, system_lib=True)
+        funcs.update({f"{prefix}{i}_{st}": f for st, f in low.variant.stages(spec, low, w, target).items()})
+    return funcs
 
 
 def bench_layer(target: Target, name: str, c: int, h: int, o: int, stride: int, k: int, repeats: int,
                 threads: int | None, seed: int = 0) -> LayerResult:
-    """Build, verify and time every variant on one conv shape (see the module docstring)."""
+    """Build, verify and time every variant on one conv shape (see the module docstring): the
+    signed variants on ``LAYER_CIRCUITS``, the unsigned ones on ``TABLE_CIRCUITS``, each against
+    the exact int8 conv of its datatype."""
     from ..reference import approx_conv2d_acc
+    from ..tvm.build import build_kernels
     from ..tvm.lowering import choose_conv_lowering
 
-    spec, x, w = layer_case(c, h, o, stride, k, seed)
-    luts = {kind: get(cname).lut.astype(np.int32) for kind, cname in LAYER_CIRCUITS.items()}
     taps = c * k * k
-    cases = variant_cases(target, luts, taps)
-    built = build_layer(target, spec, w, cases)
-    ref = {kind: approx_conv2d_acc(x, w, luts[kind], stride=stride, padding=k // 2, pad_code=0, signed=True)
-           for kind in luts}
-    _check(built.run("exact", x, w, repeat=repeats, threads=threads), ref["exact"], f"{name}: exact conv")
-    exact_ms = built.last_time_ns / 1e6
+    funcs: dict[str, Any] = {}
+    runs = []
+    for signed, circuits in ((True, LAYER_CIRCUITS), (False, TABLE_CIRCUITS)):
+        dt = "s8" if signed else "u8"
+        spec, x, w = layer_case(c, h, o, stride, k, seed, signed)
+        luts = {kind: get(cname).lut.astype(np.int32) for kind, cname in circuits.items()}
+        cases = variant_cases(target, luts, taps, signed)
+        funcs.update(layer_funcs(target, spec, w, cases, dt, f"{dt}_exact"))
+        runs.append((dt, spec, x, w, luts, cases, circuits))
+    built = build_kernels(funcs, target, system_lib=True)
     res: dict[str, tuple[str, float]] = {}
-    for i, (low, kind) in enumerate(cases):
-        got, ms = low.variant.run(built, f"v{i}_", spec, low, x, w, luts[kind], repeats, threads)
-        _check(got, ref[kind], f"{name}: {low.describe()} for {LAYER_CIRCUITS[kind]}")
-        res[low.describe()] = (kind, ms)
-    auto = {kind: choose_conv_lowering([lut], True, target.features, taps=taps, costs=target.kernel_costs).describe()
-            for kind, lut in luts.items()}
-    return LayerResult(name, exact_ms, res, auto)
+    exact_ms: dict[str, float] = {}
+    auto: dict[str, str] = {}
+    costs: dict[str, float] = {}
+    for dt, spec, x, w, luts, cases, circuits in runs:
+        ref = {kind: approx_conv2d_acc(x, w, lut, stride=stride, padding=k // 2, pad_code=0, signed=spec.signed)
+               for kind, lut in luts.items()}
+        exact = approx_conv2d_acc(x, w, _exact_lut(spec.signed), stride=stride, padding=k // 2, pad_code=0,
+                                  signed=spec.signed)
+        _check(built.run(f"{dt}_exact", x, w, repeat=repeats, threads=threads), exact, f"{name}: {dt} exact conv")
+        exact_ms[dt] = built.last_time_ns / 1e6
+        for i, (low, kind) in enumerate(cases):
+            got, ms = low.variant.run(built, f"{dt}{i}_", spec, low, x, w, luts[kind], repeats, threads)
+            _check(got, ref[kind], f"{name}: {low.describe()} for {circuits[kind]}")
+            res[low.describe()] = (kind, ms)
+            costs[low.describe()] = low.cost
+        auto.update({kind: choose_conv_lowering([lut], spec.signed, target.features, taps=taps,
+                                                costs=target.kernel_costs).describe() for kind, lut in luts.items()})
+    return LayerResult(name, exact_ms["s8"], res, auto, exact_ms["u8"], costs)
+
+
+def _exact_lut(signed: bool) -> np.ndarray:
+    from ..multipliers.table import exact_table
+
+    return exact_table(signed).astype(np.int32)
 
 
 def _network_checkpoint(circuit: str, path: Path) -> None:
@@ -223,7 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"whole-network kinds, comma-separated (default {','.join(CIRCUITS)}; exact always runs)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-    from ..tvm.variants import get_variant
 
     target = get_target(a.target)
     kinds = ["exact"] + [k for k in a.kinds.split(",") if k and k != "exact"]
@@ -233,14 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     emu = "" if target.is_host else " EMULATED (qemu)"
     print(host_line())
     out: dict[str, Any] = {"host": host_info(), "target": target.name, "emulated": not target.is_host,
-                           "threads": a.threads, "circuits": LAYER_CIRCUITS}
+                           "threads": a.threads, "circuits": {**LAYER_CIRCUITS, **TABLE_CIRCUITS}}
     if not a.no_layers:
         print(f"# conv kernel variants vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
-        print("circuits: " + ", ".join(f"{k} {v}" for k, v in LAYER_CIRCUITS.items()))
+        print("circuits: " + ", ".join(f"{k} {v}" for k, v in {**LAYER_CIRCUITS, **TABLE_CIRCUITS}.items())
+              + " (u8 variants against the unsigned exact int8 conv)")
         layers = [bench_layer(target, name, c, h, o, s, k, a.repeats, a.threads)
                   for name, c, h, o, s, k, _ in RESNET20_CONVS]
         counts = [conv[-1] for conv in RESNET20_CONVS]
         exact_tot = sum(n * r.exact_ms for n, r in zip(counts, layers))
+        exact_u8_tot = sum(n * r.exact_u8_ms for n, r in zip(counts, layers))
         print(f"\nexact int8 conv, ms{emu}: " + ", ".join(f"{r.layer} {r.exact_ms:.4f}" for r in layers)
               + f"; all 19 convs {exact_tot:.4f}")
         print("\n| variant (circuit) | " + " | ".join(f"{r.layer} (x{n})" for r, n in zip(layers, counts))
@@ -250,12 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for vname, (kind, _) in layers[0].variants.items():
             ms = [r.variants[vname][1] for r in layers]
             tot[vname] = sum(n * m for n, m in zip(counts, ms))
-            model = get_variant(vname).cost(target.kernel_costs)
-            print(f"| `{vname}` ({kind}) | " + " | ".join(f"{m / r.exact_ms:.2f}x" for m, r in zip(ms, layers))
-                  + f" | {tot[vname] / exact_tot:.2f}x | {model:.2f}x |")
+            model = layers[0].costs[vname]
+            ref_tot = exact_u8_tot if vname.startswith("u8-") else exact_tot
+            print(f"| `{vname}` ({kind}) | " + " | ".join(f"{m / r.reference_ms(vname):.2f}x" for m, r in zip(ms, layers))
+                  + f" | {tot[vname] / ref_tot:.2f}x | {model:.2f}x |")
         print("\nauto picks (every layer): " + "; ".join(
-            f"{kind} -> " + ", ".join(sorted({r.auto[kind] for r in layers})) for kind in LAYER_CIRCUITS))
-        out.update(layers=[r.__dict__ for r in layers], conv_totals_ms={"exact": exact_tot, **tot})
+            f"{kind} -> " + ", ".join(sorted({r.auto[kind] for r in layers})) for kind in {**LAYER_CIRCUITS,
+                                                                                       **TABLE_CIRCUITS}))
+        out.update(layers=[r.__dict__ for r in layers],
+                   conv_totals_ms={"exact": exact_tot, "exact_u8": exact_u8_tot, **tot})
     if not a.no_network:
         with tempfile.TemporaryDirectory() as d:
             net = bench_network(target, a.runs, a.threads, Path(d), kinds)

@@ -282,3 +282,14 @@ def fits_rows(luts: Sequence[np.ndarray]) -> int | None:
     hi = max(int(np.max(t)) for t in luts)
     bias = -lo if lo < 0 else 0
     return bias if hi + bias <= 0xFFFF else None
+
+
+def residual_rows(lut: np.ndarray, signed: bool) -> np.ndarray:
+    """``lut[a, b] - code(a) * code(b)`` (int64): what a table adds to the exact product."""
+    return np.asarray(lut, dtype=np.int64) - exact_table(signed).astype(np.int64)
+
+
+def fits_rows8(luts: Sequence[np.ndarray], signed: bool) -> bool:
+    """Whether every row of every table's residual (``residual_rows``) spans at most 255: then
+    ``residual - min(row)`` is one byte and the table is the exact product plus one byte plane."""
+    return all(int(np.max(np.ptp(residual_rows(t, signed), axis=1))) <= 0xFF for t in luts)

@@ -1120,7 +1120,8 @@ def generate_markdown() -> str:
          "`qos_select` only stores the OP index. The compiler makes one slot per approximate layer "
          "(its multiplier table, `layer` set: it must equal `bank[assign[op][layer]].table`) and one per "
          "per-OP tensor (BN-folded scale/shift, bias; a low-rank conv layer's weight and activation "
-         "factor tables, `slot.<layer>.wterms|xterms`).", "",
+         "factor tables, `slot.<layer>.wterms|xterms`, and a `vpdpbusd` layer's accumulator start "
+         "`slot.<layer>.dotbias`; a rows8 layer's row minima `slot.<layer>.rowmin`).", "",
          "## Header", "", *_md_record(HEADER), "",
          "## Section table entry", "", *_md_record(SECTION), "",
          "## Sections", "", "| id | name | entry | contents |", "| --- | --- | --- | --- |"]

@@ -31,11 +31,14 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import QosError
+from ..multipliers.table import exact_table
 from . import variants as V
 from .lut_dot import DOT_ISAS
 
 #: The ``--lowering`` families (a family forces all its variants; a registry name one).
 LOWERINGS = V.FAMILIES
+#: The families that may compute the exact part of a ``rows8`` layer.
+EXACT_FAMILIES = ("masked", "lowrank", "gather")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class ConvLowering:
     variant: V.Variant
     fit: V.Fit
     cost: float = 0.0             # its price on the target (kernel time / exact int8 conv time)
+    exact: "ConvLowering | None" = None   # rows8: the kernel of its exact part (cost included)
 
     @property
     def kind(self) -> str:
@@ -106,6 +110,20 @@ def lowering_allow(lowering: str) -> tuple[str, ...]:
     return (V.get_variant(lowering).name, "gather")
 
 
+def variant_lowering(v: V.Variant, tables: V.LayerTables, features: frozenset[str],
+                     costs: dict[str, float] | None = None) -> ConvLowering | None:
+    """``v`` as the lowering of a layer with ``tables`` (None if it does not fit): its fit and
+    price; a ``rows8`` variant with the cheapest kernel of its exact part, priced in."""
+    fit = v.fits(tables)
+    if fit is None:
+        return None
+    if v.kind != "rows8":
+        return ConvLowering(v, fit, v.cost(costs))
+    exact = choose_conv_lowering([exact_table(tables.signed)], tables.signed, features, EXACT_FAMILIES, tables.taps,
+                                 costs)
+    return ConvLowering(v, fit, v.cost(costs) + exact.cost, exact)
+
+
 def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: frozenset[str],
                          allow: Sequence[str] = LOWERINGS, taps: int = 1,
                          costs: dict[str, float] | None = None) -> ConvLowering:
@@ -126,13 +144,9 @@ def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: fro
                        f"such as {V.VARIANTS[0].name})")
     tables = V.LayerTables(list(luts), bool(signed), int(taps))
     feats = frozenset(features)
-    fits: list[ConvLowering] = []
-    for v in V.VARIANTS:
-        if v.signed != bool(signed) or not v.available(feats) or not V.allowed(v, allow):
-            continue
-        fit = v.fits(tables)
-        if fit is not None:
-            fits.append(ConvLowering(v, fit, v.cost(costs)))
+    fits = [low for v in V.VARIANTS
+            if v.signed == bool(signed) and v.available(feats) and V.allowed(v, allow)
+            for low in [variant_lowering(v, tables, feats, costs)] if low is not None]
     if not fits:
         raise QosError(f"none of the lowerings {', '.join(allow)} fits this layer on a CPU with "
                        f"features {', '.join(sorted(feats)) or 'none'}")

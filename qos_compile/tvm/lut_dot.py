@@ -28,6 +28,8 @@ Stages (each its own PrimFunc):
   ONE contiguous vector for any stride and dilation;
 * ``dot_weights`` (TE): each weight's G factors of group ``q`` packed into one int32,
   ``(O, Cg, kh, kw, Q)``, rebuilt per call from the per-OP factor tables (a few KiB);
+* ``dot_bias`` (NumPy, at compile time): the per-channel start of the accumulators that
+  takes an activation offset back out, a per-OP tensor ``slot.<layer>.dotbias`` (``O`` int32);
 * ``dot_microkernel`` (TIR, ``T.call_llvm_pure_intrin``): a register tile of ``OT``
   channels x ``R`` rows x ``V`` vectors of int32 accumulators over the whole reduction;
   threads split ``n x channel tiles``; writes ``(N, O, Ho, Wo_pad)``, and ``unpack`` keeps
@@ -183,24 +185,24 @@ def dot_weights(w: te.Tensor, wtab: te.Tensor, layout: DotLayout, signed: bool,
                       name=name, attrs={KERNEL_ATTR: "dot_weights"})
 
 
-def dot_bias(w: te.Tensor, wtab: te.Tensor, layout: DotLayout, signed: bool, name: str = "dot_bias") -> te.Tensor:
+#: The per-OP graph input of a dot layer whose ISA stores the activation factors with an offset.
+BIAS_SUFFIX = "dotbias"
+
+
+def needs_bias(isa: str) -> bool:
+    """Whether a dot kernel on ``isa`` starts its accumulators from ``dot_bias`` (an activation offset)."""
+    return bool(DOT_ISAS[isa].xoffset)
+
+
+def dot_bias(w: np.ndarray, wterms: np.ndarray, isa: str, signed: bool) -> np.ndarray:
     """(O,) int32: what the activations' ``xoffset`` adds to each output channel, negated
-    (``-xoffset * sum`` of every weight factor of the channel)."""
-    xoff = DOT_ISAS[layout.isa].xoffset
+    (``-xoffset * sum`` of every weight factor of the channel). Weights and factors are
+    constants of an OP, so the compiler computes it once per OP (the per-OP tensor
+    ``slot.<layer>.dotbias``), not per inference."""
     off = code_offset(signed)
-    t_ = int(wtab.shape[0])
-    per_code = te.compute((256,), lambda a: _sum_terms(wtab, a, t_) * (-xoff), name=name + "_codes")
-    o, cg, kh, kw = (int(s) for s in w.shape)
-    rc, ru, rv = te.reduce_axis((0, cg), "rc"), te.reduce_axis((0, kh), "ru"), te.reduce_axis((0, kw), "rv")
-    return te.compute((o,), lambda oo: te.sum(per_code[w[oo, rc, ru, rv].astype("int32") + off], axis=[rc, ru, rv]),
-                      name=name, attrs={KERNEL_ATTR: "dot_bias"})
-
-
-def _sum_terms(wtab: te.Tensor, a: Any, t_: int) -> Any:
-    out = wtab[0, a].astype("int32")
-    for t in range(1, t_):
-        out = out + wtab[t, a].astype("int32")
-    return out
+    per_code = -DOT_ISAS[isa].xoffset * np.asarray(wterms, np.int64).sum(0)        # (256,)
+    idx = np.asarray(w, np.int64).reshape(w.shape[0], -1) + off
+    return per_code[idx].sum(1).astype(np.int32)
 
 
 def unpack(acc: te.Tensor, wo: int) -> te.Tensor:
@@ -270,10 +272,11 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
 
 def dot_stage_funcs(spec: Any, terms: int, dtype: str, isa: str, target: Any = None) -> tuple[DotLayout, dict]:
     """Stand-alone PrimFuncs of the stages for one conv ``spec`` (kernels.ConvSpec):
-    ``inputs(x, xterms) -> xf``, ``weights(w, wterms) -> wp``, ``bias(w, wterms) -> b`` (only
-    with an activation offset; else b = zeros), ``micro(xf, wp, b) -> acc`` (N, O, Ho, Wo_pad). The factor tables hold ``groups * G``
-    terms (``lut_factors.layer_factors``). For benchmarks and tests; the compiler builds the
-    same stages through Relax."""
+    ``inputs(x, xterms) -> xf``, ``weights(w, wterms) -> wp``, ``micro(xf, wp, b) -> acc`` (N,
+    O, Ho, Wo_pad), with ``b = dot_bias(...)`` (zeros without an activation offset), computed
+    ahead like the compiler's per-OP tensor. The factor tables hold ``groups * G`` terms
+    (``lut_factors.layer_factors``). For benchmarks and tests; the compiler builds the same
+    stages through Relax."""
     from .kernels import _finish
 
     layout = dot_layout(spec, isa, terms)
@@ -285,13 +288,11 @@ def dot_stage_funcs(spec: Any, terms: int, dtype: str, isa: str, target: Any = N
     funcs = {"inputs": _finish([xs, xt, dot_inputs(xs, xt, layout, spec)], None, target, True),
              "weights": _finish([ws, wt, dot_weights(ws, wt, layout, spec.signed)], None, target, True),
              "micro": dot_microkernel(spec, layout)}
-    if DOT_ISAS[isa].xoffset:
-        funcs["bias"] = _finish([ws, wt, dot_bias(ws, wt, layout, spec.signed)], None, target, True)
     return layout, funcs
 
 
-def run_dot_conv(built: Any, prefix: str, spec: Any, x: Any, w: Any, wterms: Any, xterms: Any, repeat: int = 0,
-                 threads: int | None = None) -> tuple[Any, float]:
+def run_dot_conv(built: Any, prefix: str, spec: Any, x: Any, w: Any, wterms: Any, xterms: Any, isa: str,
+                 repeat: int = 0, threads: int | None = None) -> tuple[Any, float]:
     """Run the stages built from ``dot_stage_funcs`` (named ``prefix + stage``): accumulators
     (N, O, Ho, Wo) and the summed best time in ms of the stages (0 unless ``repeat``)."""
     ms = 0.0
@@ -303,7 +304,7 @@ def run_dot_conv(built: Any, prefix: str, spec: Any, x: Any, w: Any, wterms: Any
         return out
 
     xf, wp = run("inputs", x, xterms), run("weights", w, wterms)
-    bias = run("bias", w, wterms) if prefix + "bias" in built.symbols else np.zeros(spec.o, np.int32)
+    bias = dot_bias(w, wterms, isa, spec.signed) if needs_bias(isa) else np.zeros(spec.o, np.int32)
     return run("micro", xf, wp, bias)[..., :spec.wo], ms
 
 
@@ -317,14 +318,16 @@ def _schedule_inputs(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[
 
 #: Block schedules of this module's TE stages (``variants.block_schedules``); the
 #: microkernel is written in its final form (``qos_prescheduled``).
-SCHEDULES = {"dot_inputs": _schedule_inputs, "dot_weights": parallel_outer, "dot_bias": parallel_outer}
+SCHEDULES = {"dot_inputs": _schedule_inputs, "dot_weights": parallel_outer}
 register_block_schedules(SCHEDULES)
 
 
 def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
-    """Relax emission of a ``dot`` variant (``variants.Variant.emit``): inputs + weights (+ bias)
-    + the microkernel, then ``unpack``; the factor tables are the per-OP graph inputs
-    ``slot.<layer>.wterms|xterms``. Every PrimFunc is named after the variant."""
+    """Relax emission of a ``dot`` variant (``variants.Variant.emit``): inputs + weights + the
+    microkernel, then ``unpack``; the factor tables are the per-OP graph inputs
+    ``slot.<layer>.wterms|xterms``, and with an activation offset the accumulators start from
+    the per-OP graph input ``slot.<layer>.dotbias`` (``dot_bias``). Every PrimFunc is named after
+    the variant."""
     from tvm import relax
 
     wt, xt = ops.slot_inputs(SLOT_SUFFIXES, "low-rank factors")
@@ -334,8 +337,8 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
     xf = bb.call_te(lambda a, t: dot_inputs(a, t, layout, spec), ops.x, xt, primfunc_name_hint=f"{sym}_inputs")
     wp = bb.call_te(lambda a, t: dot_weights(a, t, layout, spec.signed), ops.w, wt,
                     primfunc_name_hint=f"{sym}_weights")
-    if DOT_ISAS[low.isa].xoffset:
-        bias = bb.call_te(lambda a, t: dot_bias(a, t, layout, spec.signed), ops.w, wt, primfunc_name_hint=f"{sym}_bias")
+    if needs_bias(low.isa):
+        bias = ops.slot_inputs((BIAS_SUFFIX,), "dot-kernel bias")[0]
     else:
         bias = relax.const(np.zeros(spec.o, np.int32))
     gv = bb.add_func(dot_microkernel(spec, layout), f"{sym}_micro")
@@ -353,4 +356,4 @@ def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: Any, lut:
               threads: int | None = None) -> tuple[np.ndarray, float]:
     """Run a ``dot`` variant built from ``bench_stages`` on the circuit ``lut``: (acc, summed best ms or 0)."""
     wt, xt = layer_factors(lut, spec.signed, low.slot_terms, low.dtype)
-    return run_dot_conv(built, prefix, spec, x, w, wt, xt, repeat, threads)
+    return run_dot_conv(built, prefix, spec, x, w, wt, xt, low.isa, repeat, threads)

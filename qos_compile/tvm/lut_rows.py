@@ -3,13 +3,27 @@
 With the weights fixed at compile time, weight code ``a`` selects one 256-entry row
 ``lut[a, :]`` of the (per-OP, run-time) table; an output channel is the sum over its
 ``K = C/groups * kh * kw`` weights of that weight's row looked up at the activation codes
-of every output position. The row is kept as two byte planes (low and high byte of
-``lut[a, b] + bias``, a 16-bit value) and looked up with the CPU's byte permute, one
-vector of output positions at a time:
+of every output position. A row is kept as byte planes and looked up with the CPU's byte
+permute, one vector of output positions at a time. Two variants (``RowsLayout.residual``):
+
+* ``rows``: the whole table, two planes (low and high byte of ``lut[a, b] + bias``, a 16-bit
+  value; ``fits_rows``);
+* ``rows8``: the exact conv plus the residual ``lut[a, b] - code(a) * code(b)`` in ONE
+  plane: ``residual - rowmin[a]`` must fit 8 bits in every row of every table of the layer
+  (``fits_rows8``; mul8u_DG8 and mul8u_GTR do, a residual range of 44 and 231). Half the
+  lookups; the exact part runs on the cheapest exact kernel of the target (``variants``),
+  and ``rowmin`` comes back in per output channel (``sum_k rowmin[row(k)]``).
+
+Byte permutes per ISA (``ROW_ISAS``: positions per vector):
 
 * ``avx512vbmi`` (x86-64): 64 positions per vector, ``vpermi2b`` over two 64-byte
   registers covers 128 entries, bit 7 of the index picks the half (``vpmovb2m`` + blend):
-  4 permutes per 64 lookups for both planes.
+  2 permutes per 64 lookups and plane.
+* ``avx2`` (x86-64): 32 positions, ``vpshufb`` looks up 16 entries per 128-bit lane; the
+  16 sub-tables of a plane are stored twice (one copy per lane), and sub-table ``j``
+  answers the positions whose index has high nibble ``j``: ``u = min(idx - 16j, 0x8F) +
+  0x70`` keeps the low nibble where it matches and sets bit 7 (``vpshufb`` writes 0)
+  elsewhere, so the 16 results are OR-ed: 16 shuffles per 32 lookups and plane.
 * ``neon`` (aarch64): 16 positions per vector, ``tbl`` over four 16-byte registers covers
   64 entries, three ``tbx`` fill in the other quarters.
 
@@ -17,14 +31,16 @@ Sums of bytes are kept exact in 16-bit lanes: per word lane (two neighbouring po
 the kernel adds the plane's word (``lo(2q) + 256*lo(2q+1)`` mod 2**16) and its high byte
 (``lo(2q+1)``); both stay exact for up to ``CHUNK`` = 256 weights, after which the two
 positions' byte sums are recovered and added into the int32 accumulator (``flush``).
-Everything is emitted from TIR (``T.call_llvm_pure_intrin``); the kernel is bit-exact
-by construction whenever every table of the layer fits 16 bits after ``bias``, which
-``fits_rows`` checks for all circuits of a layer before the compiler picks it.
+Everything is emitted from TIR (``T.call_llvm_pure_intrin``); the kernels are bit-exact by
+construction whenever their ``fits`` condition holds for every circuit of the layer,
+which the lowering checks before it picks them.
 
 Stages (each its own PrimFunc, so the plan shows them): ``taps`` packs the padded
 activation table indices position-major per weight tap (``(N, G, Kg, P_pad)`` uint8);
 ``planes`` cuts the rows of the layer's distinct weight codes out of the LUT argument
-(``(R, 512)`` uint8, rebuilt per call: the LUT is switched at run time); the microkernel
+(``(R, planes * PLANE_BYTES)`` uint8, rebuilt per call: the LUT is switched at run time;
+``rows8`` subtracts each row's ``rowmin``, ``(R,)`` int32, a per-OP tensor computed at compile
+time by ``row_minima``); the microkernel
 (``rows_microkernel``) writes int32 ``(N, O, P_pad)``; the caller's epilogue reads the
 first ``Ho*Wo`` positions. Threads split ``n x o`` (output channels).
 """
@@ -39,25 +55,19 @@ from tvm import te
 from tvm.script import tirx as T
 
 from ..errors import QosError
-from ..multipliers.structure import fits_rows  # noqa: F401 - the kernel's condition, importable from here
+from ..multipliers.structure import fits_rows, fits_rows8, residual_rows  # noqa: F401 - fits_*: the kernels' conditions
+from ..multipliers.table import exact_table
 from ..numerics import LUT_SHAPE, code_offset
 from .kernels import KERNEL_ATTR, register_block_schedules
 
 #: Byte-permute ISAs with a rows microkernel: lanes (positions per vector) per ISA.
-ROW_ISAS = {"avx512vbmi": 64, "neon": 16}
+ROW_ISAS = {"avx512vbmi": 64, "avx2": 32, "neon": 16}
+#: Bytes one 256-entry plane takes in the ``planes`` stage (AVX2: each 16-byte sub-table twice).
+PLANE_BYTES = {"avx512vbmi": 256, "avx2": 512, "neon": 256}
 #: Weights accumulated in 16-bit lanes before a flush (byte sums stay below 2**16).
 CHUNK = 256
 #: Most position vectors one output tile keeps in registers.
 MAX_VECTORS = 4
-
-
-def rows_isa(features: frozenset[str]) -> str | None:
-    """The byte-permute ISA a target's features allow (None: no rows kernel)."""
-    if "avx512vbmi" in features:
-        return "avx512vbmi"
-    if "neon" in features or "asimd" in features:
-        return "neon"
-    return None
 
 
 @dataclass(frozen=True)
@@ -70,13 +80,18 @@ class RowsLayout:
     positions: int           # Ho * Wo
     vectors: int             # position vectors per tile
     p_pad: int               # positions rounded up to whole tiles
+    residual: bool = False   # rows8: one plane of the residual over the exact product
 
     @property
     def lanes(self) -> int:
         return ROW_ISAS[self.isa]
 
+    @property
+    def planes(self) -> int:
+        return 1 if self.residual else 2
 
-def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str) -> RowsLayout:
+
+def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str, residual: bool = False) -> RowsLayout:
     """Distinct weight rows and the tile shape for weights ``w`` (O, Cg, kh, kw) codes."""
     if isa not in ROW_ISAS:
         raise QosError(f"no rows microkernel for {isa!r} (have {', '.join(ROW_ISAS)})")
@@ -86,7 +101,7 @@ def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str) -> RowsLa
     vectors = max(1, min(MAX_VECTORS, -(-positions // lanes)))
     tile = lanes * vectors
     return RowsLayout(isa, codes.astype(np.int32), inv.reshape(idx.shape).astype(np.int32), positions,
-                      vectors, -(-positions // tile) * tile)
+                      vectors, -(-positions // tile) * tile, residual)
 
 
 # --------------------------------------------------------------------------- TE stages
@@ -108,26 +123,60 @@ def taps(xp: te.Tensor, groups: int, kh: int, kw: int, stride: tuple[int, int], 
     return te.compute((n, groups, cg * kk, p_pad), f, name=name, attrs={KERNEL_ATTR: "rows_taps", "qos_row": wo})
 
 
-def planes(lut: te.Tensor, codes: te.Tensor, bias: int, name: str = "rows_planes") -> te.Tensor:
-    """(R, 512) uint8: low then high byte of ``lut[codes[r], b] + bias`` for every activation b."""
-    def f(r, e):
-        v = lut[codes[r], e % 256] + bias
-        return tvm.tirx.Cast("uint8", tvm.tirx.bitwise_and(tvm.tirx.shift_right(v, (e // 256) * 8), 255))
+def _residual(lut: te.Tensor, a: Any, b: Any, signed: bool) -> Any:
+    """``lut[a, b]`` minus the exact product of the codes of table indices ``a`` and ``b``."""
+    off = code_offset(signed)
+    return lut[a, b] - (a - off) * (b - off)
 
-    return te.compute((int(codes.shape[0]), 512), f, name=name, attrs={KERNEL_ATTR: "rows_planes"})
+
+#: The per-OP graph input of a ``rows8`` layer: each weight row's smallest residual.
+ROWMIN_SUFFIX = "rowmin"
+
+
+def row_minima(lut: np.ndarray, codes: np.ndarray, signed: bool) -> np.ndarray:
+    """(R,) int32: the smallest residual (``multipliers.structure.residual_rows``) of each weight
+    row ``codes`` of one table (``rows8``). A constant of an OP: the compiler computes it once
+    per OP (the per-OP tensor ``slot.<layer>.rowmin``), not per inference."""
+    return residual_rows(lut, signed)[np.asarray(codes, np.int64)].min(1).astype(np.int32)
+
+
+def planes(lut: te.Tensor, codes: te.Tensor, bias: int, isa: str, rowmin: te.Tensor | None = None,
+           signed: bool = False, name: str = "rows_planes") -> te.Tensor:
+    """(R, planes * PLANE_BYTES[isa]) uint8 for every activation b: ``rows``: low then high byte
+    of ``lut[codes[r], b] + bias``; ``rows8`` (``rowmin`` given): the residual minus ``rowmin[r]``."""
+    width = PLANE_BYTES[isa]
+
+    def entry(e):                                      # byte e of a plane -> activation index
+        if isa == "avx2":                              # sub-table j, lane copy, entry i
+            return (e // 32) * 16 + e % 16
+        return e
+
+    if rowmin is not None:
+        def f(r, e):
+            return tvm.tirx.Cast("uint8", _residual(lut, codes[r], entry(e), signed) - rowmin[r])
+
+        return te.compute((int(codes.shape[0]), width), f, name=name, attrs={KERNEL_ATTR: "rows_planes"})
+
+    def f(r, e):
+        v = lut[codes[r], entry(e % width)] + bias
+        return tvm.tirx.Cast("uint8", tvm.tirx.bitwise_and(tvm.tirx.shift_right(v, (e // width) * 8), 255))
+
+    return te.compute((int(codes.shape[0]), 2 * width), f, name=name, attrs={KERNEL_ATTR: "rows_planes"})
 
 
 # --------------------------------------------------------------------------- microkernels
-def _lookup_vbmi(t: list, idx: Any) -> Any:
-    """256-entry byte lookup of 64 indices in the 4 registers ``t`` (one plane)."""
+def _lookup_vbmi(pl: Any, row: Any, plane: int, idx: Any) -> Any:
+    """256-entry byte lookup of 64 indices in plane ``plane`` of row ``row`` (4 registers)."""
+    t = [pl[row, T.ramp(plane * 256 + 64 * i, 1, 64)] for i in range(4)]
     perm = "llvm.x86.avx512.vpermi2var.qi.512"
     a = T.call_llvm_pure_intrin("uint8x64", perm, t[0], idx, t[1])
     b = T.call_llvm_pure_intrin("uint8x64", perm, t[2], idx, t[3])
     return T.Select(T.reinterpret("int8x64", idx) < T.broadcast(T.int8(0), 64), b, a)
 
 
-def _lookup_neon(t: list, idx: Any) -> Any:
-    """256-entry byte lookup of 16 indices in the 16 registers ``t`` (one plane)."""
+def _lookup_neon(pl: Any, row: Any, plane: int, idx: Any) -> Any:
+    """256-entry byte lookup of 16 indices in plane ``plane`` of row ``row`` (16 registers)."""
+    t = [pl[row, T.ramp(plane * 256 + 16 * i, 1, 16)] for i in range(16)]
     out = T.call_llvm_pure_intrin("uint8x16", "llvm.aarch64.neon.tbl4", t[0], t[1], t[2], t[3], idx)
     for q in range(1, 4):
         iq = idx - T.broadcast(T.uint8(64 * q), 16)
@@ -136,29 +185,53 @@ def _lookup_neon(t: list, idx: Any) -> Any:
     return out
 
 
+def _lookup_avx2(pl: Any, row: Any, nplanes: int, idx: Any) -> list:
+    """256-entry byte lookups of 32 indices in every plane of row ``row``: 16 ``vpshufb`` per plane,
+    the sub-table selectors ``u`` shared by the planes."""
+    outs: list = [None] * nplanes
+    for j in range(16):
+        u = T.min(idx - T.broadcast(T.uint8(16 * j), 32), T.broadcast(T.uint8(0x8F), 32)) + T.broadcast(
+            T.uint8(0x70), 32)
+        for p in range(nplanes):
+            t = pl[row, T.ramp(p * 512 + 32 * j, 1, 32)]
+            hit = T.call_llvm_pure_intrin("uint8x32", "llvm.x86.avx2.pshuf.b", t, u)
+            outs[p] = hit if outs[p] is None else T.bitwise_or(outs[p], hit)
+    return outs
+
+
+def _lookups(isa: str, pl: Any, row: Any, nplanes: int, idx: Any) -> list:
+    if isa == "avx2":
+        return _lookup_avx2(pl, row, nplanes, idx)
+    one = _lookup_vbmi if isa == "avx512vbmi" else _lookup_neon
+    return [one(pl, row, p, idx) for p in range(nplanes)]
+
+
 def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsLayout, bias: int,
                      name: str | None = None) -> "tvm.tirx.PrimFunc":
-    """PrimFunc ``(taps (N, G, Kg, P_pad) u8, planes (R, 512) u8, wrow (O, Kg) i32, acc (N, O, P_pad) i32)``."""
-    lanes, nv, p_pad = layout.lanes, layout.vectors, layout.p_pad
+    """PrimFunc ``(taps (N, G, Kg, P_pad) u8, planes (R, planes * PLANE_BYTES) u8, wrow (O, Kg) i32,
+    rowmin (R,) i32, acc (N, O, P_pad) i32)``; ``rowmin`` is read by ``rows8`` only (``rows``: zeros)."""
+    lanes, nv, p_pad, isa = layout.lanes, layout.vectors, layout.p_pad, layout.isa
     tile, words = lanes * nv, lanes // 2
     og = o // groups
     nkc = -(-kg // CHUNK)
-    u8v, u16v = f"uint8x{lanes}", f"uint16x{words}"
-    regs = 4 if layout.isa == "avx512vbmi" else 16          # registers per 256-byte plane
-    step = 256 // regs
-    lookup = _lookup_vbmi if layout.isa == "avx512vbmi" else _lookup_neon
-
-    def plane_regs(pl, row, plane):
-        return [pl[row, T.ramp(plane * 256 + step * i, 1, step)] for i in range(regs)]
+    u16v = f"uint16x{words}"
+    npl, width = layout.planes, layout.planes * PLANE_BYTES[isa]
+    base = 0 if layout.residual else bias            # what every looked-up value carries on top
 
     @T.prim_func(private=True)
-    def kernel(tp: T.Buffer((n, groups, kg, p_pad), "uint8"), pl: T.Buffer((r, 512), "uint8"),
-               wrow: T.Buffer((o, kg), "int32"), acc: T.Buffer((n, o, p_pad), "int32")):
+    def kernel(tp: T.Buffer((n, groups, kg, p_pad), "uint8"), pl: T.Buffer((r, width), "uint8"),
+               wrow: T.Buffer((o, kg), "int32"), rowmin: T.Buffer((r,), "int32"),
+               acc: T.Buffer((n, o, p_pad), "int32")):
         T.func_attr({"qos_prescheduled": True})
         for no in T.parallel(n * o):
+            corr = T.decl_buffer((1,), "int32", scope="local")
+            corr[0] = 0
+            if layout.residual:
+                for k in range(kg):
+                    corr[0] = corr[0] + rowmin[wrow[no % o, k]]
             for pt in range(p_pad // tile):
                 for p in T.vectorized(tile):
-                    acc[no // o, no % o, pt * tile + p] = 0
+                    acc[no // o, no % o, pt * tile + p] = corr[0]
                 for kc in range(nkc):
                     s0 = T.decl_buffer((nv * words,), "uint16", scope="local")
                     s1 = T.decl_buffer((nv * words,), "uint16", scope="local")
@@ -173,14 +246,15 @@ def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsL
                         row: T.let = wrow[no % o, k]
                         for v in T.unroll(nv):
                             idx: T.let = tp[no // o, (no % o) // og, k, T.ramp(pt * tile + v * lanes, 1, lanes)]
-                            lo: T.let = T.reinterpret(u16v, lookup(plane_regs(pl, row, 0), idx))
-                            hi: T.let = T.reinterpret(u16v, lookup(plane_regs(pl, row, 1), idx))
+                            lo: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, idx)[0])
                             s0[T.ramp(v * words, 1, words)] = s0[T.ramp(v * words, 1, words)] + lo
                             s1[T.ramp(v * words, 1, words)] = s1[T.ramp(v * words, 1, words)] + T.shift_right(
                                 lo, T.broadcast(T.uint16(8), words))
-                            s2[T.ramp(v * words, 1, words)] = s2[T.ramp(v * words, 1, words)] + hi
-                            s3[T.ramp(v * words, 1, words)] = s3[T.ramp(v * words, 1, words)] + T.shift_right(
-                                hi, T.broadcast(T.uint16(8), words))
+                            if npl == 2:
+                                hi: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, idx)[1])
+                                s2[T.ramp(v * words, 1, words)] = s2[T.ramp(v * words, 1, words)] + hi
+                                s3[T.ramp(v * words, 1, words)] = s3[T.ramp(v * words, 1, words)] + T.shift_right(
+                                    hi, T.broadcast(T.uint16(8), words))
                     # flush: the two positions of each word lane from (word sum, high-byte sum)
                     cnt: T.let = T.min(kg, kc * CHUNK + CHUNK) - kc * CHUNK
                     for v in range(nv):
@@ -190,8 +264,8 @@ def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsL
                             leven: T.let = T.Cast("int32", T.Cast("uint16", s0[v * words + q] - T.Cast("uint16", lodd * 256)))
                             heven: T.let = T.Cast("int32", T.Cast("uint16", s2[v * words + q] - T.Cast("uint16", hodd * 256)))
                             pos: T.let = pt * tile + v * lanes + 2 * q
-                            acc[no // o, no % o, pos] = acc[no // o, no % o, pos] + leven + heven * 256 - cnt * bias
-                            acc[no // o, no % o, pos + 1] = acc[no // o, no % o, pos + 1] + lodd + hodd * 256 - cnt * bias
+                            acc[no // o, no % o, pos] = acc[no // o, no % o, pos] + leven + heven * 256 - cnt * base
+                            acc[no // o, no % o, pos + 1] = acc[no // o, no % o, pos + 1] + lodd + hodd * 256 - cnt * base
 
     return kernel.with_attr("global_symbol", name) if name else kernel
 
@@ -212,37 +286,53 @@ def unpack_positions(acc: te.Tensor, ho: int, wo: int) -> te.Tensor:
     return te.compute((n, o, ho, wo), lambda a, b, i, j: acc[a, b, i * wo + j], name="rows_unpack")
 
 
-def rows_stage_funcs(spec: Any, w: np.ndarray, isa: str, bias: int) -> tuple[RowsLayout, dict[str, Any]]:
-    """Stand-alone PrimFuncs of the three stages for one conv ``spec`` (kernels.ConvSpec) with
-    weights ``w``: ``taps(x) -> tp``, ``planes(lut, codes) -> pl``, ``micro(tp, pl, wrow) -> acc``
-    (N, O, P_pad). For benchmarks and tests; the compiler builds the same stages through Relax."""
+def rows_stage_funcs(spec: Any, w: np.ndarray, isa: str, bias: int, residual: bool = False
+                     ) -> tuple[RowsLayout, dict[str, Any]]:
+    """Stand-alone PrimFuncs of the stages for one conv ``spec`` (kernels.ConvSpec) with
+    weights ``w``: ``taps(x) -> tp``, ``planes(lut, codes) -> pl`` (``rows8``: ``planes(lut,
+    codes, m)`` with ``m = row_minima(...)``), ``micro(tp, pl, wrow, m) -> acc`` (N, O, P_pad;
+    ``rows8``: the residual part only). For benchmarks and tests; the compiler builds
+    the same stages through Relax."""
     from .kernels import _finish
 
-    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa)
+    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa, residual)
     xs = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
     tp = rows_inputs(xs, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
                      spec.signed, spec.ho, spec.wo, layout.p_pad)
     ls = te.placeholder(LUT_SHAPE, "int32", name="lut")
     cs = te.placeholder(layout.codes.shape, "int32", name="codes")
     kg = (spec.c // spec.groups) * spec.kh * spec.kw
-    return layout, {
-        "taps": _finish([xs, tp], None, None, True),
-        "planes": _finish([ls, cs, planes(ls, cs, bias)], None, None, True),
-        "micro": rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, bias),
-    }
+    funcs = {"taps": _finish([xs, tp], None, None, True),
+             "micro": rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, bias)}
+    if residual:
+        ms = te.placeholder(layout.codes.shape, "int32", name="rowmin")
+        funcs["planes"] = _finish([ls, cs, ms, planes(ls, cs, 0, isa, ms, spec.signed)], None, None, True)
+    else:
+        funcs["planes"] = _finish([ls, cs, planes(ls, cs, bias, isa)], None, None, True)
+    return layout, funcs
 
 
 def run_rows_conv(built: Any, prefix: str, layout: RowsLayout, x: np.ndarray, lut: np.ndarray, spec: Any,
                   repeat: int = 0, threads: int | None = None) -> tuple[np.ndarray, float]:
     """Run the stages built from ``rows_stage_funcs`` (named ``prefix + stage``): accumulators
-    (N, O, Ho, Wo) and the summed best time in ms of the three stages (0 unless ``repeat``)."""
+    (N, O, Ho, Wo) (``rows8``: the residual part) and the summed best time in ms of the stages
+    (0 unless ``repeat``)."""
     ms = 0.0
-    tp = built.run(prefix + "taps", x, repeat=repeat, threads=threads)
-    ms += built.last_time_ns / 1e6 if repeat else 0.0
-    pl = built.run(prefix + "planes", np.asarray(lut, np.int32), layout.codes, repeat=repeat, threads=threads)
-    ms += built.last_time_ns / 1e6 if repeat else 0.0
-    acc = built.run(prefix + "micro", tp, pl, layout.wrow, repeat=repeat, threads=threads)
-    ms += built.last_time_ns / 1e6 if repeat else 0.0
+
+    def run(stage: str, *args: Any) -> Any:
+        nonlocal ms
+        out = built.run(prefix + stage, *args, repeat=repeat, threads=threads)
+        ms += built.last_time_ns / 1e6 if repeat else 0.0
+        return out
+
+    lut = np.asarray(lut, np.int32)
+    tp = run("taps", x)
+    if layout.residual:
+        m = row_minima(lut, layout.codes, spec.signed)
+        pl = run("planes", lut, layout.codes, m)
+    else:
+        m, pl = np.zeros(len(layout.codes), np.int32), run("planes", lut, layout.codes)
+    acc = run("micro", tp, pl, layout.wrow, m)
     n, o, ho, wo = spec.out_shape
     return acc[:, :, :ho * wo].reshape(n, o, ho, wo), ms
 
@@ -272,32 +362,77 @@ register_block_schedules(SCHEDULES)
 
 
 def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
-    """Relax emission of a ``rows`` variant (``variants.Variant.emit``; needs constant weights):
-    taps + planes + the byte-permute microkernel, then the positions unpacked. Every
-    PrimFunc is named after the variant."""
+    """Relax emission of a ``rows``/``rows8`` variant (``variants.Variant.emit``; needs constant
+    weights): taps + planes + the byte-permute microkernel, then the positions unpacked;
+    ``rows8`` reads its row minima from the per-OP graph input ``slot.<layer>.rowmin`` and adds the exact conv of ``low.exact`` (its own variant, emitted by its own
+    family on constant exact-product operands, so its weight-only stages fold at compile time).
+    Every PrimFunc is named after the variant."""
     from tvm import relax
 
     spec, wn, sym = ops.spec, ops.weights, low.symbol
-    layout = rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa)
+    residual = low.variant.kind == "rows8"
+    layout = rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa, residual)
     kg = wn.shape[1] * spec.kh * spec.kw
     tp = bb.call_te(rows_inputs, ops.x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
                     spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad,
                     primfunc_name_hint=f"{sym}_taps")
-    pl = bb.call_te(planes, ops.lut, relax.const(layout.codes), low.bias, primfunc_name_hint=f"{sym}_planes")
+    codes = relax.const(layout.codes)
+    if residual:
+        m = ops.slot_inputs((ROWMIN_SUFFIX,), "rows8 row minima")[0]
+        pl = bb.call_te(planes, ops.lut, codes, 0, low.isa, m, spec.signed, primfunc_name_hint=f"{sym}_planes")
+    else:
+        m = relax.const(np.zeros(len(layout.codes), np.int32))
+        pl = bb.call_te(planes, ops.lut, codes, low.bias, low.isa, primfunc_name_hint=f"{sym}_planes")
     micro = rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, low.bias)
     gv = bb.add_func(micro, f"{sym}_micro")
-    acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow)],
+    acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow), m],
                                  relax.TensorType((spec.n, spec.o, layout.p_pad), "int32")))
-    return bb.call_te(unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint=f"{sym}_unpack")
+    out = bb.call_te(unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint=f"{sym}_unpack")
+    if not residual:
+        return out
+    exact = low.exact
+    return bb.emit(relax.op.add(exact.variant.emit(bb, exact_operands(ops, exact), exact), out))
+
+
+def exact_operands(ops: Any, exact: Any) -> Any:
+    """``ops`` with the exact product's table (and, for a factor kernel, its factor tables and
+    dot bias) as constants: the operands of the exact part of a ``rows8`` layer."""
+    from dataclasses import replace
+
+    from tvm import relax
+
+    from .lut_dot import BIAS_SUFFIX, dot_bias, needs_bias
+    from .lut_factors import SLOT_SUFFIXES, layer_factors
+
+    table = exact_table(ops.spec.signed).astype(np.int32)
+    slots: dict[str, np.ndarray] = {}
+    if exact.kind == "lowrank":
+        slots = dict(zip(SLOT_SUFFIXES, layer_factors(table, ops.spec.signed, exact.slot_terms, exact.dtype)))
+        if exact.variant.kind == "dot" and needs_bias(exact.isa):
+            slots[BIAS_SUFFIX] = dot_bias(ops.weights, slots["wterms"], exact.isa, ops.spec.signed)
+    return replace(ops, lut=relax.const(table),
+                   slot_inputs=lambda suffixes, what: [relax.const(np.ascontiguousarray(slots[s])) for s in suffixes])
 
 
 def bench_stages(spec: Any, low: Any, w: np.ndarray, target: Any) -> dict[str, Any]:
-    """Stand-alone PrimFuncs of a ``rows`` variant for the weights ``w`` (``rows_stage_funcs``)."""
-    return rows_stage_funcs(spec, w, low.isa, low.bias)[1]
+    """Stand-alone PrimFuncs of a ``rows``/``rows8`` variant for the weights ``w``
+    (``rows_stage_funcs``; ``rows8``: the exact part as ``exact_<stage>``)."""
+    funcs = rows_stage_funcs(spec, w, low.isa, low.bias, low.variant.kind == "rows8")[1]
+    if low.variant.kind == "rows8":
+        ex = low.exact
+        funcs.update({f"exact_{k}": f for k, f in ex.variant.stages(spec, ex, w, target).items()})
+    return funcs
 
 
 def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: np.ndarray, lut: np.ndarray, repeat: int = 0,
               threads: int | None = None) -> tuple[np.ndarray, float]:
-    """Run a ``rows`` variant built from ``bench_stages``: (acc, summed best ms of the stages or 0)."""
-    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa)
-    return run_rows_conv(built, prefix, layout, x, np.asarray(lut, np.int32), spec, repeat, threads)
+    """Run a ``rows``/``rows8`` variant built from ``bench_stages``: (acc, summed best ms of the stages or 0)."""
+    residual = low.variant.kind == "rows8"
+    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa, residual)
+    acc, ms = run_rows_conv(built, prefix, layout, x, np.asarray(lut, np.int32), spec, repeat, threads)
+    if residual:
+        ex = low.exact
+        acc_x, ms_x = ex.variant.run(built, prefix + "exact_", spec, ex, x, w,
+                                     exact_table(spec.signed).astype(np.int32), repeat, threads)
+        acc, ms = acc + acc_x, ms + ms_x
+    return acc, ms

@@ -55,6 +55,7 @@ __all__ = ["SLOT_PREFIX", "PlanArg", "PlanStep", "PlanBuffer", "PlanIO", "Plan",
 SLOT_PREFIX = "slot."
 _MANIFEST_DTYPES = ("int8", "uint8", "int16", "int32", "float32")
 _PARALLEL_MIN = 4096          # parallelise a generic loop nest only above this many iterations
+_INLINE_MAX_LOADS = 256       # inline a block only while its consumer's expression stays below this many loads
 _NAME_CHARS = 40              # kernel names keep this much of TVM's (fused) function name
 
 #: The kernel side of ``qos-run`` (runtime/qos_run_main.c) and of ``libqos_model.so``: the TRUSTED
@@ -471,12 +472,44 @@ def _is_qos_block(sch: Any, block: Any) -> bool:
     return KERNEL_ATTR in sch.get(block).annotations
 
 
+def _loads(stmt: Any, name: str | None = None) -> int:
+    """Buffer loads on the right-hand side of a block body ``stmt`` (of buffer ``name`` only, if
+    given), counted in its printed form (TVM 0.27 has no Python TIR visitor)."""
+    text = "\n".join(ln for ln in str(stmt).splitlines() if not re.match(r"\s*\w+ = T\.", ln))  # declarations
+    rhs = text.split(" = ", 1)[-1]
+    return len(re.findall(rf"(?<![\w.]){re.escape(name)}\[" if name else r"(?<![\w.])[A-Za-z_]\w*\[", rhs))
+
+
+def _inlined_size(sch: Any, block: Any) -> int:
+    """The loads of the largest consumer of ``block`` once ``block`` is inlined into it (each
+    read of ``block`` replaced by ``block``'s whole expression)."""
+    names = [str(w.source.name) for w in sch.get(block).writes]
+    own = _loads(sch.get(block).body)
+    size = 0
+    for c in sch.get_consumers(block):
+        body = sch.get(c).body
+        reads = sum(_loads(body, n) for n in names)
+        size = max(size, _loads(body) + reads * (own - 1))
+    return size
+
+
 def _schedule_generic(func: Any) -> Any:
-    """Inline element-wise chains into their consumer and parallelise big serial loop nests."""
+    """Inline element-wise chains into their consumer and parallelise big serial loop nests.
+
+    A block stays a loop of its own where inlining it would make its consumer's expression read
+    more than ``_INLINE_MAX_LOADS`` buffer elements: inlining copies a block's whole expression
+    once per read, and along the halving tree of a mean the copies double per level (one kernel
+    of ResNet-20, the last conv's epilogue inlined into the 64 taps of the mean, was 1.4 MB of
+    TIR and took 55 s in TVM's TIR passes)."""
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
     for b in reversed(_all_blocks(sch)):
         if _is_qos_block(sch, b):
             continue
+        try:
+            if _inlined_size(sch, b) > _INLINE_MAX_LOADS:
+                continue
+        except Exception:  # noqa: BLE001 - no consumers to ask: let compute_inline decide
+            pass
         try:
             sch.compute_inline(b)
         except Exception:  # noqa: BLE001 - not inlinable (reduction, writes an output, ...)

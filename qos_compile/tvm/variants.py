@@ -6,17 +6,20 @@ Every kernel an approximate conv layer can run is ONE entry of ``VARIANTS``, nam
 * ``datatype``: ``s8`` (signed circuits, int8 codes) or ``u8`` (unsigned, uint8 codes);
 * ``op``: ``lutconv`` (a conv through a 256x256 multiplier table);
 * ``isa``: the instruction set the kernel is written for, XNNPACK's tokens: ``avx512vnni``
-  (``vpdpbusd``), ``avx512bw`` / ``avx2`` (``vpmaddwd``), ``neondot`` (ARM ``sdot``),
-  ``avx512vbmi`` (``vpermi2b``), ``neon`` (``tbl``/``tbx``); absent for the portable TE
+  (``vpdpbusd``), ``avx512bw`` / ``avx2`` (``vpmaddwd``; for ``rows``: ``vpshufb``), ``neondot``
+  (ARM ``sdot``), ``avx512vbmi`` (``vpermi2b``), ``neon`` (``tbl``/``tbx``); absent for the portable TE
   kernels, which ``kernels.schedule_primfunc`` schedules by the target's features;
 * ``variant``: the algorithm: ``masked`` (exact conv on the masked weights), ``gather``
   (table lookups), ``lowrank`` (exact conv over T factor terms, ``lut_factors``), ``dot``
   (the factor terms summed by a multiply-add per lane, ``lut_dot``), ``rows`` (per-weight
-  table rows looked up by a byte permute, ``lut_rows``);
+  table rows looked up by a byte permute, ``lut_rows``), ``rows8`` (the exact conv on its own
+  cheapest kernel plus the residual over the exact product, one byte per entry, looked up by
+  a byte permute, ``lut_rows``);
 * ``-t<T>``: the factor terms T (1..``lut_factors.MAX_TERMS``) of a ``lowrank``/``dot`` kernel.
 
 E.g. ``s8-lutconv-masked``, ``u8-lutconv-gather``, ``s8-lutconv-avx512vnni-dot-t3``,
-``u8-lutconv-avx512vbmi-rows``, ``s8-lutconv-neondot-dot-t3``, ``s8-lutconv-lowrank-t3``.
+``u8-lutconv-avx512vbmi-rows``, ``u8-lutconv-avx2-rows8``, ``s8-lutconv-neondot-dot-t3``,
+``s8-lutconv-lowrank-t3``.
 
 An entry (``Variant``) names its **family module** (``kernels``, ``lut_factors``,
 ``lut_dot``, ``lut_rows``), which owns its TE/TIR, its block schedules (``SCHEDULES``:
@@ -25,7 +28,8 @@ emission and its stand-alone stages for benchmarks. ``fits(tables)`` says whethe
 with which parameters) it computes a layer's tables bit-exactly, ``requires`` the target
 features it needs, ``cost_key``/``units`` its price: ``cost = costs[cost_key] * units``
 (``units``: factor terms for ``lowrank``, term groups for ``dot``, else 1), with
-``costs`` = ``DEFAULT_COSTS`` updated by the target file's ``[kernel_costs]``.
+``costs`` = ``DEFAULT_COSTS`` updated by the target file's ``[kernel_costs]``; a ``rows8``
+layer adds the price of its exact part (``lowering.variant_lowering``).
 
 Everything that names a kernel reads this table: the lowering choice (``lowering``), the
 Relax importer's dispatch (``relax_import``), the block schedules, the benchmark
@@ -49,7 +53,7 @@ import numpy as np
 
 from ..errors import QosError
 from ..kernel_costs import DEFAULT_COSTS
-from ..multipliers.structure import fits_rows, is_masked
+from ..multipliers.structure import fits_rows, fits_rows8, is_masked
 from . import kernels, lut_dot, lut_factors, lut_rows
 
 #: Registry datatype token -> signed circuits.
@@ -65,8 +69,14 @@ FAMILIES = ("masked", "lowrank", "rows", "gather")
 #: estimated (``python -m qos_compile.bench.estimate``).
 #: ISA token in the registry name -> the family module's key for it (the same string).
 DOT_ISA_ORDER = ("avx512vnni", "avx512bw", "avx2", "neondot")
-ROWS_ISA_ORDER = ("avx512vbmi", "neon")
-_ROWS_REQUIRES = {"avx512vbmi": frozenset({"avx512vbmi"}), "neon": frozenset({"neon"})}
+ROWS_ISA_ORDER = ("avx512vbmi", "avx2", "neon")
+#: rows8 is registered where its cost is measured (x86-64); the NEON kernel is built and tested
+#: (``lut_rows``) but has no cost estimate for the ARM cores yet (``bench.estimate``).
+ROWS8_ISA_ORDER = ("avx512vbmi", "avx2")
+_ROWS_REQUIRES = {"avx512vbmi": frozenset({"avx512vbmi"}), "avx2": frozenset({"avx2"}), "neon": frozenset({"neon"})}
+#: Cost key of a rows variant per ISA: ``vpshufb`` (16 shuffles per 32 lookups and plane) is
+#: priced apart from the 128/64-entry permutes of VBMI and NEON.
+_ROWS_COST = {"avx512vbmi": "", "avx2": "pshufb_", "neon": ""}
 _WIDTH = {"int8": 8, "int16": 16, "int32": 32}
 
 
@@ -97,6 +107,10 @@ class LayerTables:
     def rows_bias(self) -> int | None:
         """The bias that makes every table fit 16 bits (``fits_rows``), None if none does."""
         return self._get("rows", lambda: fits_rows(self.luts))
+
+    def rows8(self) -> bool:
+        """Every table is the exact product plus one byte per row (``fits_rows8``)."""
+        return self._get("rows8", lambda: fits_rows8(self.luts, self.signed))
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,7 @@ class Variant:
     name: str                     # registry name, e.g. s8-lutconv-neondot-dot-t3
     datatype: str                 # s8 | u8
     family: str                   # --lowering family (FAMILIES)
-    kind: str                     # variant token: masked | gather | lowrank | dot | rows
+    kind: str                     # variant token: masked | gather | lowrank | dot | rows | rows8
     isa: str | None               # ISA token (the family module's key for it), None: portable
     terms: int                    # factor terms T (lowrank, dot), else 0
     module: ModuleType            # the family module: TE/TIR, SCHEDULES, emit, stages
@@ -196,6 +210,12 @@ def _fits_rows(isa: str) -> Callable[[LayerTables], "Fit | None"]:
     return fits
 
 
+def _fits_rows8(isa: str) -> Callable[[LayerTables], "Fit | None"]:
+    def fits(t: LayerTables) -> Fit | None:
+        return Fit(f"exact conv + {isa} byte permute of the residual, every row of it fits 8 bits") if t.rows8() else None
+    return fits
+
+
 # --------------------------------------------------------------------------- the table
 def _name(datatype: str, kind: str, isa: str | None = None, terms: int = 0) -> str:
     return "-".join([datatype, OP, *([isa] if isa else []), kind, *([f"t{terms}"] if terms else [])])
@@ -216,9 +236,11 @@ def _table() -> tuple[Variant, ...]:
         for t in range(1, lf.MAX_TERMS + 1):
             out.append(Variant(_name(dt, "lowrank", None, t), dt, "lowrank", "lowrank", None, t, lf, frozenset(),
                                "lowrank", t, _fits_lowrank(t), lf.emit_conv, lf.bench_stages, lf.bench_run))
-        for isa in ROWS_ISA_ORDER:
-            out.append(Variant(_name(dt, "rows", isa), dt, "rows", "rows", isa, 0, lr, _ROWS_REQUIRES[isa], "rows", 1,
-                               _fits_rows(isa), lr.emit_conv, lr.bench_stages, lr.bench_run, const_weights=True))
+        for kind, fits, isas in (("rows8", _fits_rows8, ROWS8_ISA_ORDER), ("rows", _fits_rows, ROWS_ISA_ORDER)):
+            for isa in isas:
+                out.append(Variant(_name(dt, kind, isa), dt, "rows", kind, isa, 0, lr, _ROWS_REQUIRES[isa],
+                                   _ROWS_COST[isa] + kind, 1, fits(isa), lr.emit_conv, lr.bench_stages, lr.bench_run,
+                                   const_weights=True))
         out.append(Variant(_name(dt, "gather"), dt, "gather", "gather", None, 0, k, frozenset(), "gather", 1,
                            _fits_gather, k.emit_gather, k.gather_stages, k.run_single_stage))
     names = [v.name for v in out]
