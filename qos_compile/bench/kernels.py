@@ -4,16 +4,19 @@
                                         [--no-network | --no-layers] [--kinds exact,table] [--json F]
 
 Part 1, layers: every distinct conv shape of ResNet-20 (CIFAR, 32x32) is compiled for the
-target as TVM's exact int8 conv and as EVERY signed kernel variant of the registry
-(``tvm.variants``) the target runs, each on the first bundled circuit it fits
-(``LAYER_CIRCUITS``: exact, masked, 3, 4 and 5 factor terms), built and run through the
-variant's own ``stages``/``run``. Every kernel is checked bit-exact against
+target as TVM's exact int8 conv (signed and unsigned) and as EVERY kernel variant of the
+registry (``tvm.variants``) the target runs, each on the first bundled circuit it fits
+(signed: ``LAYER_CIRCUITS``, exact, masked, 3, 4 and 5 factor terms; unsigned:
+``TABLE_CIRCUITS``, tables that do not factor, with and without a residual that fits a byte),
+built and run through the variant's own ``stages``/``run`` and timed against the exact conv
+of its datatype. Every kernel is checked bit-exact against
 ``qos_compile.reference`` first; then all kernels of a layer are timed in the same run
 (best of ``repeats``) and the table prints one row per variant, by its registry name:
 time / exact int8 time per layer and over the 19 convs, next to the cost model's price
 (``Variant.cost`` with the target's ``[kernel_costs]``), and which variant the lowering
-picks per circuit. A multi-stage kernel's time is all of its stages (rows: taps + planes
-+ microkernel; dot: factor staging + weight packing (+ bias) + microkernel). The exact int8 conv is TVM's own
+picks per circuit. A multi-stage kernel's time is all of its per-call stages (rows: taps +
+planes + microkernel, rows8 plus its exact part; dot: factor staging + weight packing +
+microkernel; the per-OP constants the compiler computes ahead are not timed). The exact int8 conv is TVM's own
 scheduled int8 conv (int32 multiply-adds; not hand-tensorized with VNNI or sdot).
 
 Part 2, network: ResNet-20 (untrained, calibrated on random data: accuracy is irrelevant)
