@@ -372,14 +372,18 @@ def _layer_lowerings(qnet: Any, ex: Any, t: Any, lowering: str) -> dict[str, Any
     for layer in ex.layers:
         if layer.kind != "conv":
             continue
-        j = col[layer.name]
-        luts = [qnet.bank.luts[int(m)].detach().cpu().numpy() for m in sorted({int(row[j]) for row in assign})]
+        luts = list(_layer_circuits(qnet, assign, col[layer.name]).values())
         out[layer.name] = choose_conv_lowering(luts, bool(qnet.bank.signed), t.features, allow,
                                                taps=layer.terms, costs=t.kernel_costs)
     return out
 
 
-def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, dict[str, list[np.ndarray]]]:
+def _layer_circuits(qnet: Any, assign: Any, j: int) -> dict[int, np.ndarray]:
+    """Bank index -> table of every circuit that column ``j`` of the assignment runs over the OPs."""
+    return {m: qnet.bank.luts[m].detach().cpu().numpy() for m in sorted({int(row[j]) for row in assign})}
+
+
+def _kernel_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, dict[str, list[np.ndarray]]]:
     """The per-OP tensors the chosen kernels read besides the LUT: the factor tables of the
     low-rank layers (``tvm.lut_factors``), the accumulator start of the dot layers with an
     activation offset (``tvm.lut_dot.dot_bias``) and the row minima of the ``rows8`` layers
@@ -397,27 +401,25 @@ def _factor_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, d
     values: dict[str, list[np.ndarray]] = {}
     col = _assign_column(qnet, ex)
     inits = {t.name: t for t in ex.model.graph.initializer}
+
+    def per_op(suffix: str, layer: str, by_circuit: dict[int, np.ndarray]) -> None:
+        values[f"slot.{layer}.{suffix}"] = [by_circuit[int(row[col[layer]])] for row in assign]
+
     for layer in ex.layers:
         low = lowerings.get(layer.name)
-        if low is not None and low.variant.kind == "rows8":
-            j = col[layer.name]
-            w = numpy_helper.to_array(inits[f"{layer.name}.weight_codes"])
+        if low is None or low.variant.kind not in ("lowrank", "dot", "rows8"):
+            continue
+        luts = _layer_circuits(qnet, assign, col[layer.name])
+        w = numpy_helper.to_array(inits[f"{layer.name}.weight_codes"])
+        if low.variant.kind == "rows8":
             codes = rows_layout(w, signed, 1, low.isa, True).codes
-            mins = {m: row_minima(qnet.bank.luts[m].detach().cpu().numpy(), codes, signed)
-                    for m in sorted({int(row[j]) for row in assign})}
-            values[f"slot.{layer.name}.{ROWMIN_SUFFIX}"] = [mins[int(row[j])] for row in assign]
+            per_op(ROWMIN_SUFFIX, layer.name, {m: row_minima(t, codes, signed) for m, t in luts.items()})
             continue
-        if low is None or low.kind != "lowrank":
-            continue
-        j = col[layer.name]
-        tables = {m: layer_factors(qnet.bank.luts[m].detach().cpu().numpy(), signed, low.slot_terms, low.dtype)
-                  for m in sorted({int(row[j]) for row in assign})}
+        tables = {m: layer_factors(t, signed, low.slot_terms, low.dtype) for m, t in luts.items()}
         for k, suffix in enumerate(SLOT_SUFFIXES):
-            values[f"slot.{layer.name}.{suffix}"] = [tables[int(row[j])][k] for row in assign]
+            per_op(suffix, layer.name, {m: f[k] for m, f in tables.items()})
         if low.variant.kind == "dot" and needs_bias(low.isa):
-            w = numpy_helper.to_array(inits[f"{layer.name}.weight_codes"])
-            bias = {m: dot_bias(w, t[0], low.isa, signed) for m, t in tables.items()}
-            values[f"slot.{layer.name}.{BIAS_SUFFIX}"] = [bias[int(row[j])] for row in assign]
+            per_op(BIAS_SUFFIX, layer.name, {m: dot_bias(w, f[0], low.isa, signed) for m, f in tables.items()})
     if not values:
         return ex.model, values
     model = onnx.ModelProto()
@@ -730,7 +732,7 @@ def _run_stages(qnet: Any, meta: Records, t: Any, out_dir: Path, tmp: Path, buil
 
     in_name = slotted.model.graph.input[0].name
     lowerings = _layer_lowerings(qnet, slotted, t, lowering)
-    import_model, factors = _factor_slots(qnet, slotted, lowerings)
+    import_model, factors = _kernel_slots(qnet, slotted, lowerings)
     imported = from_onnx(import_model, shape_dict={in_name: [batch, *slotted.input_shape]},
                          lowerings={f"slot.{name}.lut": low for name, low in lowerings.items()})
     kinds = collections.Counter(low.describe() for low in lowerings.values())
