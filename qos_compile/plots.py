@@ -64,7 +64,7 @@ def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLik
         if vals:
             lo, hi = min(vals), max(vals)
             pad = max(1.5, 0.15 * (hi - lo))
-            ax.set_ylim(lo - pad, hi + pad)
+            ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.5))   # an accuracy axis ends just above 100 %
         ax.set_xlim(min(xs + [100.0]) - 12, 106)
         ax.set_xlabel("relative multiplication power (% of the exact 8x8 multiplier)")
         ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
