@@ -384,42 +384,28 @@ def _layer_circuits(qnet: Any, assign: Any, j: int) -> dict[int, np.ndarray]:
 
 
 def _kernel_slots(qnet: Any, ex: Any, lowerings: dict[str, Any]) -> tuple[Any, dict[str, list[np.ndarray]]]:
-    """The per-OP tensors the chosen kernels read besides the LUT: the factor tables of the
-    low-rank layers (``tvm.lut_factors``), the accumulator start of the dot layers with an
-    activation offset (``tvm.lut_dot.dot_bias``) and the row minima of the ``rows8`` layers
-    (``tvm.lut_rows.row_minima``): the slots model with their graph inputs
-    ``slot.<layer>.wterms|xterms|dotbias|rowmin`` added (for the TVM import only) and their
-    values per OP."""
+    """The per-OP tensors the chosen kernels read besides the LUT (``Variant.per_op``): the
+    factor tables of the low-rank layers (``tvm.lut_factors``), the activation factors, packed
+    weight factors and accumulator start of the dot layers (``tvm.lut_dot``) and the row minima
+    of the ``rows8`` layers (``tvm.lut_rows``): the slots model with their graph inputs
+    ``slot.<layer>.wterms|xterms|dotw|dotbias|rowmin`` added (for the TVM import only) and their
+    values per OP (one array per circuit, so the manifest stores each once)."""
     import onnx
     from onnx import helper, numpy_helper
 
-    from .tvm.lut_dot import BIAS_SUFFIX, dot_bias, needs_bias
-    from .tvm.lut_factors import SLOT_SUFFIXES, layer_factors
-    from .tvm.lut_rows import ROWMIN_SUFFIX, row_minima, rows_layout
-
-    assign, signed = qnet.assignment(), bool(qnet.bank.signed)
+    assign = qnet.assignment()
     values: dict[str, list[np.ndarray]] = {}
     col = _assign_column(qnet, ex)
     inits = {t.name: t for t in ex.model.graph.initializer}
-
-    def per_op(suffix: str, layer: str, by_circuit: dict[int, np.ndarray]) -> None:
-        values[f"slot.{layer}.{suffix}"] = [by_circuit[int(row[col[layer]])] for row in assign]
-
     for layer in ex.layers:
         low = lowerings.get(layer.name)
-        if low is None or low.variant.kind not in ("lowrank", "dot", "rows8"):
+        if low is None or low.variant.per_op is None:
             continue
-        luts = _layer_circuits(qnet, assign, col[layer.name])
         w = numpy_helper.to_array(inits[f"{layer.name}.weight_codes"])
-        if low.variant.kind == "rows8":
-            codes = rows_layout(w, signed, 1, low.isa, True).codes
-            per_op(ROWMIN_SUFFIX, layer.name, {m: row_minima(t, codes, signed) for m, t in luts.items()})
-            continue
-        tables = {m: layer_factors(t, signed, low.slot_terms, low.dtype) for m, t in luts.items()}
-        for k, suffix in enumerate(SLOT_SUFFIXES):
-            per_op(suffix, layer.name, {m: f[k] for m, f in tables.items()})
-        if low.variant.kind == "dot" and needs_bias(low.isa):
-            per_op(BIAS_SUFFIX, layer.name, {m: dot_bias(w, f[0], low.isa, signed) for m, f in tables.items()})
+        circuits = _layer_circuits(qnet, assign, col[layer.name])
+        by_circuit = {m: low.variant.per_op(w, t, low) for m, t in circuits.items()}
+        for suffix in next(iter(by_circuit.values())):
+            values[f"slot.{layer.name}.{suffix}"] = [by_circuit[int(row[col[layer.name]])][suffix] for row in assign]
     if not values:
         return ex.model, values
     model = onnx.ModelProto()

@@ -51,7 +51,8 @@ def test_layout_fits_the_registers_and_the_rows():
         for cfg in SHAPES:
             spec = _case(cfg, True, 0)[0]
             lay = D.dot_layout(spec, isa, 5)
-            assert lay.groups == -(-5 // d.group) and lay.lanes in d.intrinsics
+            assert lay.terms == 5 and lay.lanes in d.intrinsics
+            assert lay.chunks == -(-(spec.c // spec.groups) * 5 // d.group)     # (channel, term) pairs in G
             assert lay.channels * lay.rows * lay.vectors <= max(d.accumulators, lay.channels)
             assert spec.ho % lay.rows == 0 and (spec.o // spec.groups) % lay.channels == 0
             assert lay.wo_pad >= spec.wo and lay.wo_pad % (lay.lanes * lay.vectors) == 0
@@ -89,7 +90,7 @@ def test_dot_kernel_bit_exact(target, isa):
     assert len(cases) >= 3 * len(SHAPES)
     built = build_kernels(funcs, t, system_lib=True)
     for key, spec, x, w, lut, lay, dt, name in cases:
-        wt, xt = F.layer_factors(lut, spec.signed, lay.groups * lay.group, dt)
+        wt, xt = F.layer_factors(lut, spec.signed, lay.terms, dt)
         got, _ = D.run_dot_conv(built, key, spec, x, w, wt, xt, isa)
         assert np.array_equal(got, _ref(spec, x, w, lut)), f"{target} {isa} {key} {name} {lay}"
 
@@ -100,8 +101,8 @@ def test_stage_checks_the_factor_rows():
     from tvm import te
 
     x = te.placeholder(spec.x_shape, "int8", name="x")
-    with pytest.raises(QosError, match="wants 4 activation factor terms, got 3"):
-        D.dot_inputs(x, te.placeholder((3, 256), "int8", name="xt"), lay, spec)
+    with pytest.raises(QosError, match="wants 3 activation factor terms, got 4"):
+        D.dot_inputs(x, te.placeholder((4, 256), "int8", name="xt"), lay, spec)
 
 
 def _compiled(target, tmp_path, lowering):
@@ -117,7 +118,8 @@ def _compiled(target, tmp_path, lowering):
 @pytest.mark.skipif(not D.DOT_ISAS["avx512vnni"].requires <= HOST, reason="this CPU lacks avx512vnni")
 def test_compiled_model_on_the_dot_kernel(tmp_path):
     """Signed circuits, 3 OPs, 5 int8 terms per layer: the dot kernel chosen on the x86 host,
-    bit-exact with onnxruntime on every OP, per-OP factor tables padded to whole term groups."""
+    bit-exact with onnxruntime on every OP, per-OP factor tables of 5 terms (the kernel packs
+    (channel, term) pairs, so no term group is padded)."""
     from qos_compile.runtime.manifest import read_manifest
 
     target = "x86_64"
@@ -127,7 +129,7 @@ def test_compiled_model_on_the_dot_kernel(tmp_path):
     report = json.loads((res.out_dir / "report.json").read_text())
     assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]
     m = read_manifest(res.manifest)
-    rows = D.groups_of(5, isa) * D.DOT_ISAS[isa].group                 # 8: two groups of 4
+    rows = 5
     shapes = {m.tensors[t].shape for s in m.slots if s.name.endswith((".wterms", ".xterms")) for t in s.tensors}
     assert shapes == {(rows, 256)}, shapes
     # vpdpbusd's activation offset comes back through a per-OP accumulator start, computed at compile time
@@ -160,4 +162,4 @@ def test_arm_cost_choice_exact_masked_lowrank_ops(target, tmp_path):
     assert report["verification"]["ran"] and report["verification"]["emulated"], report["verification"]
     assert report["verification"]["bit_exact"], report["verification"]
     shapes = {m.tensors[i].shape for s in m.slots if s.name.endswith((".wterms", ".xterms")) for i in s.tensors}
-    assert shapes == ({(auto.slot_terms, 256)} if auto.kind == "lowrank" else set()), shapes   # sdot: 4 rows
+    assert shapes == ({(auto.slot_terms, 256)} if auto.kind == "lowrank" else set()), shapes   # the 3 factor terms

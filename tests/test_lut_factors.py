@@ -18,7 +18,7 @@ from qos_compile.multipliers.library import bundled  # noqa: E402
 from qos_compile.targets import get_target  # noqa: E402
 from qos_compile.tvm import lut_factors as F  # noqa: E402
 from qos_compile.tvm.build import build_kernels  # noqa: E402
-from qos_compile.tvm.lut_dot import dot_isa  # noqa: E402
+from qos_compile.tvm.lut_dot import DOT_ISAS, dot_isa  # noqa: E402
 from qos_compile.tvm.lowering import choose_conv_lowering  # noqa: E402
 
 from test_lut_rows import CONVS, _case, _ref  # noqa: E402
@@ -95,12 +95,12 @@ def test_choice_follows_the_kernel_costs():
     assert choose_conv_lowering([one_term], True, vbmi, taps=144).describe() == "s8-lutconv-lowrank-t1"
     # a multiply-add that sums 4 (vpdpbusd) or 2 (vpmaddwd) terms per lane beats both
     low = choose_conv_lowering([lowrank], True, vnni, taps=144)
-    assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx512vnni-dot-t3", 4)
+    assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx512vnni-dot-t3", 3)
     assert choose_conv_lowering([general], True, vnni, taps=144).describe() == "s8-lutconv-avx512vnni-dot-t5"
     assert choose_conv_lowering([one_term], True, vnni, taps=144).describe() == "s8-lutconv-avx512bw-dot-t1"
     cost = get_target("x86_64-avx2").kernel_costs
     low = choose_conv_lowering([general], True, avx2, taps=144, costs=cost)
-    assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx2-dot-t5", 6)
+    assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx2-dot-t5", 5)
     assert choose_conv_lowering([general], True, avx2, taps=144, costs={**cost, "dot": 2.0}).kind == "gather"
     # ARM by its estimated costs: sdot for int8 factors, the exact circuit too (T = 1); int16 factors
     # have no sdot, forced they take the TE kernel
@@ -139,6 +139,9 @@ def _small_qnet(circuits, assign_of, arch="resnet8", size=16):
 def test_compiled_model_with_low_rank_layers(target, tmp_path):
     """Three OPs with different circuits per layer: per-OP factor slots in the manifest, and
     the built qos-run bit-exact with onnxruntime on every OP."""
+    import onnx
+    from onnx import numpy_helper
+
     from qos_compile.compiler import compile_qnet
     from qos_compile.runtime.manifest import read_manifest
 
@@ -155,8 +158,23 @@ def test_compiled_model_with_low_rank_layers(target, tmp_path):
     names = {s.name for s in m.slots}
     conv_layers = [la["name"] for la in m.metadata_json()["layers"] if la["kernel"] == label]
     assert len(conv_layers) == 7
+    # TE kernel: both factor tables; dot kernel: the activation factors and the weight factors
+    # packed at compile time, (channel, term) pairs in chunks of G per int32
+    suffixes = {"xterms", "dotw"} if isa else {"wterms", "xterms"}
     for layer in conv_layers:
-        assert {f"slot.{layer}.wterms", f"slot.{layer}.xterms"} <= names
-    # the factor tables are small and shared: per-OP data stays a fraction of the weights
-    sizes = report["manifest"]
-    assert sizes["per_extra_op_percent_of_weights"] < 100, sizes
+        assert {f"slot.{layer}.{s}" for s in suffixes} <= names
+    packed = {t for s in m.slots if s.name.endswith(".dotw") for t in s.tensors}
+    w = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(res.out_dir / "model.onnx")).graph.initializer}
+    if isa:                                     # (O, ceil(Cg * T / G), kh, kw) int32 per circuit
+        g = DOT_ISAS[isa].group
+        for s in m.slots:
+            if s.name.endswith(".dotw"):
+                o, cg, kh, kw = w[s.name[len("slot."):-len(".dotw")] + ".weight_codes"].shape
+                assert {m.tensors[t].shape for t in s.tensors} == {(o, -(-cg * 5 // g), kh, kw)}, s.name
+    # the factor tables are small and shared: per-OP data besides the packed weights (which
+    # replace the weight codes in the manifest) stays a fraction of the weight codes
+    other = sum(m.tensors[t].nbytes for s in m.slots if not s.name.endswith(".dotw") for t in set(s.tensors)
+                if int(m.tensors[t].role) == 3)
+    weights = sum(v.nbytes for k, v in w.items() if k.endswith(".weight_codes"))
+    assert other / len(m.ops) < weights, (other, weights)
+    assert bool(packed) == bool(isa)

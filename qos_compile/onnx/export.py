@@ -440,7 +440,7 @@ def _window_sum(g: _Graph, name: str, xc: str, in_shape: tuple[int, ...], out_sh
                 attrs: dict[str, Any]) -> str:
     """``Σ_rf(x − z_x)`` of a conv layer in int32: the centred codes ``xc`` [N, C, H, W] summed over
     each group's channels (ReduceSum), zero-padded, one strided Slice per window tap, the taps
-    added up; [N, G, Ho, Wo] (G = 1 without groups). Integer adds are exact in any order. Not a
+    added up (Add, then a ReduceSum that materialises the sum); [N, G, Ho, Wo] (G = 1 without groups). Integer adds are exact in any order. Not a
     float Conv + Cast: TVM guards that Cast against NaN/inf, and the guarded expression fused
     into a depthwise layer's epilogue took TVM half a minute per kernel to build."""
     c, h, w = in_shape[1:]
@@ -465,10 +465,14 @@ def _window_sum(g: _Graph, name: str, xc: str, in_shape: tuple[int, ...], out_sh
             for u in range(kh) for v in range(kw)]
     if len(taps) == 1:
         return taps[0]
-    # stacked and summed by one ReduceSum: a reduction the compilers materialise, rather than
-    # a tree of adds they inline into every consumer (and a following mean's every term)
-    taps = [g.node("Unsqueeze", [t, g.const([2], np.int64)], f"{name}/zero_point/tap_axis") for t in taps]
-    x = g.node("Concat", taps, f"{name}/zero_point/taps", axis=2)
+    # the taps added, then one ReduceSum over a new axis of length 1: a reduction, which the
+    # compilers materialise once per position, where a bare tree of adds is inlined into every
+    # consumer (recomputed for each output channel, and a following mean's every term). Not a
+    # Concat of the taps: TVM computes that as a chain of selects per element.
+    x = taps[0]
+    for t in taps[1:]:
+        x = g.node("Add", [x, t], f"{name}/zero_point/add_tap")
+    x = g.node("Unsqueeze", [x, g.const([2], np.int64)], f"{name}/zero_point/tap_axis")
     return g.node("ReduceSum", [x, g.const([2], np.int64)], f"{name}/zero_point/window_sum", keepdims=0)
 
 

@@ -33,7 +33,6 @@ import numpy as np
 from ..errors import QosError
 from ..multipliers.table import exact_table
 from . import variants as V
-from .lut_dot import DOT_ISAS
 
 #: The ``--lowering`` families (a family forces all its variants; a registry name one).
 LOWERINGS = V.FAMILIES
@@ -87,11 +86,8 @@ class ConvLowering:
 
     @property
     def slot_terms(self) -> int:
-        """Rows of a low-rank layer's per-OP factor tables: ``terms``, rounded up to whole
-        groups of the dot-product ISA (zero terms fill them)."""
-        if self.kind != "lowrank":
-            return 0
-        return self.variant.units * DOT_ISAS[self.isa].group if self.variant.kind == "dot" else self.terms
+        """Rows of a low-rank layer's per-OP factor tables: its ``terms`` (0 for other kinds)."""
+        return self.terms if self.kind == "lowrank" else 0
 
 
 def gather_lowering(signed: bool) -> ConvLowering:

@@ -1,9 +1,12 @@
 """Low-rank conv on dot-product instructions: several factor terms summed by one instruction.
 
 The low-rank lowering (``lut_factors``) writes an approximate conv as an exact conv over
-``T`` factor terms, ``acc = sum_t sum_taps wterms[t][w] * xterms[t][x]``. This kernel puts
-``G`` consecutive terms of one tap into the sub-lanes of one int32 lane, so a CPU
-multiply-add that sums ``G`` products per lane computes ``G`` terms at once:
+``T`` factor terms, ``acc = sum_t sum_taps wterms[t][w] * xterms[t][x]``. The reduction of
+one tap (kernel row and column) runs over the pairs (input channel ``c``, term ``t``) of the
+conv group, flattened to ``k = c*T + t`` and cut into *chunks* of ``G``; a CPU multiply-add
+that sums ``G`` products per int32 lane computes one chunk at once (the exact product, T = 1,
+packs ``G`` channels per lane as an ordinary int8 conv does; a chunk past the group's last
+channel is zero-filled):
 
 * ``avx512vnni`` (x86-64): ``vpdpbusd``, 4 unsigned x signed byte products per lane,
   accumulated (G = 4): the activation factors are stored + 128 and ``dot_bias`` takes the
@@ -12,9 +15,8 @@ multiply-add that sums ``G`` products per lane computes ``G`` terms at once:
 * ``neondot`` (aarch64, ARMv8.2-A feature ``dotprod``): ``sdot``, 4 int8 products per lane,
   accumulated (G = 4).
 
-A 3-term layer (the exact product and 2 corrections) then costs one ``vpdpbusd`` or
-``sdot``, or 2 ``vpmaddwd``, per tap and vector, against one ``vpmulld`` (2 micro-ops) of
-the exact conv. (``vpdpwssd``, the fused ``vpmaddwd``, measured no faster than
+A ``T``-term layer then costs ``T/G`` ``vpdpbusd``/``sdot`` (``T/2`` ``vpmaddwd``) per
+channel, tap and vector, against one ``vpmulld`` (2 micro-ops) of the plain exact conv. (``vpdpwssd``, the fused ``vpmaddwd``, measured no faster than
 ``vpmaddwd`` + add.) The result is exact: the operands are the factors themselves (int8 for
 the bundled signed circuits), none of these instructions saturates (int32 lanes wrap, so
 intermediate sums may wrap freely), and ``lut_factors.accumulator_bound`` guarantees the
@@ -22,12 +24,13 @@ final sum fits int32.
 
 Stages (each its own PrimFunc):
 
-* ``dot_inputs`` (TE): the activations' factors, ``(N*C, Q, Hp, S, Wph, G)`` with the G
-  terms of group ``q`` side by side per column and the padded columns regrouped by stride
+* ``dot_inputs`` (TE): the activations' factors, ``(N*groups, K, Hp, S, Wph, G)`` with the G
+  factors of chunk ``k`` side by side per column and the padded columns regrouped by stride
   phase (column ``S*j + s`` at ``s*Wph + j``), so the positions of one output vector read
   ONE contiguous vector for any stride and dilation;
-* ``dot_weights`` (TE): each weight's G factors of group ``q`` packed into one int32,
-  ``(O, Cg, kh, kw, Q)``, rebuilt per call from the per-OP factor tables (a few KiB);
+* ``pack_weights`` (NumPy, at compile time): the G weight factors of each chunk packed into
+  one int32, ``(O, K, kh, kw)``, a per-OP tensor ``slot.<layer>.dotw`` (weights and factor
+  tables are constants of an OP; the bytes are T times the layer's weights);
 * ``dot_bias`` (NumPy, at compile time): the per-channel start of the accumulators that
   takes an activation offset back out, a per-OP tensor ``slot.<layer>.dotbias`` (``O`` int32);
 * ``dot_microkernel`` (TIR, ``T.call_llvm_pure_intrin``): a register tile of ``OT``
@@ -47,8 +50,8 @@ from tvm.script import tirx as T
 
 from ..errors import QosError
 from ..numerics import code_offset
-from .kernels import KERNEL_ATTR, register_block_schedules, _largest_divisor, parallel_outer
-from .lut_factors import SLOT_SUFFIXES, layer_factors
+from .kernels import KERNEL_ATTR, register_block_schedules, _largest_divisor
+from .lut_factors import XTERMS_SUFFIX, layer_factors
 
 
 @dataclass(frozen=True)
@@ -96,10 +99,10 @@ def dot_isa(features: frozenset[str], dtype: str) -> str | None:
     return None
 
 
-def groups_of(terms: int, isa: str) -> int:
-    """Term groups (instructions per tap and vector) of a ``terms``-term layer on ``isa``."""
-    g = DOT_ISAS[isa].group
-    return -(-terms // g)
+def chunks_of(channels: int, terms: int, isa: str) -> int:
+    """Chunks of ``G`` (multiply-adds per tap and vector) of ``channels`` input channels of
+    a ``terms``-term layer on ``isa``."""
+    return -(-channels * terms // DOT_ISAS[isa].group)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ class DotLayout:
     """Compile-time tiling of one dot conv."""
 
     isa: str
-    groups: int                   # Q term groups (the slots hold Q * G terms)
+    terms: int                    # T factor terms per channel (the slots hold T terms)
+    chunks: int                   # K chunks of G (channel, term) pairs per conv group
     lanes: int                    # int32 lanes (output positions) per vector
     channels: int                 # OT output channels per tile
     rows: int                     # R output rows per tile
@@ -134,57 +138,58 @@ def dot_layout(spec: Any, isa: str, terms: int) -> DotLayout:
     _, pl, _, pr = spec.padding
     sw, dw = spec.stride[1], spec.dilation[1]
     wph = max(-(-(spec.w + pl + pr) // sw), wo_pad + (spec.kw - 1) * dw // sw)
-    return DotLayout(isa, groups_of(terms, isa), lanes, channels, rows, vectors, wph, wo_pad)
+    return DotLayout(isa, terms, chunks_of(spec.c // spec.groups, terms, isa), lanes, channels, rows, vectors, wph,
+                     wo_pad)
 
 
 # --------------------------------------------------------------------------- TE stages
 def dot_inputs(x: te.Tensor, xtab: te.Tensor, layout: DotLayout, spec: Any, name: str = "dot_inputs") -> te.Tensor:
-    """(N*C, Q, Hp, S, Wph, G): the factor of every term at every padded activation (plus
-    the ISA's ``xoffset``), the G terms of a group side by side, columns by stride phase
-    (N and C share a dimension: the C runtime's tensors have rank <= 6)."""
+    """(N*groups, K, Hp, S, Wph, G): the factor of every (channel, term) pair at every padded
+    activation (plus the ISA's ``xoffset``), the G pairs of a chunk side by side, columns by
+    stride phase (N and the conv groups share a dimension: the C runtime's tensors have rank
+    <= 6). The pairs past the group's last channel hold the offset alone (their weight is 0)."""
     d = DOT_ISAS[layout.isa]
-    g, q_ = d.group, layout.groups
-    if int(xtab.shape[0]) != g * q_:
-        raise QosError(f"the dot kernel wants {g * q_} activation factor terms, got {int(xtab.shape[0])}")
+    g, t_, k_ = d.group, layout.terms, layout.chunks
+    if int(xtab.shape[0]) != t_:
+        raise QosError(f"the dot kernel wants {t_} activation factor terms, got {int(xtab.shape[0])}")
     n, c, h, w = spec.x_shape
+    cg = c // spec.groups
     pt, pl, pb, pr = spec.padding
     sw = spec.stride[1]
     off = code_offset(spec.signed)
     pad_idx = spec.pad_code + off
 
-    def f(nc, q, i, ph, jj, e):
+    def f(ng, k, i, ph, jj, e):
         j = jj * sw + ph                                    # the padded column
+        pair = k * g + e
+        cc, t = pair // t_, pair % t_
+        ch = ng % spec.groups * cg + tvm.tirx.min(cc, cg - 1)
         v = tvm.tirx.if_then_else(tvm.tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl),
-                                  x[nc // c, nc % c, i - pt, j - pl].astype("int32") + off, pad_idx)
-        return (xtab[q * g + e, v].astype("int32") + d.xoffset).astype(d.xdtype)
+                                  x[ng // spec.groups, ch, i - pt, j - pl].astype("int32") + off, pad_idx)
+        factor = tvm.tirx.if_then_else(cc < cg, xtab[t, v].astype("int32"), 0)
+        return (factor + d.xoffset).astype(d.xdtype)
 
-    return te.compute((n * c, q_, h + pt + pb, sw, layout.wph, g), f, name=name, attrs={KERNEL_ATTR: "dot_inputs"})
-
-
-def dot_weights(w: te.Tensor, wtab: te.Tensor, layout: DotLayout, signed: bool,
-                name: str = "dot_weights") -> te.Tensor:
-    """(O, Cg, kh, kw, Q) int32: the G factors of term group q of every weight, packed
-    little-endian (term ``q*G + e`` in sub-lane e); one lookup per weight and group in a
-    (Q, 256) table of packed factors."""
-    g = layout.group
-    bits = 32 // g
-    mask = (1 << bits) - 1
-    off = code_offset(signed)
-
-    def pack(q, a):
-        out = tvm.tirx.bitwise_and(wtab[q * g, a].astype("int32"), mask)
-        for e in range(1, g):
-            part = tvm.tirx.bitwise_and(wtab[q * g + e, a].astype("int32"), mask)
-            out = tvm.tirx.bitwise_or(out, tvm.tirx.shift_left(part, bits * e))
-        return out
-
-    packed = te.compute((layout.groups, 256), pack, name=name + "_table", attrs={KERNEL_ATTR: "dot_table"})
-    o, cg, kh, kw = (int(s) for s in w.shape)
-    return te.compute((o, cg, kh, kw, layout.groups),
-                      lambda oo, cc, u, v, q: packed[q, w[oo, cc, u, v].astype("int32") + off],
-                      name=name, attrs={KERNEL_ATTR: "dot_weights"})
+    return te.compute((n * spec.groups, k_, h + pt + pb, sw, layout.wph, g), f, name=name,
+                      attrs={KERNEL_ATTR: "dot_inputs"})
 
 
+def pack_weights(w: np.ndarray, wterms: np.ndarray, isa: str, signed: bool) -> np.ndarray:
+    """(O, K, kh, kw) int32: the G weight factors of chunk k of every tap, packed little-endian
+    (pair ``k*G + e`` = channel ``(k*G + e) // T``, term ``% T`` in sub-lane e; 0 past the
+    group's last channel). ``wterms``: the (T, 256) weight factor table of one circuit."""
+    g = DOT_ISAS[isa].group
+    bits, t_ = 32 // g, int(wterms.shape[0])
+    o, cg, kh, kw = (int(v) for v in w.shape)
+    k_ = chunks_of(cg, t_, isa)
+    f = np.asarray(wterms, np.int64)[:, np.asarray(w, np.int64) + code_offset(signed)]   # (T, O, Cg, kh, kw)
+    pairs = np.zeros((o, k_ * g, kh, kw), np.int64)
+    pairs[:, :cg * t_] = f.transpose(1, 2, 0, 3, 4).reshape(o, cg * t_, kh, kw)
+    lanes = (pairs.reshape(o, k_, g, kh, kw) & ((1 << bits) - 1)) << (bits * np.arange(g)).reshape(1, 1, g, 1, 1)
+    return np.ascontiguousarray(lanes.sum(2).astype(np.uint32).view(np.int32))
+
+
+#: The per-OP graph input of a dot layer: its packed weight factors (``pack_weights``).
+WEIGHTS_SUFFIX = "dotw"
 #: The per-OP graph input of a dot layer whose ISA stores the activation factors with an offset.
 BIAS_SUFFIX = "dotbias"
 
@@ -213,11 +218,11 @@ def unpack(acc: te.Tensor, wo: int) -> te.Tensor:
 
 # --------------------------------------------------------------------------- microkernel
 def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "tvm.tirx.PrimFunc":
-    """PrimFunc ``(xf (N*C, Q, Hp, S, Wph, G), wp (O, Cg, kh, kw, Q) i32, bias (O,) i32,
+    """PrimFunc ``(xf (N*groups, K, Hp, S, Wph, G), wp (O, K, kh, kw) i32, bias (O,) i32,
     acc (N, O, Ho, Wo_pad) i32)``: ``bias`` starts each channel's accumulators (``dot_bias``
     for an ISA with an activation offset, else zeros)."""
     d = DOT_ISAS[layout.isa]
-    g, q_, lanes = d.group, layout.groups, layout.lanes
+    g, k_, lanes = d.group, layout.chunks, layout.lanes
     ot_, r_, v_ = layout.channels, layout.rows, layout.vectors
     n, c, o, kh, kw, ho = spec.n, spec.c, spec.o, spec.kh, spec.kw, spec.ho
     cg, og = spec.c // spec.groups, spec.o // spec.groups
@@ -228,7 +233,7 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
     tiles, span = o // ot_, v_ * lanes
     wvt, ivt = f"{d.dtype}x{lanes * g}", f"int32x{lanes}"
     intrin = d.intrinsics[lanes]
-    size = n * c * q_ * hp * wst * g
+    size = n * spec.groups * k_ * hp * wst * g
 
     def lane(z):                      # accumulator vector z of the tile
         return T.ramp(z * lanes, 1, lanes)
@@ -239,7 +244,7 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
         return a + T.call_llvm_pure_intrin(ivt, intrin, xv, wv)
 
     @T.prim_func(private=True)
-    def kernel(xf: T.Buffer((n * c, q_, hp, sw, wph, g), d.xdtype), wp: T.Buffer((o, cg, kh, kw, q_), "int32"),
+    def kernel(xf: T.Buffer((n * spec.groups, k_, hp, sw, wph, g), d.xdtype), wp: T.Buffer((o, k_, kh, kw), "int32"),
                bias: T.Buffer((o,), "int32"), acc: T.Buffer((n, o, ho, wo_pad), "int32")):
         T.func_attr({"qos_prescheduled": True})
         xs = T.decl_buffer((size,), d.xdtype, data=xf.data)
@@ -250,15 +255,15 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
                     for ot in T.unroll(ot_):
                         for z in T.unroll(r_ * v_):
                             a[lane(ot * r_ * v_ + z)] = T.broadcast(bias[nt % tiles * ot_ + ot], lanes)
-                    for cc, u, v, q in T.grid(cg, kh, kw, q_):
+                    for k, u, v in T.grid(k_, kh, kw):
                         for r in T.unroll(r_):
                             for vv in T.unroll(v_):
                                 col: T.let = (v * dw) % sw * wph + (v * dw) // sw + jt * span + vv * lanes
-                                row: T.let = (nt // tiles * c + nt % tiles * ot_ // og * cg + cc) * q_ + q
+                                row: T.let = (nt // tiles * spec.groups + nt % tiles * ot_ // og) * k_ + k
                                 base: T.let = ((row * hp + (it * r_ + r) * sh + u * dh) * wst + col) * g
                                 xv: T.let = xs[T.ramp(base, 1, lanes * g)]
                                 for ot in T.unroll(ot_):
-                                    wv: T.let = T.reinterpret(wvt, T.broadcast(wp[nt % tiles * ot_ + ot, cc, u, v, q],
+                                    wv: T.let = T.reinterpret(wvt, T.broadcast(wp[nt % tiles * ot_ + ot, k, u, v],
                                                                                lanes))
                                     a[lane((ot * r_ + r) * v_ + vv)] = dot(a[lane((ot * r_ + r) * v_ + vv)], xv, wv)
                     for ot in T.unroll(ot_):
@@ -272,21 +277,18 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
 
 def dot_stage_funcs(spec: Any, terms: int, dtype: str, isa: str, target: Any = None) -> tuple[DotLayout, dict]:
     """Stand-alone PrimFuncs of the stages for one conv ``spec`` (kernels.ConvSpec):
-    ``inputs(x, xterms) -> xf``, ``weights(w, wterms) -> wp``, ``micro(xf, wp, b) -> acc`` (N,
-    O, Ho, Wo_pad), with ``b = dot_bias(...)`` (zeros without an activation offset), computed
-    ahead like the compiler's per-OP tensor. The factor tables hold ``groups * G`` terms
+    ``inputs(x, xterms) -> xf``, ``micro(xf, wp, b) -> acc`` (N, O, Ho, Wo_pad), with
+    ``wp = pack_weights(...)`` and ``b = dot_bias(...)`` (zeros without an activation offset)
+    computed ahead like the compiler's per-OP tensors. The factor tables hold ``terms`` terms
     (``lut_factors.layer_factors``). For benchmarks and tests; the compiler builds the same
     stages through Relax."""
     from .kernels import _finish
 
     layout = dot_layout(spec, isa, terms)
-    t = layout.groups * layout.group
+    t = layout.terms
     xs = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
-    ws = te.placeholder(spec.w_shape, spec.code_dtype, name="w")
     xt = te.placeholder((t, 256), dtype, name="xterms")
-    wt = te.placeholder((t, 256), dtype, name="wterms")
     funcs = {"inputs": _finish([xs, xt, dot_inputs(xs, xt, layout, spec)], None, target, True),
-             "weights": _finish([ws, wt, dot_weights(ws, wt, layout, spec.signed)], None, target, True),
              "micro": dot_microkernel(spec, layout)}
     return layout, funcs
 
@@ -303,40 +305,39 @@ def run_dot_conv(built: Any, prefix: str, spec: Any, x: Any, w: Any, wterms: Any
         ms += built.last_time_ns / 1e6 if repeat else 0.0
         return out
 
-    xf, wp = run("inputs", x, xterms), run("weights", w, wterms)
+    xf, wp = run("inputs", x, xterms), pack_weights(w, wterms, isa, spec.signed)
     bias = dot_bias(w, wterms, isa, spec.signed) if needs_bias(isa) else np.zeros(spec.o, np.int32)
     return run("micro", xf, wp, bias)[..., :spec.wo], ms
 
 
 # --------------------------------------------------------------------------- registry hooks
 def _schedule_inputs(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
-    """(n*c, q, i, phase, column, term): ``n*c`` in parallel, the G terms of a column unrolled."""
-    nc, *_, e = sch.get_loops(block)
-    sch.parallel(nc)
+    """(n*groups, chunk, i, phase, column, pair): ``n*groups x chunks`` in parallel, the G pairs of
+    a column unrolled."""
+    ng, k, *_, e = sch.get_loops(block)
+    sch.parallel(sch.fuse(ng, k))
     sch.unroll(e)
 
 
 #: Block schedules of this module's TE stages (``variants.block_schedules``); the
 #: microkernel is written in its final form (``qos_prescheduled``).
-SCHEDULES = {"dot_inputs": _schedule_inputs, "dot_weights": parallel_outer}
+SCHEDULES = {"dot_inputs": _schedule_inputs}
 register_block_schedules(SCHEDULES)
 
 
 def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
-    """Relax emission of a ``dot`` variant (``variants.Variant.emit``): inputs + weights + the
-    microkernel, then ``unpack``; the factor tables are the per-OP graph inputs
-    ``slot.<layer>.wterms|xterms``, and with an activation offset the accumulators start from
-    the per-OP graph input ``slot.<layer>.dotbias`` (``dot_bias``). Every PrimFunc is named after
-    the variant."""
+    """Relax emission of a ``dot`` variant (``variants.Variant.emit``): inputs + the
+    microkernel, then ``unpack``; the activation factor table and the packed weights are the
+    per-OP graph inputs ``slot.<layer>.xterms|dotw`` (``per_op_tensors``), and with an
+    activation offset the accumulators start from the per-OP graph input
+    ``slot.<layer>.dotbias``. Every PrimFunc is named after the variant."""
     from tvm import relax
 
-    wt, xt = ops.slot_inputs(SLOT_SUFFIXES, "low-rank factors")
+    xt, wp = ops.slot_inputs((XTERMS_SUFFIX, WEIGHTS_SUFFIX), "dot-kernel factors")
     spec, sym = ops.spec, low.symbol
     layout = dot_layout(spec, low.isa, low.terms)
-    # closures: call_te passes only tensors and plain values through
+    # a closure: call_te passes only tensors and plain values through
     xf = bb.call_te(lambda a, t: dot_inputs(a, t, layout, spec), ops.x, xt, primfunc_name_hint=f"{sym}_inputs")
-    wp = bb.call_te(lambda a, t: dot_weights(a, t, layout, spec.signed), ops.w, wt,
-                    primfunc_name_hint=f"{sym}_weights")
     if needs_bias(low.isa):
         bias = ops.slot_inputs((BIAS_SUFFIX,), "dot-kernel bias")[0]
     else:
@@ -347,6 +348,18 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
     return bb.call_te(unpack, acc, spec.wo, primfunc_name_hint=f"{sym}_unpack")
 
 
+def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.ndarray]:
+    """The per-OP tensors of a ``dot`` layer with weights ``w`` running the circuit ``lut``
+    (``variants.Variant.per_op``): activation factors, packed weight factors and, with an
+    activation offset, the accumulator start."""
+    signed = low.variant.signed
+    wt, xt = layer_factors(lut, signed, low.terms, low.dtype)
+    out = {XTERMS_SUFFIX: xt, WEIGHTS_SUFFIX: pack_weights(w, wt, low.isa, signed)}
+    if needs_bias(low.isa):
+        out[BIAS_SUFFIX] = dot_bias(w, wt, low.isa, signed)
+    return out
+
+
 def bench_stages(spec: Any, low: Any, w: Any, target: Any) -> dict[str, Any]:
     """Stand-alone PrimFuncs of a ``dot`` variant (``dot_stage_funcs``)."""
     return dot_stage_funcs(spec, low.terms, low.dtype, low.isa, target)[1]
@@ -355,5 +368,5 @@ def bench_stages(spec: Any, low: Any, w: Any, target: Any) -> dict[str, Any]:
 def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: Any, lut: np.ndarray, repeat: int = 0,
               threads: int | None = None) -> tuple[np.ndarray, float]:
     """Run a ``dot`` variant built from ``bench_stages`` on the circuit ``lut``: (acc, summed best ms or 0)."""
-    wt, xt = layer_factors(lut, spec.signed, low.slot_terms, low.dtype)
+    wt, xt = layer_factors(lut, spec.signed, low.terms, low.dtype)
     return run_dot_conv(built, prefix, spec, x, w, wt, xt, low.isa, repeat, threads)

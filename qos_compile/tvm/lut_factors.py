@@ -43,6 +43,7 @@ from .kernels import (KERNEL_ATTR, on_output_shape, parallel_outer, register_blo
 MAX_TERMS = 5
 #: The per-OP graph inputs a low-rank layer adds: ``slot.<layer>.<suffix>``.
 SLOT_SUFFIXES = ("wterms", "xterms")
+XTERMS_SUFFIX = SLOT_SUFFIXES[1]
 
 
 def circuit_factors(lut: np.ndarray, signed: bool, max_terms: int = MAX_TERMS) -> Factors | None:
@@ -181,6 +182,12 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
     return bb.call_te(factored_conv2d, ops.x, ops.w, wt, xt, **ops.conv, primfunc_name_hint=low.symbol)
 
 
+def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.ndarray]:
+    """The per-OP tensors of a ``lowrank`` layer running the circuit ``lut``
+    (``variants.Variant.per_op``): its weight and activation factor tables."""
+    return dict(zip(SLOT_SUFFIXES, layer_factors(lut, low.variant.signed, low.terms, low.dtype)))
+
+
 def bench_stages(spec: Any, low: Any, w: Any, target: Any) -> dict[str, Any]:
     """Stand-alone PrimFuncs of a ``lowrank`` variant: ``{"main": (x, w, wterms, xterms) -> acc}``."""
     return {"main": factored_conv2d_func(spec, low.terms, low.dtype, target)}
@@ -189,6 +196,6 @@ def bench_stages(spec: Any, low: Any, w: Any, target: Any) -> dict[str, Any]:
 def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: Any, lut: np.ndarray, repeat: int = 0,
               threads: int | None = None) -> tuple[np.ndarray, float]:
     """Run a ``lowrank`` variant built from ``bench_stages`` on the circuit ``lut``: (acc, best ms or 0)."""
-    wt, xt = layer_factors(lut, spec.signed, low.slot_terms, low.dtype)
+    wt, xt = layer_factors(lut, spec.signed, low.terms, low.dtype)
     acc = built.run(prefix + "main", x, w, wt, xt, repeat=repeat, threads=threads)
     return acc, (built.last_time_ns / 1e6 if repeat else 0.0)

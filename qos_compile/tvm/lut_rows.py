@@ -401,17 +401,20 @@ def exact_operands(ops: Any, exact: Any) -> Any:
 
     from tvm import relax
 
-    from .lut_dot import BIAS_SUFFIX, dot_bias, needs_bias
-    from .lut_factors import SLOT_SUFFIXES, layer_factors
-
     table = exact_table(ops.spec.signed).astype(np.int32)
-    slots: dict[str, np.ndarray] = {}
-    if exact.kind == "lowrank":
-        slots = dict(zip(SLOT_SUFFIXES, layer_factors(table, ops.spec.signed, exact.slot_terms, exact.dtype)))
-        if exact.variant.kind == "dot" and needs_bias(exact.isa):
-            slots[BIAS_SUFFIX] = dot_bias(ops.weights, slots["wterms"], exact.isa, ops.spec.signed)
+    slots = exact.variant.per_op(ops.weights, table, exact) if exact.variant.per_op else {}
     return replace(ops, lut=relax.const(table),
                    slot_inputs=lambda suffixes, what: [relax.const(np.ascontiguousarray(slots[s])) for s in suffixes])
+
+
+def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.ndarray]:
+    """The per-OP tensors of a ``rows8`` layer running the circuit ``lut``
+    (``variants.Variant.per_op``): the row minima of its residual planes (a ``rows`` layer
+    reads the table itself, and has none)."""
+    if low.variant.kind != "rows8":
+        return {}
+    signed = low.variant.signed
+    return {ROWMIN_SUFFIX: row_minima(lut, rows_layout(w, signed, 1, low.isa, True).codes, signed)}
 
 
 def bench_stages(spec: Any, low: Any, w: np.ndarray, target: Any) -> dict[str, Any]:

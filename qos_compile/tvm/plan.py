@@ -55,6 +55,7 @@ __all__ = ["SLOT_PREFIX", "PlanArg", "PlanStep", "PlanBuffer", "PlanIO", "Plan",
 SLOT_PREFIX = "slot."
 _MANIFEST_DTYPES = ("int8", "uint8", "int16", "int32", "float32")
 _PARALLEL_MIN = 4096          # parallelise a generic loop nest only above this many iterations
+_VECTOR_LANES = (16, 8, 4)    # element-wise loops: vector lanes, widest that divides the innermost extent
 _INLINE_MAX_LOADS = 256       # inline a block only while its consumer's expression stays below this many loads
 _NAME_CHARS = 40              # kernel names keep this much of TVM's (fused) function name
 
@@ -197,6 +198,21 @@ def _fenced_multiply_te(a: Any, b: Any) -> Any:
                                                                             prod(*i)), name="fenced_multiply")
 
 
+def _round_half_even(bb: Any, call: Any) -> Any:
+    """``relax.round`` (ONNX Round: half to even) as LLVM's ``roundeven``: the same numbers as
+    TVM's ``nearbyint`` in the default rounding mode, but TVM's vectorizer keeps it a vector
+    operation where its operand is a fenced product (``nearbyint`` of one turns scalar)."""
+    from tvm import te
+
+    def rnd(x: Any) -> Any:
+        if not str(x.dtype).startswith("float"):
+            return x
+        return te.compute(x.shape, lambda *i: tvm.tirx.call_llvm_pure_intrin(x.dtype, "llvm.roundeven", x(*i)),
+                          name="round_half_even")
+
+    return bb.call_te(rnd, call.args[0])
+
+
 def _legalize_passes(target: Any) -> list:
     """cpu_generic.legalize_passes, with float multiplies fenced against FMA contraction (LLVM targets)."""
     from tvm.relax.backend import cpu_generic
@@ -206,7 +222,7 @@ def _legalize_passes(target: Any) -> list:
         return passes
     from tvm.relax.transform.legalize_ops.binary import _binary
 
-    custom = {"relax.multiply": _binary(_fenced_multiply_te)}
+    custom = {"relax.multiply": _binary(_fenced_multiply_te), "relax.round": _round_half_even}
     out = [relax.transform.LegalizeOps(customize_legalize_map=custom) if str(p.info.name) == "LegalizeOps" else p
            for p in passes]
     if not any(str(p.info.name) == "LegalizeOps" for p in passes):
@@ -493,6 +509,28 @@ def _inlined_size(sch: Any, block: Any) -> int:
     return size
 
 
+def _vectorize_inner(sch: Any, block: Any, loops: list, loop_objs: list) -> tuple[list, list]:
+    """Split the innermost loop of an element-wise block by ``_VECTOR_LANES`` lanes and vectorize
+    the part inside; returns the loops left outside it."""
+    inner = loop_objs[-1]
+    if not isinstance(inner.extent, tvm.tirx.IntImm):
+        return loops, loop_objs
+    extent = int(inner.extent)
+    lanes = next((v for v in _VECTOR_LANES if extent % v == 0), 0)
+    if not lanes:
+        return loops, loop_objs
+    try:
+        if extent == lanes:
+            sch.vectorize(loops[-1])
+            return loops[:-1], loop_objs[:-1]
+        outer, vec = sch.split(loops[-1], [extent // lanes, lanes])
+        sch.vectorize(vec)
+    except Exception:  # noqa: BLE001 - leave it scalar
+        return loops, loop_objs
+    loops = list(sch.get_loops(block))[:-1]
+    return loops, [sch.get(lp) for lp in loops]
+
+
 def _schedule_generic(func: Any) -> Any:
     """Inline element-wise chains into their consumer and parallelise big serial loop nests.
 
@@ -528,15 +566,16 @@ def _schedule_generic(func: Any) -> Any:
             continue
         if any(int(iv.iter_type) != 0 for iv in sch.get(b).iter_vars):
             continue                                          # a reduction: leave its loop order alone
+        total = 1
+        for lo in loop_objs:
+            total *= int(lo.extent) if isinstance(lo.extent, tvm.tirx.IntImm) else 1
+        loops, loop_objs = _vectorize_inner(sch, b, loops, loop_objs)
         spatial = list(zip(loops, loop_objs))[:2]
         if not spatial:
             continue
         extent = 1
         for _lp, lo in spatial:
             extent *= int(lo.extent) if isinstance(lo.extent, tvm.tirx.IntImm) else 1
-        total = 1
-        for lo in loop_objs:
-            total *= int(lo.extent) if isinstance(lo.extent, tvm.tirx.IntImm) else 1
         if total < _PARALLEL_MIN or extent < 2:
             continue
         try:

@@ -149,9 +149,57 @@ class ApproxGemmConverter(_frontend.OnnxOpConverter):
                           primfunc_name_hint=variants.dense_kernel_name(signed).replace("-", "_"))
 
 
+def float_to_int(x: Any, dtype: str) -> Any:
+    """TE: float tensor ``x`` -> integer ``dtype`` (at most 32 bits): NaN to 0, then saturated to
+    the type's range and truncated. NaN is tested on the bits (exponent all ones, mantissa not
+    zero): TVM's vectorizer turns ``isnan`` back into scalar code."""
+    import numpy as np
+    from tvm import te
+
+    fdt = str(x.dtype)
+    info = np.iinfo(dtype)
+    lo, hi = (tvm.tirx.const(float(v), fdt) for v in (info.min, info.max))
+    bits = fdt.replace("float", "int")
+    sign, inf = {"int32": (0x7FFFFFFF, 0x7F800000), "int16": (0x7FFF, 0x7C00),
+                 "int64": (0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}[bits]
+
+    def f(*i: Any) -> Any:
+        v = x(*i)
+        nan = tvm.tirx.bitwise_and(tvm.tirx.reinterpret(bits, v), tvm.tirx.const(sign, bits)) > tvm.tirx.const(inf, bits)
+        clean = tvm.tirx.Select(nan, tvm.tirx.const(0.0, fdt), v)
+        return tvm.tirx.max(tvm.tirx.min(clean, hi), lo).astype(dtype)
+
+    return te.compute(x.shape, f, name="float_to_int")
+
+
+class SaturatingCastConverter(_frontend.OnnxOpConverter):
+    """ONNX ``Cast`` from a float to an integer type of at most 32 bits: ``float_to_int`` (NaN
+    to 0, as the stock converter does, then saturated and truncated).
+
+    The stock converter wraps out-of-range values modulo 2^bits through int64 compares and
+    selects and tests ``isfinite``, which TVM's vectorizer turns back into scalar code (the
+    activation quantization after every layer ran one element at a time). The exporter clips
+    before every such Cast, so the values it produces convert the same either way; every
+    other Cast goes to the stock converter."""
+
+    @classmethod
+    def _impl_v13(cls, bb: relax.BlockBuilder, inputs: Any, attr: dict, params: Any) -> relax.Expr:
+        src = inputs[0]
+        to = str(_frontend.get_type(attr["to"]))
+        src_dtype = getattr(getattr(src, "ty", None), "dtype", None)
+        if (not isinstance(src, (relax.ShapeExpr, tvm.ir.GenericConst)) and not tvm.ir.is_prim_expr(src)
+                and src_dtype in ("float16", "float32", "float64")
+                and to in ("int8", "uint8", "int16", "uint16", "int32")):
+            return bb.call_te(float_to_int, src, to, primfunc_name_hint="float_to_int")
+        return _STOCK_CAST._impl_v13(bb, inputs, attr, params)
+
+
+_STOCK_CAST = _frontend.Cast
+
+
 def custom_converters() -> dict[str, type]:
-    """The converters this module adds to the stock map (op type -> converter class)."""
-    return {"ApproxConv": ApproxConvConverter, "ApproxGemm": ApproxGemmConverter}
+    """The converters this module adds to (or replaces in) the stock map (op type -> converter class)."""
+    return {"ApproxConv": ApproxConvConverter, "ApproxGemm": ApproxGemmConverter, "Cast": SaturatingCastConverter}
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ block annotation ``kernels.KERNEL_ATTR`` -> hook, merged by ``block_schedules``)
 emission and its stand-alone stages for benchmarks. ``fits(tables)`` says whether (and
 with which parameters) it computes a layer's tables bit-exactly, ``requires`` the target
 features it needs, ``cost_key``/``units`` its price: ``cost = costs[cost_key] * units``
-(``units``: factor terms for ``lowrank``, term groups for ``dot``, else 1), with
+(``units``: factor terms for ``lowrank``, factor terms / G for ``dot``, else 1), with
 ``costs`` = ``DEFAULT_COSTS`` updated by the target file's ``[kernel_costs]``; a ``rows8``
 layer adds the price of its exact part (``lowering.variant_lowering``).
 
@@ -149,12 +149,15 @@ class Variant:
     module: ModuleType            # the family module: TE/TIR, SCHEDULES, emit, stages
     requires: frozenset[str]      # target features it needs
     cost_key: str                 # key of its cost (DEFAULT_COSTS, [kernel_costs])
-    units: int                    # cost = costs[cost_key] * units
+    units: float                  # cost = costs[cost_key] * units
     fits: Callable[[LayerTables], "Fit | None"]
     emit: Callable[..., Any]      # (bb, ConvOperands, ConvLowering) -> relax expr of the int32 accumulators
     stages: Callable[..., dict]   # (spec, ConvLowering, w, target) -> {stage: PrimFunc}, stand-alone
     run: Callable[..., tuple]     # (built, prefix, spec, ConvLowering, x, w, lut, repeat, threads) -> (acc, ms)
     const_weights: bool = False   # needs the weights at compile time (else the importer uses gather)
+    #: (w, lut, ConvLowering) -> {suffix: array}: the per-OP tensors ``slot.<layer>.<suffix>`` of
+    #: one circuit that its kernels read besides the table, computed by the compiler; None: none
+    per_op: Callable[..., dict] | None = None
 
     @property
     def signed(self) -> bool:
@@ -231,16 +234,17 @@ def _table() -> tuple[Variant, ...]:
             d = ld.DOT_ISAS[isa]
             for t in range(1, lf.MAX_TERMS + 1):
                 out.append(Variant(_name(dt, "dot", isa, t), dt, "lowrank", "dot", isa, t, ld, d.requires, "dot",
-                                   ld.groups_of(t, isa), _fits_dot(isa, t), ld.emit_conv, ld.bench_stages,
-                                   ld.bench_run))
+                                   t / d.group, _fits_dot(isa, t), ld.emit_conv, ld.bench_stages,
+                                   ld.bench_run, per_op=ld.per_op_tensors))
         for t in range(1, lf.MAX_TERMS + 1):
             out.append(Variant(_name(dt, "lowrank", None, t), dt, "lowrank", "lowrank", None, t, lf, frozenset(),
-                               "lowrank", t, _fits_lowrank(t), lf.emit_conv, lf.bench_stages, lf.bench_run))
+                               "lowrank", t, _fits_lowrank(t), lf.emit_conv, lf.bench_stages, lf.bench_run,
+                               per_op=lf.per_op_tensors))
         for kind, fits, isas in (("rows8", _fits_rows8, ROWS8_ISA_ORDER), ("rows", _fits_rows, ROWS_ISA_ORDER)):
             for isa in isas:
                 out.append(Variant(_name(dt, kind, isa), dt, "rows", kind, isa, 0, lr, _ROWS_REQUIRES[isa],
                                    _ROWS_COST[isa] + kind, 1, fits(isa), lr.emit_conv, lr.bench_stages, lr.bench_run,
-                                   const_weights=True))
+                                   const_weights=True, per_op=lr.per_op_tensors if kind == "rows8" else None))
         out.append(Variant(_name(dt, "gather"), dt, "gather", "gather", None, 0, k, frozenset(), "gather", 1,
                            _fits_gather, k.emit_gather, k.gather_stages, k.run_single_stage))
     names = [v.name for v in out]
