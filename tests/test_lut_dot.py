@@ -163,3 +163,22 @@ def test_arm_cost_choice_exact_masked_lowrank_ops(target, tmp_path):
     assert report["verification"]["bit_exact"], report["verification"]
     shapes = {m.tensors[i].shape for s in m.slots if s.name.endswith((".wterms", ".xterms")) for i in s.tensors}
     assert shapes == ({(auto.slot_terms, 256)} if auto.kind == "lowrank" else set()), shapes   # the 3 factor terms
+
+
+@pytest.mark.parametrize("isa,terms", [("avx512vnni", 1), ("avx512vnni", 3), ("avx2", 5), ("neondot", 2)])
+def test_packed_weights_hold_every_channel_term_pair_once(isa, terms):
+    """pack_weights: sub-lane e of chunk k is the factor of channel (kG+e)//T, term (kG+e)%T;
+    the pairs past the last channel are 0."""
+    g, bits = D.DOT_ISAS[isa].group, 32 // D.DOT_ISAS[isa].group
+    rng = np.random.default_rng(terms)
+    w = rng.integers(-128, 128, (6, 5, 3, 2)).astype(np.int8)
+    lo, hi = (-128, 128) if g == 4 else (-2 ** 15, 2 ** 15)
+    wterms = rng.integers(lo, hi, (terms, 256))
+    packed = D.pack_weights(w, wterms, isa, True)
+    k = -(-5 * terms // g)
+    assert packed.shape == (6, k, 3, 2) and packed.dtype == np.int32
+    lanes = (packed.view(np.uint32)[:, :, None] >> (bits * np.arange(g)).reshape(1, 1, g, 1, 1)) & ((1 << bits) - 1)
+    lanes = np.where(lanes >= 1 << (bits - 1), lanes - (1 << bits), lanes).reshape(6, k * g, 3, 2)
+    for o, c, t, u, v in np.ndindex(6, 5, terms, 3, 2):
+        assert lanes[o, c * terms + t, u, v] == wterms[t, int(w[o, c, u, v]) + 128]
+    assert not lanes[:, 5 * terms:].any()

@@ -158,7 +158,11 @@ def float_to_int(x: Any, dtype: str) -> Any:
 
     fdt = str(x.dtype)
     info = np.iinfo(dtype)
-    lo, hi = (tvm.tirx.const(float(v), fdt) for v in (info.min, info.max))
+    # the range's ends as floats of x's type that convert exactly (int32's 2^31 - 1 is not a float32)
+    ends = [np.array(v, fdt) for v in (info.min, info.max)]
+    ends = [e if int(e) == v or abs(float(e)) < abs(v) else np.nextafter(e, np.array(0, fdt))
+            for e, v in zip(ends, (info.min, info.max))]
+    lo, hi = (tvm.tirx.const(float(e), fdt) for e in ends)
     bits = fdt.replace("float", "int")
     sign, inf = {"int32": (0x7FFFFFFF, 0x7F800000), "int16": (0x7FFF, 0x7C00),
                  "int64": (0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000)}[bits]
