@@ -440,7 +440,8 @@ def _window_sum(g: _Graph, name: str, xc: str, in_shape: tuple[int, ...], out_sh
                 attrs: dict[str, Any]) -> str:
     """``Σ_rf(x − z_x)`` of a conv layer in int32: the centred codes ``xc`` [N, C, H, W] summed over
     each group's channels (ReduceSum), zero-padded, one strided Slice per window tap, the taps
-    added up (Add, then a ReduceSum that materialises the sum); [N, G, Ho, Wo] (G = 1 without groups). Integer adds are exact in any order. Not a
+    added up (Add, then a ReduceSum that materialises the sum); [N, G, Ho, Wo] (G = 1 without
+    groups). Integer adds are exact in any order. Not a
     float Conv + Cast: TVM guards that Cast against NaN/inf, and the guarded expression fused
     into a depthwise layer's epilogue took TVM half a minute per kernel to build."""
     c, h, w = in_shape[1:]

@@ -16,11 +16,11 @@ channel is zero-filled):
   accumulated (G = 4).
 
 A ``T``-term layer then costs ``T/G`` ``vpdpbusd``/``sdot`` (``T/2`` ``vpmaddwd``) per
-channel, tap and vector, against one ``vpmulld`` (2 micro-ops) of the plain exact conv. (``vpdpwssd``, the fused ``vpmaddwd``, measured no faster than
-``vpmaddwd`` + add.) The result is exact: the operands are the factors themselves (int8 for
-the bundled signed circuits), none of these instructions saturates (int32 lanes wrap, so
-intermediate sums may wrap freely), and ``lut_factors.accumulator_bound`` guarantees the
-final sum fits int32.
+channel, tap and vector, against one ``vpmulld`` (2 micro-ops) of the plain exact conv.
+(``vpdpwssd``, the fused ``vpmaddwd``, measured no faster than ``vpmaddwd`` + add.) The
+result is exact: the operands are the factors themselves (int8 for the bundled signed
+circuits), none of these instructions saturates (int32 lanes wrap, so intermediate sums
+may wrap freely), and ``lut_factors.accumulator_bound`` guarantees the final sum fits int32.
 
 Stages (each its own PrimFunc):
 
@@ -30,7 +30,7 @@ Stages (each its own PrimFunc):
   ONE contiguous vector for any stride and dilation;
 * ``pack_weights`` (NumPy, at compile time): the G weight factors of each chunk packed into
   one int32, ``(O, K, kh, kw)``, a per-OP tensor ``slot.<layer>.dotw`` (weights and factor
-  tables are constants of an OP; the bytes are T times the layer's weights);
+  tables are constants of an OP; ``4*T/G`` bytes per weight and circuit);
 * ``dot_bias`` (NumPy, at compile time): the per-channel start of the accumulators that
   takes an activation offset back out, a per-OP tensor ``slot.<layer>.dotbias`` (``O`` int32);
 * ``dot_microkernel`` (TIR, ``T.call_llvm_pure_intrin``): a register tile of ``OT``
@@ -225,7 +225,7 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
     g, k_, lanes = d.group, layout.chunks, layout.lanes
     ot_, r_, v_ = layout.channels, layout.rows, layout.vectors
     n, c, o, kh, kw, ho = spec.n, spec.c, spec.o, spec.kh, spec.kw, spec.ho
-    cg, og = spec.c // spec.groups, spec.o // spec.groups
+    og = spec.o // spec.groups
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     pt, _, pb, _ = spec.padding
     hp, wph, wo_pad = spec.h + pt + pb, layout.wph, layout.wo_pad

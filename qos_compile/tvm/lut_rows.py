@@ -409,10 +409,8 @@ def exact_operands(ops: Any, exact: Any) -> Any:
 
 def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.ndarray]:
     """The per-OP tensors of a ``rows8`` layer running the circuit ``lut``
-    (``variants.Variant.per_op``): the row minima of its residual planes (a ``rows`` layer
-    reads the table itself, and has none)."""
-    if low.variant.kind != "rows8":
-        return {}
+    (``variants.Variant.per_op``; a ``rows`` layer reads the table itself, and has none): the
+    row minima of its residual plane."""
     signed = low.variant.signed
     return {ROWMIN_SUFFIX: row_minima(lut, rows_layout(w, signed, 1, low.isa, True).codes, signed)}
 

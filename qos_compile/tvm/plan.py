@@ -523,7 +523,7 @@ def _vectorize_inner(sch: Any, block: Any, loops: list, loop_objs: list) -> tupl
         if extent == lanes:
             sch.vectorize(loops[-1])
             return loops[:-1], loop_objs[:-1]
-        outer, vec = sch.split(loops[-1], [extent // lanes, lanes])
+        _, vec = sch.split(loops[-1], [extent // lanes, lanes])
         sch.vectorize(vec)
     except Exception:  # noqa: BLE001 - leave it scalar
         return loops, loop_objs

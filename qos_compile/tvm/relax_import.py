@@ -169,7 +169,8 @@ def float_to_int(x: Any, dtype: str) -> Any:
 
     def f(*i: Any) -> Any:
         v = x(*i)
-        nan = tvm.tirx.bitwise_and(tvm.tirx.reinterpret(bits, v), tvm.tirx.const(sign, bits)) > tvm.tirx.const(inf, bits)
+        magnitude = tvm.tirx.bitwise_and(tvm.tirx.reinterpret(bits, v), tvm.tirx.const(sign, bits))
+        nan = magnitude > tvm.tirx.const(inf, bits)
         clean = tvm.tirx.Select(nan, tvm.tirx.const(0.0, fdt), v)
         return tvm.tirx.max(tvm.tirx.min(clean, hi), lo).astype(dtype)
 
