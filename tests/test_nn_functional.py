@@ -262,6 +262,25 @@ def test_exact_despite_reduced_float32_precision_settings():
         torch.set_float32_matmul_precision(old)
 
 
+def test_exact_after_a_caller_set_torchs_per_operator_precision():
+    """A caller (scripts/gpu_check.sh, a user's training script) that sets one of torch's new
+    per-operator ``fp32_precision`` settings must not make the emulation raise: torch refuses
+    the legacy ``allow_tf32`` flags once the new ones disagree, which the first GPU run hit."""
+    conv = torch.backends.cudnn.conv
+    old = conv.fp32_precision
+    conv.fp32_precision = "ieee" if old != "ieee" else "tf32"     # now cuDNN's conv and RNN settings differ
+    try:
+        m = get("mul8u_1446")
+        rng = _rng("per-operator precision")
+        x = torch.from_numpy(_codes(rng, False, (2, 5, 6, 6)))
+        w = torch.from_numpy(_codes(rng, False, (3, 5, 3, 3)))
+        got = qf.approx_conv2d_acc(x, w, m, padding=1)
+        np.testing.assert_array_equal(got.numpy(), reference.approx_conv2d_acc(x.numpy(), w.numpy(), m, padding=1))
+        assert conv.fp32_precision != old                              # the caller's setting is restored
+    finally:
+        conv.fp32_precision = old
+
+
 @pytest.mark.parametrize("circuit", ["mul8u_1JFF", "mul8u_1446", "mul8u_2NDH"])   # exact, lowrank, general
 def test_large_accumulators_round_once_like_the_device(circuit):
     """Q beyond 2**24 (float32 cannot hold every integer there): the float32 result is Q rounded

@@ -126,20 +126,22 @@ def _plan_tables(plan: EmulationPlan) -> tuple[torch.Tensor, torch.Tensor, torch
 def _ieee_float32() -> Iterator[None]:
     """Keep float32 convolutions/GEMMs in IEEE float32: the exactness bound assumes a 24-bit
     significand, which bf16/TF32 shortcuts (``set_float32_matmul_precision``, cuDNN's TF32
-    default) would silently break."""
-    mk = torch.backends.mkldnn
-    saved = [(b, b.fp32_precision) for b in (mk.conv, mk.matmul) if b.fp32_precision not in ("none", "ieee")]
-    cuda_mm = torch.backends.cuda.matmul.allow_tf32
+    default) would silently break.
+
+    Only torch's per-operator ``fp32_precision`` settings are touched: reading or writing the
+    legacy ``allow_tf32`` flags once a caller has set any of the new ones raises in torch
+    ("a mix of the legacy and new APIs"). ``"none"`` inherits a parent setting that may be
+    TF32, so every setting that is not ``"ieee"`` is pinned and restored afterwards."""
+    settings = [torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul, torch.backends.cudnn.conv,
+                torch.backends.cuda.matmul]
+    saved = [(b, b.fp32_precision) for b in settings if b.fp32_precision != "ieee"]
     for b, _ in saved:
         b.fp32_precision = "ieee"
-    torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-            yield
+        yield
     finally:
         for b, value in saved:
             b.fp32_precision = value
-        torch.backends.cuda.matmul.allow_tf32 = cuda_mm
 
 
 def _conv_float(x: torch.Tensor, w: torch.Tensor, geo: ConvGeometry, groups: int) -> torch.Tensor:
