@@ -214,3 +214,71 @@ def mean(x: Any, dims: Sequence[int], keepdim: bool = False) -> np.ndarray:
     if keepdim:
         out = out.reshape([1 if d in dims else x.shape[d] for d in range(x.ndim)])
     return out.astype(np.float32)
+
+
+# --- integer requantization (numerics contract v2, docs/design.md section 3.7) ---------------
+
+#: Bits of a non-zero requantization multiplier: ``2**(MULT_BITS - 1) <= |M| < 2**MULT_BITS``
+#: where the offset leaves room (int32 either way).
+MULT_BITS = 30
+#: ``|q*M + B|`` stays below ``2**REQUANT_BITS``: int64 headroom for any biased evaluation.
+REQUANT_BITS = 61
+
+
+def requant_params(m: Any, b: Any, q_bound: int, where: str = "layer") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integer form ``(M, B, n)`` (int64 vectors) of ``codes = round(q*m + b)`` per channel.
+
+    ``m`` is the real multiplier (output codes per accumulator unit) and ``b`` the real offset in
+    output codes, float64 per channel; ``|q| <= q_bound``. For each channel
+
+        n = MULT_BITS - 1 - floor(log2 |m|)          (|M| gets MULT_BITS bits), lowered while
+                                                      (|b| + 1) * 2**n would pass 2**(REQUANT_BITS-1)
+        M = round(m * 2**n),  B = round(b * 2**n) + 2**(n-1)      (round half to even; exact scaling)
+
+    so that ``floor((q*M + B) / 2**n)`` is ``q*m + b`` rounded half up, with ``m`` and ``b`` held to
+    ``n`` fractional bits. A channel with ``m == 0`` gets ``M = 0`` and the largest such ``n``.
+
+    QosError (one line) when a channel cannot be represented: ``|m| >= 2**(MULT_BITS-2)`` (one
+    accumulator unit would be worth more than 2**28 codes), an offset so large that ``n < 1``, or a
+    multiplier held so coarsely that ``q_bound * 2**-n`` passes half a code.
+    """
+    m = np.asarray(m, np.float64).reshape(-1)
+    b = np.asarray(b, np.float64).reshape(-1)
+    if m.shape != b.shape or not (np.all(np.isfinite(m)) and np.all(np.isfinite(b))):
+        raise QosError(f"{where}: requantization needs finite multipliers and offsets of one length per channel")
+    with np.errstate(divide="ignore"):
+        e = np.where(m != 0, np.floor(np.log2(np.abs(np.where(m != 0, m, 1.0)))), -np.inf)
+    n_mult = np.where(m != 0, MULT_BITS - 1 - e, REQUANT_BITS).astype(np.float64)
+    n_off = (REQUANT_BITS - 1) - np.ceil(np.log2(np.abs(b) + 1.0))        # (|b| + 1) * 2**n <= 2**(REQUANT_BITS-1)
+    n = np.minimum(np.minimum(n_mult, n_off), REQUANT_BITS - 1)
+    for c in np.flatnonzero(n < 1):
+        why = ("its multiplier {:.3g} codes per accumulator unit is too large".format(m[c]) if n_mult[c] < 1
+               else "its offset {:.3g} codes is too large".format(b[c]))
+        raise QosError(f"{where}, channel {c}: cannot requantize in int64: {why}")
+    n = n.astype(np.int64)
+    scale = np.ldexp(1.0, n)
+    mm = np.rint(m * scale)
+    # exact scaling, one rounding; the real multiplier's error is at most 2**-(n+1) per unit of q
+    coarse = np.flatnonzero(q_bound * np.ldexp(1.0, -n - 1) > 0.5)
+    if coarse.size:
+        c = int(coarse[0])
+        raise QosError(f"{where}, channel {c}: cannot requantize exactly enough: accumulators up to {q_bound} "
+                       f"with a multiplier held to {int(n[c])} fractional bits could move a code")
+    bb = np.rint(b * scale) + np.ldexp(1.0, n - 1)
+    M, B = mm.astype(np.int64), bb.astype(np.int64)
+    if np.any(np.abs(M) >= 2**MULT_BITS) or np.any(q_bound * np.abs(M) + np.abs(B) >= 2**REQUANT_BITS):
+        raise QosError(f"{where}: accumulators up to {q_bound} overflow the int64 requantization")
+    return M, B, n
+
+
+def requantize(q: Any, M: Any, B: Any, n: Any, zero_point: int, lo: int, hi: int, axis: int = 1) -> np.ndarray:
+    """Codes of the next layer from int32 accumulators ``q``: ``clip(floor((q*M + B) / 2**n) + z, lo, hi)``
+    in int64 (per channel along ``axis``; ``M``, ``B``, ``n`` from ``requant_params``). int64 result."""
+    q = np.asarray(q)
+    if q.dtype != np.int32:
+        raise QosError(f"requantize wants int32 accumulators, got {q.dtype}")
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    M, B, n = (np.asarray(v, np.int64).reshape(shape) for v in (M, B, n))
+    t = (q.astype(np.int64) * M + B) >> n           # arithmetic shift: floor division by 2**n
+    return np.clip(t + int(zero_point), int(lo), int(hi))

@@ -27,12 +27,13 @@
 #define QOSM_DTYPE_INT16 3
 #define QOSM_DTYPE_INT32 4
 #define QOSM_DTYPE_FLOAT32 5
-#define QOSM_DTYPE_MAX 5
+#define QOSM_DTYPE_INT64 6
+#define QOSM_DTYPE_MAX 6
 /* indexed by dtype code (index 0 unused) */
-#define QOSM_DTYPE_SIZES {0, 1, 1, 2, 4, 4}
-#define QOSM_DTYPE_DL_CODES {0, 0, 1, 0, 0, 2}
-#define QOSM_DTYPE_BITS {0, 8, 8, 16, 32, 32}
-#define QOSM_DTYPE_NAMES {"?", "int8", "uint8", "int16", "int32", "float32"}
+#define QOSM_DTYPE_SIZES {0, 1, 1, 2, 4, 4, 8}
+#define QOSM_DTYPE_DL_CODES {0, 0, 1, 0, 0, 2, 0}
+#define QOSM_DTYPE_BITS {0, 8, 8, 16, 32, 32, 64}
+#define QOSM_DTYPE_NAMES {"?", "int8", "uint8", "int16", "int32", "float32", "int64"}
 
 /* plan argument kinds */
 #define QOSM_ARG_CONST 0

@@ -159,7 +159,7 @@ def test_reader_rejects_bad_plan_index():
 def test_arg_kinds_and_dtypes_match_dlpack():
     assert [k.value for k in ArgKind] == [0, 1, 2, 3, 4]
     assert {d.name: M.DTYPE_INFO[d][2:4] for d in DType} == {
-        "INT8": (0, 8), "UINT8": (1, 8), "INT16": (0, 16), "INT32": (0, 32), "FLOAT32": (2, 32)}
+        "INT8": (0, 8), "UINT8": (1, 8), "INT16": (0, 16), "INT32": (0, 32), "FLOAT32": (2, 32), "INT64": (0, 64)}
 
 
 def test_int16_bank_tables_and_truncated_table():

@@ -167,8 +167,18 @@ def test_model_is_valid_and_self_describing(resnet, exported):
     assert inits["luts"].shape == (3, 256, 256) and inits["luts"].dtype == np.int32
     np.testing.assert_array_equal(inits["luts"], resnet.bank.luts.numpy())
     assert inits["layer2.0.conv1.assign"].tolist() == [row[3] for row in resnet.assignment()]
-    assert inits["layer1.0.conv1.scale_per_op"].shape == (3, 16, 1, 1)
+    assert inits["layer1.0.conv2.scale_per_op"].shape == (3, 16, 1, 1)
     assert inits["fc.shift_per_op"].shape == (3, 10)
+    # each block's conv1 -> bn1 -> relu -> conv2 is integer-only (contract v2): per-OP int
+    # multipliers, offsets, shifts and zero points, and conv2 reads the codes it writes
+    assert {k: (v.shape, v.dtype) for k, v in inits.items() if k.startswith("layer1.0.conv1.rq_")} == {
+        "layer1.0.conv1.rq_mult_per_op": ((3, 16, 1, 1), np.int32),
+        "layer1.0.conv1.rq_offset_per_op": ((3, 16, 1, 1), np.int64),
+        "layer1.0.conv1.rq_shift_per_op": ((3, 16, 1, 1), np.int32),
+        "layer1.0.conv1.rq_zero_per_op": ((3, 16, 1, 1), np.int64)}
+    assert "layer1.0.conv1.scale_per_op" not in inits and "layer1.0.conv2.x_inv_scale" not in inits
+    assert [layer.name for layer in exported.layers if layer.requantizes_into] == [
+        f"layer{i}.0.conv1" for i in (1, 2, 3)]
     # every BatchNorm follows its conv: folded, no BatchNormalization left
     assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)
     assert all(layer.folded_bn == layer.name.replace("conv", "bn") for layer in exported.layers[:-1])
@@ -237,13 +247,20 @@ def test_end_to_end_agreement_every_op(resnet, session, inputs):
     assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[0], outs[2])
 
 
+def _slot_kinds(layer) -> tuple[str, ...]:
+    """The per-OP slot inputs of an exported layer: its table and its epilogue's tensors."""
+    if layer.requantizes_into is not None:
+        return ("lut", "rq_mult", "rq_offset", "rq_shift", "rq_zero")
+    return ("lut", "scale", "shift")
+
+
 def test_slots_variant_matches(resnet, exported, session):
     x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(4))
     ex = export_onnx(resnet, slots=True)
     check_model(ex)
     model = ex.model
     names = [info.name for info in resnet.approx_layers()]
-    expected = ["input"] + [f"slot.{n}.{k}" for n in names for k in ("lut", "scale", "shift")]
+    expected = ["input"] + [f"slot.{layer.name}.{k}" for layer in ex.layers for k in _slot_kinds(layer)]
     assert [i.name for i in model.graph.input] == expected
     assert "operating_point" not in {i.name for i in model.graph.input}
     assert set(ex.slots) == set(expected[1:]) and all(len(v) == 3 for v in ex.slots.values())
@@ -345,9 +362,11 @@ def test_mixed_network_signed_per_channel(signed: bool, per_channel: bool):
     sess = make_session(ex, threads=THREADS)
     slots = export_onnx(qnet, input_shape=(3, 8, 8), slots=True)
     order = [i.name for i in slots.model.graph.input]
-    assert order == ["input"] + [f"slot.{n}.{k}" for n in ("stem", "grouped") for k in ("lut", "scale", "shift")] + [
+    kinds = {layer.name: _slot_kinds(layer) for layer in slots.layers}
+    assert layers["head.0"].requantizes_into == "head.3"           # linear -> ReLU -> linear: integer-only
+    assert order == ["input"] + [f"slot.{n}.{k}" for n in ("stem", "grouped") for k in kinds[n]] + [
         "slot.pre_bn.scale", "slot.pre_bn.shift"] + [f"slot.{n}.{k}" for n in ("dw", "head.0", "head.3")
-                                                     for k in ("lut", "scale", "shift")]
+                                                     for k in kinds[n]]
     assert slots.slots["slot.pre_bn.scale"][0].shape == (8, 1, 1)
     slot_sess = make_session(slots, threads=THREADS)
     for op in range(3):
@@ -372,7 +391,9 @@ def test_quantize_linear_variant(resnet):
     """The standard QuantizeLinear divides by the scale: same model otherwise, codes may differ at ties."""
     ex = export_onnx(resnet, quantize="QuantizeLinear")
     check_model(ex)
-    assert sum(n.op_type == "QuantizeLinear" for n in ex.model.graph.node) == 8
+    # every layer quantizes its input, except the three whose codes the layer before requantizes
+    assert sum(n.op_type == "QuantizeLinear" for n in ex.model.graph.node) == 8 - 3
+    assert sum(layer.requantizes_into is not None for layer in ex.layers) == 3
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(9))
     y = run_onnxruntime(ex, x, operating_point=1, threads=THREADS)
     assert (y.argmax(1) == _torch_logits(resnet, x, 1).argmax(1)).all()

@@ -541,6 +541,28 @@ def test_batchnorm_folded_only_where_it_directly_follows_a_layer(name):
     assert fold_map(qnet.net) == {k: v for k, v in folded.items() if v is not None}
 
 
+#: Integer epilogues (numerics contract v2) of some networks: a layer feeding the next one directly
+#: (through its folded BatchNorm and one clamp-like activation); None: no layer does.
+REQUANT = {"residual_upsample": {"a1": "a2"},                  # signed, per-channel, in a residual block
+           "mlp_batchnorm1d": {"fc1": "fc2"},                  # fc2 -> F.dropout -> fc3 stays float
+           "bias_no_bn": {"fc1": "fc2"},                       # per-OP bias, F.relu then nn.Dropout
+           "dense_concat": None}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_integer_epilogues_where_layers_chain(name):
+    """The exporter and the emulation pick the same integer epilogues (nn.fold.requant_target), and
+    the networks above get the expected ones; bit-identity is checked by the tests below."""
+    from qos_compile.nn.fold import requant_map
+    from qos_compile.onnx import export_onnx
+
+    qnet = built(name).qnet
+    links = {layer.name: layer.requantizes_into for layer in export_onnx(qnet).layers if layer.requantizes_into}
+    assert links == {k: v[0] for k, v in requant_map(qnet.net).items()}
+    if name in REQUANT:
+        assert links == (REQUANT[name] or {}), links
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_model_pt_round_trip(name, tmp_path):
     """model.pt keeps the architecture as data: the rebuilt network computes the same at every OP

@@ -13,7 +13,8 @@ from .bank import MultiplierBank
 from .layers import ApproxConv2d, ApproxLinear
 from .multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from .quant import Mode, QuantConfig
-from .wrap import LayerInfo, QoSNet, approx_layers, wrap_model
+from .wrap import LayerInfo, QoSNet, approx_layers, float_epilogues, wrap_model
 
 __all__ = ["Mode", "QuantConfig", "ApproxConv2d", "ApproxLinear", "MultiBatchNorm", "MultiBatchNorm1d",
-           "MultiBatchNorm2d", "MultiplierBank", "QoSNet", "wrap_model", "approx_layers", "LayerInfo"]
+           "MultiBatchNorm2d", "MultiplierBank", "QoSNet", "wrap_model", "approx_layers", "LayerInfo",
+           "float_epilogues"]

@@ -14,16 +14,29 @@ layer's output as its only argument and normalises its channels (``MultiBatchNor
 a conv, ``MultiBatchNorm1d`` after a linear layer's ``[N, O]`` output; ``fold_target``). Any
 other BatchNorm is its own affine, ``y = x * float32(a) + float32(b)``.
 
+Where the layer's output goes straight on to another approximate layer (``fold.requant_target``:
+through at most its folded BatchNorm, one ReLU/ReLU6/Hardtanh and pass-through modules), the
+epilogue is integer-only instead (numerics contract v2, ``layer_requant``): the next layer's
+codes are ``reference.requantize(q, M, B, n, z, lo, hi)``, with ``(M, B, n)`` from
+``reference.requant_params`` of ``m = scale / s_next`` and ``b = shift / s_next`` in float64
+and the activation as the clamp bounds ``[lo, hi]``.
+
 The exporter and the emulation both read these functions, so the PyTorch accuracy of an OP
 is the device's bit for bit (except where a network uses sigmoid/tanh/SiLU: every runtime
 has its own ``exp``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import reference
 from ..errors import QosError
+from .quant import quantize
 
 
 def bn_affine(bn: _BatchNorm, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,10 +58,10 @@ def bn_affine32(bn: _BatchNorm, where: str) -> tuple[torch.Tensor, torch.Tensor]
     return a.float(), b.float()
 
 
-def layer_affine(s_x: torch.Tensor | float, s_w: torch.Tensor, bias: torch.Tensor | None, out_channels: int,
-                 bn: _BatchNorm | None = None, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift), float32 CPU vectors of ``out_channels``: dequantization ``s_x * s_w``, the
-    layer's bias row of this OP and (if folded) this OP's BatchNorm, combined in float64."""
+def layer_affine64(s_x: torch.Tensor | float, s_w: torch.Tensor, bias: torch.Tensor | None, out_channels: int,
+                   bn: _BatchNorm | None = None, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), float64 CPU vectors of ``out_channels``: dequantization ``s_x * s_w``, the
+    layer's bias row of this OP and (if folded) this OP's BatchNorm."""
     deq = float(s_x) * torch.as_tensor(s_w).detach().double().cpu().reshape(-1).expand(out_channels)
     scale = deq.clone()
     shift = bias.detach().double().cpu().reshape(-1).clone() if bias is not None else torch.zeros(
@@ -56,4 +69,70 @@ def layer_affine(s_x: torch.Tensor | float, s_w: torch.Tensor, bias: torch.Tenso
     if bn is not None:
         a, b = bn_affine(bn, where)
         scale, shift = scale * a, shift * a + b
+    return scale, shift
+
+
+def layer_affine(s_x: torch.Tensor | float, s_w: torch.Tensor, bias: torch.Tensor | None, out_channels: int,
+                 bn: _BatchNorm | None = None, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer_affine64`` rounded once to float32: the float epilogue's (scale, shift)."""
+    scale, shift = layer_affine64(s_x, s_w, bias, out_channels, bn, where)
     return scale.float(), shift.float()
+
+
+def accumulator_bound(layer: Any) -> int:
+    """A bound on ``|q|``, the zero-point-corrected accumulator of approximate ``layer`` at any OP:
+    ``max|lut| * K + 255 * max_o sum|w| + 255 * 255 * K`` over the circuits it is assigned
+    (``K`` products per output). The exporter refuses a layer whose bound passes int32."""
+    w_codes, _, _ = layer.weight_codes()
+    w = w_codes.detach().cpu().to(torch.int64).reshape(w_codes.shape[0], -1)
+    terms = int(w.shape[1])
+    used = sorted({int(a) for a in layer.assign.detach().cpu().tolist()})
+    lut_max = int(layer.bank.luts.detach().cpu()[used].to(torch.int64).abs().max())
+    return lut_max * terms + 255 * int(w.abs().sum(1).max()) + 255 * 255 * terms
+
+
+@dataclass(frozen=True)
+class Requant:
+    """A layer's integer epilogue at one OP (``reference.requantize``): per-channel int64 ``M``,
+    ``B``, ``n``; the next layer's zero point and the clamp bounds, all in its codes."""
+
+    M: np.ndarray
+    B: np.ndarray
+    n: np.ndarray
+    zero_point: int
+    lo: int
+    hi: int
+
+
+def layer_requant(layer: Any, consumer: Any, clamp: tuple[float | None, float | None], bias: torch.Tensor | None,
+                  bn: _BatchNorm | None, where: str) -> Requant:
+    """The integer epilogue of ``layer`` feeding ``consumer``'s input codes at the current weights
+    and observers: this OP's bias row and folded BatchNorm (``bn``), ``clamp`` the activation's
+    float bounds in between (``fold.requant_target``). QosError when it cannot be represented."""
+    s_x, _ = layer.act_qparams()
+    s_w, _ = layer.weight_qparams()
+    scale, shift = layer_affine64(s_x, s_w, bias, layer.weight.shape[0], bn, where)
+    s_c, z_c = consumer.act_qparams()
+    qc = consumer.qconfig
+    s_next = float(s_c)
+    M, B, n = reference.requant_params((scale / s_next).numpy(), (shift / s_next).numpy(),
+                                       accumulator_bound(layer), where)
+
+    def code(v: float) -> int:   # the consumer's own quantization of a float bound
+        return int(quantize(torch.tensor(float(v), dtype=torch.float32), s_c, z_c, qc))
+
+    lo = qc.qmin if clamp[0] is None else max(qc.qmin, code(clamp[0]))
+    hi = qc.qmax if clamp[1] is None else min(qc.qmax, code(clamp[1]))
+    if lo > hi:
+        raise QosError(f"{where}: the activation's range [{clamp[0]}, {clamp[1]}] leaves no code of the next layer")
+    return Requant(M, B, n, int(z_c), lo, hi)
+
+
+def requantize_torch(q: torch.Tensor, rq: Requant) -> torch.Tensor:
+    """``reference.requantize`` in torch (int64 codes, channels on axis 1) for exact integer ``q``
+    of any dtype (the emulation's float64 accumulators)."""
+    shape = (1, -1) + (1,) * (q.ndim - 2)
+    dev = q.device
+    M, B, n = (torch.from_numpy(v).to(dev).view(shape) for v in (rq.M, rq.B, rq.n))
+    t = (q.to(torch.int64) * M + B) >> n             # arithmetic shift on int64: floor division by 2**n
+    return torch.clamp(t + rq.zero_point, rq.lo, rq.hi)

@@ -22,7 +22,7 @@ from . import kernels
 from .emulation import EmulationPlan, forced_strategy
 from .functional import (ConvGeometry, PreparedWeights, conv_geometry, conv_prepared, linear_geometry,
                          prepare_weights)
-from .affine import layer_affine
+from .affine import layer_affine, layer_requant, requantize_torch
 from .multibn import op_index
 from .quant import Mode, QuantConfig, as_mode, code_dtype, fake_quant, qparams, quantize
 
@@ -215,8 +215,12 @@ class _ApproxMixin:
         s_w, z_w = self.weight_qparams()
         x_idx, x_range = self._input_indices(x4, s_x, z_x)
         prep = self._prepared_weights(plan, int(z_x) + self.qconfig.offset, s_w, z_w)
-        q = conv_prepared(x_idx, prep, geo, x_range=x_range)
         deploy = self.__dict__.get("_deploy")
+        requant = deploy is not None and deploy.requant is not None and (
+            not isinstance(self, nn.Linear) or len(self.input_shape or ()) == 1)
+        q = conv_prepared(x_idx, prep, geo, exact=requant, x_range=x_range)   # exact: float64 integers
+        if requant:
+            return self._requantized_output(q, deploy)
         if deploy is not None:
             return self._deployed_output(q, s_x, s_w, deploy)
         scale = s_x * s_w
@@ -235,6 +239,21 @@ class _ApproxMixin:
         deploy.folded = bn is not None
         shape = (1, -1, 1, 1)
         return (q * scale.to(q.device).view(shape) + shift.to(q.device).view(shape)).contiguous()
+
+    def _requantized_output(self, q: torch.Tensor, deploy: Any) -> torch.Tensor:
+        """Inference under ``QoSNet`` where this layer feeds ``deploy.requant``'s layer directly:
+        the integer epilogue (``nn.affine.layer_requant``) gives that layer's input codes, passed
+        on dequantized, ``float32(code - z) * s``, which its own quantization maps back to exactly
+        these codes (and which the activation in between leaves unchanged: the codes are clamped
+        to its range)."""
+        consumer, clamp = deploy.requant
+        bn = deploy.bn
+        rq = layer_requant(self, consumer, clamp, self.current_bias(), None if bn is None else bn.bns[bn.op],
+                           f"layer net.{deploy.name}")
+        deploy.folded = bn is not None
+        codes = requantize_torch(q, rq)
+        s_c, _ = consumer.act_qparams()
+        return ((codes - rq.zero_point).to(torch.float32) * s_c.to(q.device)).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer in its current mode at its current operating point (see Mode)."""

@@ -13,7 +13,7 @@ from ..errors import QosError
 from ..multipliers import Multiplier, bundled
 from ..multipliers import get as get_multiplier
 from .bank import MultiplierBank
-from .fold import fold_map
+from .fold import fold_map, requant_map
 from .graph import capture
 from .pooling import ordered_pooling
 from .layers import ApproxConv2d, ApproxLinear
@@ -79,11 +79,32 @@ def _as_multipliers(multipliers: Iterable[Multiplier | str] | None, qconfig: Qua
 @dataclass
 class _Deploy:
     """An approximate layer's part in one inference pass (``QoSNet.forward``): the BatchNorm the
-    exporter folds into it (None: none), and whether this pass folded it."""
+    exporter folds into it (None: none), whether this pass folded it, and the approximate layer
+    whose input codes its integer epilogue writes, with the activation's clamp (None: float
+    epilogue; ``fold.requant_target``)."""
 
     bn: MultiBatchNorm | None
     bn_name: str
     folded: bool = False
+    requant: tuple[nn.Module, tuple[float | None, float | None]] | None = None
+    name: str = ""
+
+
+#: False inside ``float_epilogues()``: every layer keeps the float epilogue (for comparisons).
+_INTEGER_EPILOGUES = [True]
+
+
+class float_epilogues:
+    """Context manager: inference keeps contract v1's float epilogue after every layer instead of
+    the integer requantization between directly connected layers (what the device computed
+    before contract v2; ``bench.epilogue`` compares the two)."""
+
+    def __enter__(self) -> "float_epilogues":
+        _INTEGER_EPILOGUES.append(False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _INTEGER_EPILOGUES.pop()
 
 
 class QoSNet(nn.Module):
@@ -117,7 +138,8 @@ class QoSNet(nn.Module):
         Inference in APPROX mode (eval mode, no gradients recorded) computes what the compiled
         model computes, bit for bit: every approximate layer's epilogue, and every BatchNorm, as
         the float32 affine of ``nn.affine``, with BatchNorms folded into the layer before them
-        where the exporter folds them (``nn.fold``). Training, and eval passes that record
+        where the exporter folds them (``nn.fold``), and the integer requantization of
+        ``nn.affine.layer_requant`` where a layer feeds the next one directly. Training, and eval passes that record
         gradients, keep the training numerics (float BatchNorm after the layer).
         """
         if self.input_shape is None and isinstance(x, torch.Tensor):
@@ -127,12 +149,17 @@ class QoSNet(nn.Module):
         folds = self._folds()
         if folds is None:
             return self.net(x)
+        links = self.__dict__["_requant_map"] if _INTEGER_EPILOGUES[-1] else {}
         modules = dict(self.net.named_modules())
         try:
             for name, mod in modules.items():
                 if isinstance(mod, (ApproxConv2d, ApproxLinear)) and mod.mode == Mode.APPROX:
                     bn_name = folds.get(name, "")
-                    mod.__dict__["_deploy"] = _Deploy(modules[bn_name] if bn_name else None, bn_name)
+                    link = links.get(name)
+                    consumer = modules[link[0]] if link is not None else None
+                    requant = (consumer, link[1]) if consumer is not None and consumer.mode == Mode.APPROX else None
+                    mod.__dict__["_deploy"] = _Deploy(modules[bn_name] if bn_name else None, bn_name,
+                                                      requant=requant, name=name)
                 elif isinstance(mod, MultiBatchNorm):
                     mod.__dict__["_deploy"] = True
             return self.net(x)
@@ -147,6 +174,7 @@ class QoSNet(nn.Module):
         if "_fold_map" not in self.__dict__:
             try:
                 self.__dict__["_fold_map"] = fold_map(self.net)
+                self.__dict__["_requant_map"] = requant_map(self.net)
             except Exception:  # noqa: BLE001 - fx raises many kinds; such a network keeps torch numerics
                 self.__dict__["_fold_map"] = None
         return self.__dict__["_fold_map"]

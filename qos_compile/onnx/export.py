@@ -40,8 +40,8 @@ from ..errors import QosError
 from ..nn.layers import ApproxConv2d, ApproxLinear
 from ..nn.pooling import OrderedAdaptiveAvgPool2d, OrderedAvgPool2d
 from ..nn.graph import FUNCTIONS, METHODS, MODULES, function_name, source_line
-from ..nn.affine import bn_affine32, layer_affine
-from ..nn.fold import LeafTracer, fold_target
+from ..nn.affine import accumulator_bound, bn_affine32, layer_affine, layer_requant
+from ..nn.fold import LeafTracer, RequantLink, fold_target, requant_target
 from ..nn.multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from ..nn.quant import Mode
 from ..nn.wrap import QoSNet
@@ -68,7 +68,8 @@ class LayerExport:
     activation quantization; ``w_scale``/``w_zero_point``: weight quantization, shape ()
     per tensor or (O,) per channel; ``folded_bn``: name of the MultiBatchNorm1d/2d folded
     into ``scale``/``shift`` (None if none); ``assign``: bank index per OP; shapes are per
-    sample (no batch axis); ``terms``: products per accumulator (K).
+    sample (no batch axis); ``terms``: products per accumulator (K); ``requantizes_into``: the
+    layer whose input codes this layer's integer epilogue writes (None: float epilogue).
     """
 
     name: str
@@ -84,6 +85,7 @@ class LayerExport:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     terms: int
+    requantizes_into: str | None = None
 
 
 @dataclass
@@ -289,6 +291,8 @@ class _Ctx:
     slot_values: dict[str, list[np.ndarray]]
     layers: list[LayerExport]
     luts_name: str | None = None
+    #: input codes of a layer, written by the integer epilogue of the layer before it
+    codes_in: dict[str, str] = field(default_factory=dict)
 
 
 def _per_op(ctx: _Ctx, name: str, kind: str, values: list[np.ndarray], node_name: str) -> str:
@@ -326,7 +330,8 @@ def _emit_quantize(ctx: _Ctx, name: str, x: str, layer: ApproxConv2d | ApproxLin
 
 
 def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x: str,
-                 bn: tuple[str, MultiBatchNorm] | None) -> str:
+                 bn: tuple[str, MultiBatchNorm] | None, link: RequantLink | None = None,
+                 consumer: ApproxConv2d | ApproxLinear | None = None) -> str:
     g, qnet = ctx.g, ctx.qnet
     name = str(node.target)
     where = f"net.{name}"
@@ -340,7 +345,12 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
     conv = isinstance(layer, ApproxConv2d)
     if not conv and len(in_shape) != 2:
         raise QosError(f"layer {where}: ApproxLinear export needs a 2-D input (N, K), got rank {len(in_shape)}")
-    codes, s_x, z_x = _emit_quantize(ctx, name, x, layer)
+    if name in ctx.codes_in:          # written by the integer epilogue of the layer before
+        codes = ctx.codes_in.pop(name)
+        s_x_t, z_x_t = layer.act_qparams()
+        s_x, z_x = float(s_x_t), int(z_x_t)
+    else:
+        codes, s_x, z_x = _emit_quantize(ctx, name, x, layer)
 
     # weights: the layer's own codes, scale and zero point
     w_codes_t, s_w_t, z_w_t = layer.weight_codes()
@@ -380,9 +390,7 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
 
     # exact zero-point correction in int32: acc - z_x*sum(w) - z_w*sum_rf(x - z_x)
     w_int = w_codes.astype(np.int64).reshape(out_ch, -1)
-    bound_x = 255 * terms
-    lut_max = int(np.abs(luts[list(set(assign))]).max())
-    if lut_max * terms + 255 * int(np.abs(w_int).sum(1).max()) + 255 * bound_x > INT32_MAX:
+    if accumulator_bound(layer) > INT32_MAX:
         raise QosError(f"layer {where}: {terms} products per output may overflow the int32 accumulator")
     sum_w = w_int.sum(1)
     q = acc
@@ -410,6 +418,17 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
             t = g.node("Mul", [sx, zw], f"{name}/zero_point/zw_sum_x")
         q = g.node("Sub", [q, t], f"{name}/zero_point/sub_zw_sum_x", out=f"{name}.q")
 
+    if ctx.debug:
+        g.outputs.append(_vi(codes, TensorProto.INT8 if qc.signed else TensorProto.UINT8, _batched(in_shape)))
+        g.outputs.append(_vi(acc, TensorProto.INT32, _batched(out_shape)))
+    ctx.layers.append(LayerExport(
+        name=name, kind="conv" if conv else "linear", attrs=attrs, x_scale=s_x, x_zero_point=z_x,
+        w_scale=s_w.copy(), w_zero_point=z_w.copy(), signed=bool(qc.signed),
+        folded_bn=None if bn is None else bn[0], assign=assign, input_shape=in_shape[1:],
+        output_shape=out_shape[1:], terms=terms, requantizes_into=None if link is None else link.consumer))
+    if link is not None and consumer is not None:
+        return _emit_requant(ctx, name, layer, q, bn, link, consumer, bshape)
+
     # one per-OP affine (nn.affine, which the emulation computes too): dequantization, per-OP
     # bias and (if folded) the per-OP BatchNorm
     scales, shifts = [], []
@@ -423,17 +442,48 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
     sh = _per_op(ctx, name, "shift", shifts, f"{name}/shift")
     y = g.node("Cast", [q], f"{name}/to_float", to=TensorProto.FLOAT)
     y = g.node("Mul", [y, sc], f"{name}/affine/mul")
-    y = g.node("Add", [y, sh], f"{name}/affine/add", out=f"{name}.out" if bn is None else f"{bn[0]}.out")
+    return g.node("Add", [y, sh], f"{name}/affine/add", out=f"{name}.out" if bn is None else f"{bn[0]}.out")
 
-    if ctx.debug:
-        g.outputs.append(_vi(codes, TensorProto.INT8 if qc.signed else TensorProto.UINT8, _batched(in_shape)))
-        g.outputs.append(_vi(acc, TensorProto.INT32, _batched(out_shape)))
-    ctx.layers.append(LayerExport(
-        name=name, kind="conv" if conv else "linear", attrs=attrs, x_scale=s_x, x_zero_point=z_x,
-        w_scale=s_w.copy(), w_zero_point=z_w.copy(), signed=bool(qc.signed),
-        folded_bn=None if bn is None else bn[0], assign=assign, input_shape=in_shape[1:],
-        output_shape=out_shape[1:], terms=terms))
-    return y
+
+#: ``B + 2**_RQ_BIAS_BITS`` keeps ``q*M + B`` non-negative, so an unsigned shift floors it
+#: (ONNX's BitShift takes unsigned types only); ``|q*M + B| < 2**reference.REQUANT_BITS``.
+_RQ_BIAS_BITS = reference.REQUANT_BITS + 1
+
+
+def _emit_requant(ctx: _Ctx, name: str, layer: ApproxConv2d | ApproxLinear, q: str,
+                  bn: tuple[str, MultiBatchNorm] | None, link: RequantLink, consumer: ApproxConv2d | ApproxLinear,
+                  bshape: tuple[int, ...]) -> str:
+    """The integer epilogue (``reference.requantize``) from ``q`` to ``link.consumer``'s input codes:
+    ``Clip((q*M + B + 2**62) >> n + (z - 2**(62-n)), lo, hi)`` in int64, per-OP M/B/n/z."""
+    g, where = ctx.g, f"layer net.{name}"
+    rqs = []
+    for op in range(ctx.num_ops):
+        bias = layer.bias_per_op[op] if layer.bias_per_op is not None else None
+        rqs.append(layer_requant(layer, consumer, link.clamp, bias, None if bn is None else bn[1].bns[op], where))
+    z, lo, hi = rqs[0].zero_point, rqs[0].lo, rqs[0].hi
+    if any((r.zero_point, r.lo, r.hi) != (z, lo, hi) for r in rqs):
+        raise QosError(f"{where}: the next layer's zero point or clamp differs between operating points")
+    shape = bshape[1:]
+    mult = _per_op(ctx, name, "rq_mult", [r.M.astype(np.int32).reshape(shape) for r in rqs], f"{name}/rq_mult")
+    offset = _per_op(ctx, name, "rq_offset", [(r.B + (1 << _RQ_BIAS_BITS)).reshape(shape) for r in rqs],
+                     f"{name}/rq_offset")
+    shift = _per_op(ctx, name, "rq_shift", [r.n.astype(np.int32).reshape(shape) for r in rqs], f"{name}/rq_shift")
+    zero = _per_op(ctx, name, "rq_zero", [(z - (np.int64(1) << (_RQ_BIAS_BITS - r.n))).reshape(shape)
+                                          for r in rqs], f"{name}/rq_zero")
+    t = g.node("Cast", [q], f"{name}/requant/q64", to=TensorProto.INT64)
+    t = g.node("Mul", [t, g.node("Cast", [mult], f"{name}/requant/mult64", to=TensorProto.INT64)],
+               f"{name}/requant/mul")
+    t = g.node("Add", [t, offset], f"{name}/requant/add_offset")
+    t = g.node("Cast", [t], f"{name}/requant/to_unsigned", to=TensorProto.UINT64)
+    t = g.node("BitShift", [t, g.node("Cast", [shift], f"{name}/requant/shift64", to=TensorProto.UINT64)],
+               f"{name}/requant/shift", direction="RIGHT")
+    t = g.node("Cast", [t], f"{name}/requant/to_signed", to=TensorProto.INT64)
+    t = g.node("Add", [t, zero], f"{name}/requant/add_zero_point")
+    t = g.node("Clip", [t, g.const(lo, np.int64), g.const(hi, np.int64)], f"{name}/requant/clip")
+    code_type = TensorProto.INT8 if consumer.qconfig.signed else TensorProto.UINT8
+    codes = g.node("Cast", [t], f"{name}/requant/cast", out=f"{link.consumer}.codes", to=code_type)
+    ctx.codes_in[link.consumer] = codes
+    return codes
 
 
 def _window_sum(g: _Graph, name: str, xc: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], groups: int,
@@ -580,11 +630,13 @@ class _Emitter:
                 raise QosError(f"unsupported call of {_type_name(mod)} at {where} (one tensor argument expected)")
             x = self.val(node.args[0], where)
             bn = self._following_bn(node)
-            y = _emit_approx(self.ctx, node, mod, x, bn)
-            if bn is not None:
-                bn_node = next(iter(node.users))
-                self.env[bn_node] = y
-                self.skip.add(bn_node)
+            link = self._requant_link(node, bn)
+            consumer = None if link is None else self.modules[link.consumer]
+            y = _emit_approx(self.ctx, node, mod, x, bn, link, consumer)   # type: ignore[arg-type]
+            absorbed = list(link.between) if link is not None else [next(iter(node.users))] if bn is not None else []
+            for n in absorbed:           # the folded BatchNorm, and the activation the codes' clamp holds
+                self.env[n] = y
+                self.skip.add(n)
             return y
         args = [self.val(a, where) for a in node.args]
         if node.kwargs:
@@ -653,6 +705,20 @@ class _Emitter:
         if mod.num_ops != self.ctx.num_ops:
             raise QosError(f"{type(mod).__name__} at net.{target} has {mod.num_ops} OPs, the QoSNet {self.ctx.num_ops}")
         return target, mod
+
+    def _requant_link(self, node: fx.Node, bn: tuple[str, MultiBatchNorm] | None) -> RequantLink | None:
+        """``fold.requant_target`` of approximate layer ``node``, where the exporter folds as the
+        emulation does (a BatchNorm after the layer must be the folded one) and a linear layer's
+        input and output are ``[N, K]``."""
+        link = requant_target(node, self.modules)
+        if link is None:
+            return None
+        layer = self.modules[str(node.target)]
+        if fold_target(node, self.modules) is not None and bn is None:
+            return None
+        if isinstance(layer, ApproxLinear) and len(_shape(node)) != 2:
+            return None
+        return link
 
     def ordered_sum(self, terms: list[str], name: str) -> str:
         """``reference.ordered_sum`` of same-shape tensors as Add nodes (the fixed halving order)."""

@@ -311,7 +311,7 @@ def _shape_pair(lay: Layout, data: bytes, sec: M.Section, index: int, rng: rando
     rec = M.SECTION_RECORDS[sec]
     base = lay.record_offset(sec, index)
     dtype = data[base + _field(rec, "dtype").offset]
-    item = {1: 1, 2: 1, 3: 2, 4: 4, 5: 4}.get(dtype, 1)
+    item = M.DTYPE_INFO[M.DType(dtype)][1] if dtype in M.DTYPE_INFO.keys() else 1
     ndim = rng.randrange(0, M.MAX_NDIM + 1)
     shape = [rng.choice([1, 2, 3, 4, 8, 16, 64, 256, 1 << 20]) for _ in range(ndim)]
     n = item

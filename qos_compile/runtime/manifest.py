@@ -61,6 +61,7 @@ class DType(IntEnum):
     INT16 = 3
     INT32 = 4
     FLOAT32 = 5
+    INT64 = 6      # the integer epilogue's per-OP offsets and clamp bounds (numerics contract v2)
 
 
 # code -> (name, element size, DLPack type code, bits, numpy dtype)
@@ -70,6 +71,7 @@ DTYPE_INFO: dict[DType, tuple[str, int, int, int, str]] = {
     DType.INT16: ("int16", 2, 0, 16, "<i2"),
     DType.INT32: ("int32", 4, 0, 32, "<i4"),
     DType.FLOAT32: ("float32", 4, 2, 32, "<f4"),
+    DType.INT64: ("int64", 8, 0, 64, "<i8"),
 }
 
 
@@ -301,14 +303,13 @@ def checksum(data: bytes | memoryview) -> int:
 
 
 def dtype_of(array_dtype: Any) -> DType:
-    """The manifest DType of a numpy dtype (int8, uint8, int16, int32, float32; any byte order)."""
+    """The manifest DType of a numpy dtype (those of ``DTYPE_INFO``; any byte order)."""
     dt = np.dtype(array_dtype)
-    table = {("i", 1): DType.INT8, ("u", 1): DType.UINT8, ("i", 2): DType.INT16, ("i", 4): DType.INT32,
-             ("f", 4): DType.FLOAT32}
-    code = table.get((dt.kind, dt.itemsize))
-    if code is None:
-        raise QosError(f"the manifest cannot store dtype {dt} (only int8, uint8, int16, int32, float32)")
-    return code
+    for code, info in DTYPE_INFO.items():
+        if np.dtype(info[4]).kind == dt.kind and np.dtype(info[4]).itemsize == dt.itemsize:
+            return code
+    names = ", ".join(info[0] for info in DTYPE_INFO.values())
+    raise QosError(f"the manifest cannot store dtype {dt} (only {names})")
 
 
 def numpy_dtype(code: int) -> np.dtype:

@@ -43,7 +43,7 @@ from tvm import relax
 
 from .. import cbuild
 from ..errors import QosError
-from ..runtime.manifest import ALIGN, MAX_NDIM, ArgKind
+from ..runtime.manifest import ALIGN, DTYPE_INFO, MAX_NDIM, ArgKind
 from ..targets import Target, get_target
 from . import build as tvm_build
 from .kernels import KERNEL_ATTR, schedule_primfunc
@@ -53,7 +53,7 @@ __all__ = ["SLOT_PREFIX", "PlanArg", "PlanStep", "PlanBuffer", "PlanIO", "Plan",
            "glue_source", "compile_plan"]
 
 SLOT_PREFIX = "slot."
-_MANIFEST_DTYPES = ("int8", "uint8", "int16", "int32", "float32")
+_MANIFEST_DTYPES = tuple(info[0] for info in DTYPE_INFO.values())   # what the C runtime stores
 _PARALLEL_MIN = 4096          # parallelise a generic loop nest only above this many iterations
 _VECTOR_LANES = (16, 8, 4)    # element-wise loops: vector lanes, widest that divides the innermost extent
 _INLINE_MAX_LOADS = 256       # inline a block only while its consumer's expression stays below this many loads

@@ -1,0 +1,170 @@
+"""Numerics contract v2: the integer epilogue (``reference.requant_params`` / ``requantize``), its
+torch twin, which layers get it, and the one-line errors where it cannot be represented."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qos_compile import reference
+from qos_compile.errors import QosError
+from qos_compile.multipliers import get
+from qos_compile.nn import Mode, QuantConfig, float_epilogues, wrap_model
+from qos_compile.nn.affine import Requant, requantize_torch
+from qos_compile.nn.fold import requant_map
+from qos_compile.onnx import export_onnx, run_onnxruntime
+
+
+def _exact_round_half_up(q: int, M: int, B: int, n: int) -> int:
+    """floor((q*M + B) / 2**n) by exact rational arithmetic."""
+    v = Fraction(q * M + B, 2**n)
+    return v.numerator // v.denominator
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_requantize_is_the_stated_fixed_point_rounding(seed):
+    """M, B, n hold m and b to n fractional bits; requantize is floor((q*M + B) / 2^n) + z, clipped,
+    and equals round-half-up of q*m + b wherever q*m + b is not within the multiplier's error of a tie."""
+    rng = np.random.default_rng(seed)
+    c = 12
+    m = rng.uniform(1e-6, 3.0, c) * rng.choice([-1, 1], c)
+    b = rng.uniform(-2000, 2000, c)
+    q_bound = 2**26
+    M, B, n = reference.requant_params(m, b, q_bound)
+    assert M.dtype == B.dtype == n.dtype == np.int64
+    assert np.all(np.abs(M) < 2**reference.MULT_BITS) and np.all(np.abs(M) >= 2**(reference.MULT_BITS - 1))
+    q = rng.integers(-2**20, 2**20, (5, c, 3)).astype(np.int32)
+    got = reference.requantize(q, M, B, n, 7, -128, 127)
+    for idx in np.ndindex(q.shape):
+        ch = idx[1]
+        want = min(127, max(-128, _exact_round_half_up(int(q[idx]), int(M[ch]), int(B[ch]), int(n[ch])) + 7))
+        assert got[idx] == want
+    real = q.astype(np.float64) * m[None, :, None] + b[None, :, None]
+    err = np.abs(q.astype(np.float64)) * np.ldexp(1.0, -n - 1)[None, :, None] + np.ldexp(1.0, -n)[None, :, None]
+    clear = np.abs(real - np.floor(real) - 0.5) > err                 # not near a rounding tie
+    ideal = np.clip(np.floor(real + 0.5) + 7, -128, 127)
+    np.testing.assert_array_equal(got[clear], ideal[clear])
+    # the torch twin, on the emulation's float64 accumulators, on both axes layouts
+    rq = Requant(M, B, n, 7, -128, 127)
+    np.testing.assert_array_equal(requantize_torch(torch.from_numpy(q).double(), rq).numpy(), got)
+    np.testing.assert_array_equal(requantize_torch(torch.from_numpy(q[:, :, 0]), rq).numpy(), got[:, :, 0])
+
+
+def test_zero_and_tiny_multipliers_keep_their_offset():
+    """A dead channel (m = 0, e.g. a BatchNorm with gamma = 0) gives round(b) + z for every q."""
+    M, B, n = reference.requant_params([0.0, 1e-30, 0.0], [5.4, -2.5, 1e6], 2**30)
+    q = np.array([[-2**30, 0, 2**30]], np.int32).T.repeat(3, 1)      # (3 samples, 3 channels)
+    np.testing.assert_array_equal(reference.requantize(q, M, B, n, 0, -10**9, 10**9),
+                                  [[5, -2, 10**6]] * 3)
+
+
+@pytest.mark.parametrize("m, b, bound, match", [
+    ([2.0**29], [0.0], 10, "multiplier .* too large"),
+    ([1e-3], [2.0**60], 10, "offset .* too large"),
+    ([1e-3], [2.0**55], 2**30, "exactly enough"),
+    ([float("nan")], [0.0], 10, "finite"),
+])
+def test_unrepresentable_requantization_is_one_line(m, b, bound, match):
+    with pytest.raises(QosError, match=match) as e:
+        reference.requant_params(m, b, bound, "layer net.x")
+    assert "\n" not in str(e.value) and "layer net.x" in str(e.value)
+
+
+def test_requantize_wants_int32_accumulators():
+    with pytest.raises(QosError, match="int32"):
+        reference.requantize(np.zeros((1, 1), np.int64), [1], [0], [1], 0, 0, 255)
+
+
+class _Chains(nn.Module):
+    """Every kind of link, and layers that must keep the float epilogue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(6)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)              # a -> bn -> ReLU6 -> dropout -> b
+        self.drop = nn.Dropout(0.1)
+        self.c = nn.Conv2d(6, 6, 1)                         # b -> F.relu -> c; c's output fans out
+        self.d = nn.Conv2d(6, 6, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 4)                         # fc1 -> .relu() -> fc2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(nn.functional.relu6(self.bn_a(self.a(x))))
+        h = torch.nn.functional.relu(self.b(h))
+        h = self.c(h)
+        h = self.d(h) + h                                   # residual: d keeps the float epilogue
+        h = torch.flatten(self.pool(h), 1)
+        return self.fc2(self.fc1(h).relu())
+
+
+def _chains_qnet(signed: bool) -> object:
+    torch.manual_seed(3)
+    circuits = [get("mul8s_1KR6" if signed else "mul8u_2NDH"), get("mul8s_1L2H" if signed else "mul8u_DG8")]
+    qnet = wrap_model(_Chains(), circuits, num_ops=2, qconfig=QuantConfig(signed=signed, per_channel=signed),
+                      input_shape=(3, 8, 8))
+    gen = torch.Generator().manual_seed(4)
+    qnet.set_mode(Mode.QUANT)
+    qnet.train()
+    with torch.no_grad():
+        for _ in range(3):
+            qnet(torch.randn(32, 3, 8, 8, generator=gen))
+    for mod in qnet.net.modules():                          # a BatchNorm worth folding
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.weight.data.uniform_(-1.5, 1.5, generator=gen)
+            mod.running_var.uniform_(0.5, 2.0, generator=gen)
+    qnet.eval()
+    qnet.freeze_observers(True)
+    qnet.set_mode(Mode.APPROX)
+    qnet.set_assignment([[0] * 6, [1] * 6])
+    return qnet
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_links_and_bit_identity_with_onnxruntime(signed):
+    """conv -> BN -> ReLU6 -> Dropout -> conv, conv -> F.relu -> conv and linear -> .relu() -> linear
+    requantize in integers; a fanned-out output and a residual add keep the float epilogue. PyTorch
+    inference equals onnxruntime bit for bit at every OP, and differs from the float epilogue."""
+    qnet = _chains_qnet(signed)
+    assert requant_map(qnet.net) == {"a": ("b", (0.0, 6.0)), "b": ("c", (0.0, None)), "fc1": ("fc2", (0.0, None))}
+    ex = export_onnx(qnet, input_shape=(3, 8, 8))
+    assert {layer.name: layer.requantizes_into for layer in ex.layers} == {
+        "a": "b", "b": "c", "c": None, "d": None, "fc1": "fc2", "fc2": None}
+    nodes = ex.model.graph.node                          # every activation is a clamp of the codes now
+    assert not any(n.op_type == "Relu" for n in nodes)
+    assert all("requant" in n.name or "quantize" in n.name for n in nodes if n.op_type == "Clip")
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2
+    seen: list[torch.Tensor] = []
+    hook = qnet.net.b.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    s_b, _ = qnet.net.b.act_qparams()
+
+    def on_code_grid(v: torch.Tensor) -> bool:      # float32(code - z) * s for integer codes
+        return bool(torch.equal(v, torch.round(v / s_b) * s_b))
+
+    for op in range(2):
+        qnet.set_operating_point(op)
+        with torch.no_grad():
+            y = qnet(x)
+            with float_epilogues():
+                qnet(x)
+        np.testing.assert_array_equal(run_onnxruntime(ex, x, operating_point=op), y.numpy())
+        # the integer path is what ran: b's input is its codes, dequantized; v1 hands it floats
+        assert on_code_grid(seen[-2]) and not on_code_grid(seen[-1])
+    hook.remove()
+
+
+def test_export_refuses_an_unrepresentable_layer():
+    """A BatchNorm channel so steep that one accumulator unit is worth 2^28 codes: one line naming
+    the layer and channel, from the exporter and from PyTorch inference alike."""
+    qnet = _chains_qnet(False)
+    qnet.net.bn_a.bns[1].weight.data[2] = 1e15
+    with pytest.raises(QosError, match=r"layer net\.a, channel 2: cannot requantize") as e:
+        export_onnx(qnet, input_shape=(3, 8, 8))
+    assert "\n" not in str(e.value)
+    qnet.set_operating_point(1)
+    with torch.no_grad(), pytest.raises(QosError, match=r"layer net\.a, channel 2"):
+        qnet(torch.zeros(1, 3, 8, 8))
