@@ -225,7 +225,8 @@ MULT_BITS = 30
 REQUANT_BITS = 61
 
 
-def requant_params(m: Any, b: Any, q_bound: int, where: str = "layer") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def requant_params(m: Any, b: Any, q_bound: int, where: str = "layer",
+                   n_cap: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The integer form ``(M, B, n)`` (int64 vectors) of ``codes = round(q*m + b)`` per channel.
 
     ``m`` is the real multiplier (output codes per accumulator unit) and ``b`` the real offset in
@@ -240,7 +241,8 @@ def requant_params(m: Any, b: Any, q_bound: int, where: str = "layer") -> tuple[
 
     QosError (one line) when a channel cannot be represented: ``|m| >= 2**(MULT_BITS-2)`` (one
     accumulator unit would be worth more than 2**28 codes), an offset so large that ``n < 1``, or a
-    multiplier held so coarsely that ``q_bound * 2**-n`` passes half a code.
+    multiplier held so coarsely that ``q_bound * 2**-n`` passes half a code. ``n_cap`` (per channel
+    or scalar) lowers ``n`` further where another term needs the room (``requant_add_params``).
     """
     m = np.asarray(m, np.float64).reshape(-1)
     b = np.asarray(b, np.float64).reshape(-1)
@@ -251,6 +253,8 @@ def requant_params(m: Any, b: Any, q_bound: int, where: str = "layer") -> tuple[
     n_mult = np.where(m != 0, MULT_BITS - 1 - e, REQUANT_BITS).astype(np.float64)
     n_off = (REQUANT_BITS - 1) - np.ceil(np.log2(np.abs(b) + 1.0))        # (|b| + 1) * 2**n <= 2**(REQUANT_BITS-1)
     n = np.minimum(np.minimum(n_mult, n_off), REQUANT_BITS - 1)
+    if n_cap is not None:
+        n = np.minimum(n, np.broadcast_to(np.asarray(n_cap, np.float64), n.shape))
     for c in np.flatnonzero(n < 1):
         why = ("its multiplier {:.3g} codes per accumulator unit is too large".format(m[c]) if n_mult[c] < 1
                else "its offset {:.3g} codes is too large".format(b[c]))
@@ -281,4 +285,46 @@ def requantize(q: Any, M: Any, B: Any, n: Any, zero_point: int, lo: int, hi: int
     shape[axis] = -1
     M, B, n = (np.asarray(v, np.int64).reshape(shape) for v in (M, B, n))
     t = (q.astype(np.int64) * M + B) >> n           # arithmetic shift: floor division by 2**n
+    return np.clip(t + int(zero_point), int(lo), int(hi))
+
+
+def requant_add_params(m: Any, b: Any, ms: float, q_bound: int, d_bound: int = 255,
+                       where: str = "layer") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The integer form ``(M, Ms, B, n)`` (int64 per channel) of a residual add rescaled into the next
+    layer's codes, ``codes = round(q*m + d*ms + b)``: ``q`` the layer's accumulator (``|q| <= q_bound``)
+    with multiplier ``m`` and offset ``b`` as in ``requant_params``, ``d = code - z`` the skip
+    connection's centred codes (``|d| <= d_bound``) with one real multiplier ``ms`` (its scale over
+    the next layer's). Both terms share the shift ``n``, lowered so that ``d*Ms`` keeps
+    ``|q*M + d*Ms + B| < 2**REQUANT_BITS``; ``Ms = round(ms * 2**n)``. The rounding is
+    ``requantize_add``'s, and the multipliers' error, ``(q_bound + d_bound) * 2**-(n+1)``, stays
+    below half a code, or QosError (one line)."""
+    ms = float(ms)
+    if not np.isfinite(ms):
+        raise QosError(f"{where}: the skip connection's scale ratio is not finite")
+    room = (REQUANT_BITS - 2) - np.ceil(np.log2(d_bound * abs(ms) + 1.0))    # d*Ms below 2**(REQUANT_BITS-2)
+    if room < 1:
+        raise QosError(f"{where}: the skip connection's scale is {ms:.3g} times the next layer's, too large to "
+                       "requantize in int64")
+    M, B, n = requant_params(m, b, q_bound + d_bound, where, n_cap=room)
+    Ms = np.rint(ms * np.ldexp(1.0, n)).astype(np.int64)
+    total = q_bound * np.abs(M).astype(np.float64) + d_bound * np.abs(Ms).astype(np.float64) + np.abs(B)
+    if np.any(total >= 2.0**REQUANT_BITS):
+        raise QosError(f"{where}: accumulators up to {q_bound} and the skip connection overflow the int64 "
+                       "requantization")
+    return M, Ms, B, n
+
+
+def requantize_add(q: Any, d: Any, M: Any, Ms: Any, B: Any, n: Any, zero_point: int, lo: int, hi: int,
+                   axis: int = 1) -> np.ndarray:
+    """Codes of the next layer from a residual add (``requant_add_params``):
+    ``clip(floor((q*M + d*Ms + B) / 2**n) + z, lo, hi)`` in int64, ``q`` int32 accumulators and ``d``
+    the skip's centred codes (integers, broadcast against ``q`` as torch/ONNX broadcast)."""
+    q = np.asarray(q)
+    d = np.asarray(d)
+    if q.dtype != np.int32 or not np.issubdtype(d.dtype, np.integer):
+        raise QosError(f"requantize_add wants int32 accumulators and integer skip codes, got {q.dtype}, {d.dtype}")
+    shape = [1] * max(q.ndim, d.ndim)
+    shape[axis] = -1
+    M, Ms, B, n = (np.asarray(v, np.int64).reshape(shape) for v in (M, Ms, B, n))
+    t = (q.astype(np.int64) * M + d.astype(np.int64) * Ms + B) >> n
     return np.clip(t + int(zero_point), int(lo), int(hi))

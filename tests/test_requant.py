@@ -14,7 +14,7 @@ from qos_compile.errors import QosError
 from qos_compile.multipliers import get
 from qos_compile.nn import Mode, QuantConfig, float_epilogues, wrap_model
 from qos_compile.nn.affine import Requant, requantize_torch
-from qos_compile.nn.fold import requant_map
+from qos_compile.nn.fold import requant_map, residual_map
 from qos_compile.onnx import export_onnx, run_onnxruntime
 
 
@@ -53,6 +53,36 @@ def test_requantize_is_the_stated_fixed_point_rounding(seed):
     np.testing.assert_array_equal(requantize_torch(torch.from_numpy(q[:, :, 0]), rq).numpy(), got[:, :, 0])
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_requantize_add_is_the_stated_fixed_point_rounding(seed):
+    """A residual add's two multipliers share one shift: requantize_add is floor((q*M + d*Ms + B) / 2^n)
+    + z, clipped, and rounds q*m + d*ms + b half up wherever that is clear of a tie by the error bound."""
+    rng = np.random.default_rng(10 + seed)
+    c = 9
+    m = rng.uniform(1e-5, 0.2, c) * rng.choice([-1, 1], c)
+    m[0] = 0.0                                        # a dead channel: the skip alone
+    b = rng.uniform(-300, 300, c)
+    ms = float(rng.uniform(0.05, 4.0))
+    q_bound = 2**24
+    M, Ms, B, n = reference.requant_add_params(m, b, ms, q_bound)
+    assert all(v.dtype == np.int64 for v in (M, Ms, B, n))
+    q = rng.integers(-2**22, 2**22, (4, c, 3)).astype(np.int32)
+    d = rng.integers(-255, 256, (4, c, 3))
+    got = reference.requantize_add(q, d, M, Ms, B, n, -3, -128, 127)
+    for idx in np.ndindex(q.shape):
+        ch = idx[1]
+        t = Fraction(int(q[idx]) * int(M[ch]) + int(d[idx]) * int(Ms[ch]) + int(B[ch]), 2**int(n[ch]))
+        assert got[idx] == min(127, max(-128, t.numerator // t.denominator - 3))
+    real = q * m[None, :, None] + d * ms + b[None, :, None]
+    err = (np.abs(q) + np.abs(d)) * np.ldexp(1.0, -n - 1)[None, :, None] + np.ldexp(1.0, -n)[None, :, None]
+    clear = np.abs(real - np.floor(real) - 0.5) > err
+    np.testing.assert_array_equal(got[clear], np.clip(np.floor(real + 0.5) - 3, -128, 127)[clear])
+    with pytest.raises(QosError, match="skip connection's scale is .* too large"):
+        reference.requant_add_params([1e-3], [0.0], 2.0**55, q_bound)
+    with pytest.raises(QosError, match="cannot requantize exactly enough"):   # the skip's error counts too
+        reference.requant_add_params([1e-3], [0.0], 2.0**50, 2**8)
+
+
 def test_zero_and_tiny_multipliers_keep_their_offset():
     """A dead channel (m = 0, e.g. a BatchNorm with gamma = 0) gives round(b) + z for every q."""
     M, B, n = reference.requant_params([0.0, 1e-30, 0.0], [5.4, -2.5, 1e6], 2**30)
@@ -88,7 +118,9 @@ class _Chains(nn.Module):
         self.b = nn.Conv2d(6, 6, 3, padding=1)              # a -> bn -> ReLU6 -> dropout -> b
         self.drop = nn.Dropout(0.1)
         self.c = nn.Conv2d(6, 6, 1)                         # b -> F.relu -> c; c's output fans out
-        self.d = nn.Conv2d(6, 6, 3, padding=1)
+        self.d = nn.Conv2d(6, 6, 3, padding=1)              # d -> bn -> + c's codes -> ReLU -> e
+        self.bn_d = nn.BatchNorm2d(6)
+        self.e = nn.Conv2d(6, 6, 3, padding=1)              # e + skip -> pooling: float epilogue
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(6, 12)
         self.fc2 = nn.Linear(12, 4)                         # fc1 -> .relu() -> fc2
@@ -97,7 +129,8 @@ class _Chains(nn.Module):
         h = self.drop(nn.functional.relu6(self.bn_a(self.a(x))))
         h = torch.nn.functional.relu(self.b(h))
         h = self.c(h)
-        h = self.d(h) + h                                   # residual: d keeps the float epilogue
+        h = torch.relu(self.bn_d(self.d(h)) + h)            # residual add: an integer rescale into e's codes
+        h = self.e(h) + h                                   # no approximate layer reads it: float
         h = torch.flatten(self.pool(h), 1)
         return self.fc2(self.fc1(h).relu())
 
@@ -120,30 +153,35 @@ def _chains_qnet(signed: bool) -> object:
     qnet.eval()
     qnet.freeze_observers(True)
     qnet.set_mode(Mode.APPROX)
-    qnet.set_assignment([[0] * 6, [1] * 6])
+    qnet.set_assignment([[0] * 7, [1] * 7])
     return qnet
 
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_links_and_bit_identity_with_onnxruntime(signed):
-    """conv -> BN -> ReLU6 -> Dropout -> conv, conv -> F.relu -> conv and linear -> .relu() -> linear
-    requantize in integers; a fanned-out output and a residual add keep the float epilogue. PyTorch
-    inference equals onnxruntime bit for bit at every OP, and differs from the float epilogue."""
+    """conv -> BN -> ReLU6 -> Dropout -> conv, conv -> F.relu -> conv, a conv whose output also feeds
+    a skip connection, and linear -> .relu() -> linear requantize in integers; so does the residual
+    add of a conv (with its BatchNorm) and those codes into the next conv; a residual add that no
+    approximate layer reads keeps the float epilogue. PyTorch inference equals onnxruntime bit for
+    bit at every OP, and differs from the float epilogue."""
     qnet = _chains_qnet(signed)
-    assert requant_map(qnet.net) == {"a": ("b", (0.0, 6.0)), "b": ("c", (0.0, None)), "fc1": ("fc2", (0.0, None))}
+    assert requant_map(qnet.net) == {"a": ("b", (0.0, 6.0)), "b": ("c", (0.0, None)), "c": ("d", (None, None)),
+                                     "fc1": ("fc2", (0.0, None))}
+    assert residual_map(qnet.net) == {"d": ("e", "d")}             # the skip holds d's input codes
     ex = export_onnx(qnet, input_shape=(3, 8, 8))
-    assert {layer.name: layer.requantizes_into for layer in ex.layers} == {
-        "a": "b", "b": "c", "c": None, "d": None, "fc1": "fc2", "fc2": None}
+    assert {layer.name: (layer.requantizes_into, layer.residual) for layer in ex.layers} == {
+        "a": ("b", False), "b": ("c", False), "c": ("d", False), "d": ("e", True), "e": (None, False),
+        "fc1": ("fc2", False), "fc2": (None, False)}
     nodes = ex.model.graph.node                          # every activation is a clamp of the codes now
     assert not any(n.op_type == "Relu" for n in nodes)
     assert all("requant" in n.name or "quantize" in n.name for n in nodes if n.op_type == "Clip")
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2
     seen: list[torch.Tensor] = []
-    hook = qnet.net.b.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    s_b, _ = qnet.net.b.act_qparams()
+    hooks = [getattr(qnet.net, k).register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for k in "be"]
 
-    def on_code_grid(v: torch.Tensor) -> bool:      # float32(code - z) * s for integer codes
-        return bool(torch.equal(v, torch.round(v / s_b) * s_b))
+    def on_code_grid(v: torch.Tensor, layer: str) -> bool:      # float32(code - z) * s for integer codes
+        s, _ = getattr(qnet.net, layer).act_qparams()
+        return bool(torch.equal(v, torch.round(v / s) * s))
 
     for op in range(2):
         qnet.set_operating_point(op)
@@ -152,9 +190,11 @@ def test_links_and_bit_identity_with_onnxruntime(signed):
             with float_epilogues():
                 qnet(x)
         np.testing.assert_array_equal(run_onnxruntime(ex, x, operating_point=op), y.numpy())
-        # the integer path is what ran: b's input is its codes, dequantized; v1 hands it floats
-        assert on_code_grid(seen[-2]) and not on_code_grid(seen[-1])
-    hook.remove()
+        # the integer path is what ran: b's and e's inputs are their codes, dequantized; v1 hands them floats
+        assert on_code_grid(seen[-4], "b") and on_code_grid(seen[-3], "e")
+        assert not on_code_grid(seen[-2], "b") and not on_code_grid(seen[-1], "e")
+    for hook in hooks:
+        hook.remove()
 
 
 def test_export_refuses_an_unrepresentable_layer():

@@ -1,7 +1,8 @@
 """How far does the integer epilogue (numerics contract v2) move accuracy? PyTorch inference of
 a model.pt per OP over its recorded dataset's test split, once with the float epilogue of
 contract v1 after every layer (``nn.float_epilogues()``) and once as the device computes it
-now (integer requantization between directly connected layers; docs/design.md section 3.7).
+now (integer requantization between directly connected layers and in residual adds;
+docs/design.md section 3.7).
 
     python -m qos_compile.bench.epilogue model.pt [--json]
 
@@ -46,8 +47,8 @@ def compare(model_pt: str, dataset: str | None = None, data_dir: str | None = No
             rows.append({"op": op, "top1_float": t1f, "top1_integer": t1i, "delta": t1i - t1f,
                          "changed_prediction": int((top_i != top_f).sum()),
                          "changed_output": int((out_int != out_float).flatten(1).any(1).sum())})
-    links = qnet.__dict__.get("_requant_map") or {}
-    return {"layers": len(qnet.approx_layers()), "integer_layers": len(links), "samples": int(len(x)), "ops": rows}
+    links = len(qnet.__dict__.get("_requant_links") or {}) + len(qnet.__dict__.get("_residual_links") or {})
+    return {"layers": len(qnet.approx_layers()), "integer_layers": links, "samples": int(len(x)), "ops": rows}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

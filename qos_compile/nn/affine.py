@@ -113,19 +113,70 @@ def layer_requant(layer: Any, consumer: Any, clamp: tuple[float | None, float | 
     s_w, _ = layer.weight_qparams()
     scale, shift = layer_affine64(s_x, s_w, bias, layer.weight.shape[0], bn, where)
     s_c, z_c = consumer.act_qparams()
-    qc = consumer.qconfig
     s_next = float(s_c)
     M, B, n = reference.requant_params((scale / s_next).numpy(), (shift / s_next).numpy(),
                                        accumulator_bound(layer), where)
+    lo, hi = _clamp_codes(consumer, clamp, where)
+    return Requant(M, B, n, int(z_c), lo, hi)
 
-    def code(v: float) -> int:   # the consumer's own quantization of a float bound
+
+def _clamp_codes(consumer: Any, clamp: tuple[float | None, float | None], where: str) -> tuple[int, int]:
+    """The activation's float bounds as ``consumer``'s codes, quantized with its own formula."""
+    s_c, z_c = consumer.act_qparams()
+    qc = consumer.qconfig
+
+    def code(v: float) -> int:
         return int(quantize(torch.tensor(float(v), dtype=torch.float32), s_c, z_c, qc))
 
     lo = qc.qmin if clamp[0] is None else max(qc.qmin, code(clamp[0]))
     hi = qc.qmax if clamp[1] is None else min(qc.qmax, code(clamp[1]))
     if lo > hi:
         raise QosError(f"{where}: the activation's range [{clamp[0]}, {clamp[1]}] leaves no code of the next layer")
-    return Requant(M, B, n, int(z_c), lo, hi)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class RequantAdd:
+    """A residual add's integer rescale at one OP (``reference.requantize_add``): the layer's part
+    ``rq`` (its ``M``, ``B``, ``n``, the consumer's zero point and clamp), the skip's per-channel
+    multiplier ``Ms`` and the skip codes' scale ``s_skip`` (float32), from which ``d`` is read."""
+
+    rq: Requant
+    Ms: np.ndarray
+    s_skip: float
+
+
+def layer_requant_add(layer: Any, consumer: Any, clamp: tuple[float | None, float | None], skip_of: Any,
+                      bias: torch.Tensor | None, bn: _BatchNorm | None, where: str) -> RequantAdd:
+    """The integer residual add after conv ``layer`` (this OP's bias and folded BatchNorm ``bn``)
+    with a skip connection holding ``skip_of``'s input codes, into ``consumer``'s codes through
+    the activation ``clamp`` (``fold.ResidualLink``). QosError when it cannot be represented."""
+    s_x, _ = layer.act_qparams()
+    s_w, _ = layer.weight_qparams()
+    scale, shift = layer_affine64(s_x, s_w, bias, layer.weight.shape[0], bn, where)
+    s_next = float(consumer.act_qparams()[0])
+    s_skip = float(skip_of.act_qparams()[0])
+    M, Ms, B, n = reference.requant_add_params((scale / s_next).numpy(), (shift / s_next).numpy(), s_skip / s_next,
+                                               accumulator_bound(layer), 255, where)
+    lo, hi = _clamp_codes(consumer, clamp, where)
+    return RequantAdd(Requant(M, B, n, int(consumer.act_qparams()[1]), lo, hi), Ms, s_skip)
+
+
+def skip_codes_torch(skip: torch.Tensor, s_skip: float) -> torch.Tensor:
+    """The centred codes ``d`` (int64) of a skip connection's dequantized values ``float32(d) * s``:
+    within 2**-22 of integers for |d| <= 255, so rounding recovers them exactly."""
+    return torch.round(skip.double() / s_skip).to(torch.int64)
+
+
+def requantize_add_torch(q: torch.Tensor, d: torch.Tensor, ra: RequantAdd) -> torch.Tensor:
+    """``reference.requantize_add`` in torch (int64 codes, channels on axis 1) for exact integer
+    ``q`` of any dtype and int64 ``d``."""
+    rq = ra.rq
+    shape = (1, -1) + (1,) * (max(q.ndim, d.ndim) - 2)
+    dev = q.device
+    M, Ms, B, n = (torch.from_numpy(v).to(dev).view(shape) for v in (rq.M, ra.Ms, rq.B, rq.n))
+    t = (q.to(torch.int64) * M + d.to(dev) * Ms + B) >> n
+    return torch.clamp(t + rq.zero_point, rq.lo, rq.hi)
 
 
 def requantize_torch(q: torch.Tensor, rq: Requant) -> torch.Tensor:

@@ -3,6 +3,7 @@ straight into the next one's codes (see ``affine``), read off the torch.fx graph
 converted network; the exporter and the emulation both use it."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -98,32 +99,33 @@ def _activation(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> t
     return None
 
 
-def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> RequantLink | None:
-    """The link of approximate layer ``node`` to the approximate layer that alone reads its
-    output: through its folded BatchNorm (``fold_target``), at most one ReLU/ReLU6/Hardtanh and
-    any pass-through modules, every value read once. conv feeds conv, linear feeds linear (the
-    caller also checks that a linear layer's input is ``[N, K]``). None: no such layer."""
-    layer = modules.get(str(node.target))
-    if not isinstance(layer, (ApproxConv2d, ApproxLinear)):
-        return None
-    between: list[fx.Node] = []
-    cur = node
-    bn = fold_target(node, modules)
-    if bn is not None:
-        cur = next(iter(node.users))
-        between.append(cur)
-    clamp: tuple[float | None, float | None] = (None, None)
-    activations = 0
+#: Clamps an integer epilogue may hold when its output has other readers than the next layer:
+#: those read the dequantized codes, which these leave unchanged (ReLU's lower bound is the
+#: zero point, whose value is exactly 0; an upper bound's code may dequantize above it).
+FANOUT_CLAMPS = ((None, None), (0.0, None))
+
+
+def _continue(cur: fx.Node, layer: nn.Module, modules: dict[str, nn.Module], between: list[fx.Node],
+              activations: int, clamp: tuple[float | None, float | None]) -> RequantLink | None:
+    """From value ``cur`` (an epilogue's output so far) on to the approximate layer of ``layer``'s
+    type that reads it: through at most one more clamp-like activation in total and any
+    pass-through modules, each read once; the last value may also have other readers
+    (``FANOUT_CLAMPS``), which get the dequantized codes."""
     for _ in range(8):
         users = list(cur.users)
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if user.op == "call_module" and isinstance(modules.get(str(user.target)), (ApproxConv2d, ApproxLinear)):
+        consumers = [u for u in users if u.op == "call_module"
+                     and isinstance(modules.get(str(u.target)), (ApproxConv2d, ApproxLinear))]
+        if consumers:
+            user = consumers[0]
             consumer = modules[str(user.target)]
             if user.args != (cur,) or user.kwargs or type(consumer) is not type(layer):
                 return None
+            if len(users) > 1 and clamp not in FANOUT_CLAMPS:
+                return None
             return RequantLink(str(user.target), tuple(between), clamp)
+        if len(users) != 1:
+            return None
+        user = users[0]
         bounds = _activation(user, cur, modules)
         if bounds is None:
             return None
@@ -137,14 +139,121 @@ def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> RequantLink 
     return None
 
 
-def requant_map(net: nn.Module) -> dict[str, tuple[str, tuple[float | None, float | None]]]:
-    """``{layer name: (consumer name, clamp)}`` of a converted network's integer epilogues."""
-    graph = LeafTracer().trace(net)
-    modules = dict(net.named_modules())
-    out: dict[str, tuple[str, tuple[float | None, float | None]]] = {}
+def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> RequantLink | None:
+    """The link of approximate layer ``node`` to the approximate layer that reads its output:
+    through its folded BatchNorm (``fold_target``), at most one ReLU/ReLU6/Hardtanh and any
+    pass-through modules, every value but the last read once. conv feeds conv, linear feeds
+    linear (the caller also checks that a linear layer's input is ``[N, K]``). None: no such layer."""
+    layer = modules.get(str(node.target))
+    if not isinstance(layer, (ApproxConv2d, ApproxLinear)):
+        return None
+    between: list[fx.Node] = []
+    cur = node
+    bn = fold_target(node, modules)
+    if bn is not None:
+        cur = next(iter(node.users))
+        between.append(cur)
+    return _continue(cur, layer, modules, between, 0, (None, None))
+
+
+@dataclass(frozen=True)
+class ResidualLink:
+    """A conv layer whose output, after its folded BatchNorm, meets a skip connection in ``add``
+    and whose sum goes on to ``link.consumer``: the add is an integer rescale of both operands
+    into the consumer's codes. ``skip`` is the add's other operand, the dequantized codes of
+    layer ``skip_codes_of``'s input (sliced or zero-padded at most); ``operand`` the conv's side
+    (its folded BatchNorm's node, or the conv's own)."""
+
+    add: fx.Node
+    operand: fx.Node
+    skip: fx.Node
+    skip_codes_of: str
+    link: RequantLink
+
+
+#: Ops a skip connection may apply to dequantized codes and stay on their grid (values are
+#: selected or zero-filled, never computed).
+_SELECTIONS = (operator.getitem, F.pad)
+_ADDS = (operator.add, torch.add, operator.iadd)
+
+
+def _selected_from(node: fx.Node, coded: dict[fx.Node, str], modules: dict[str, nn.Module]) -> str | None:
+    """The layer whose input codes ``node`` selects from, when it is a coded value itself or a
+    pass-through / slicing / zero padding of one, else None."""
+    if node in coded:
+        return coded[node]
+    if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] not in coded:
+        return None
+    src = coded[node.args[0]]
+    if node.op == "call_module":
+        ok = isinstance(modules.get(str(node.target)), PASS_THROUGH) and len(node.args) == 1 and not node.kwargs
+    elif node.op == "call_function" and node.target is F.pad:
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        ok = mode == "constant" and value in (None, 0, 0.0)
+    else:
+        ok = node.op == "call_function" and node.target is operator.getitem
+    return src if ok else None
+
+
+def integer_links(graph: fx.Graph, modules: dict[str, nn.Module]) -> tuple[dict[str, RequantLink],
+                                                                          dict[str, ResidualLink]]:
+    """The integer epilogues of a traced converted network, in graph order: ``{layer: link}`` of
+    layers that requantize straight into the next layer (``requant_target``) and ``{layer:
+    residual}`` of conv layers whose residual add is an integer rescale (``ResidualLink``): the
+    add's other operand must be coded already (an earlier integer epilogue's output, which holds
+    the codes of its consumer's input, or a selection of it; the add broadcasts as torch does)."""
+    direct: dict[str, RequantLink] = {}
+    residual: dict[str, ResidualLink] = {}
+    coded: dict[fx.Node, str] = {}          # value -> the layer whose input codes it dequantizes
+    pending: dict[fx.Node, str] = {}        # an add operand -> the conv whose epilogue it is
+
+    def mark(link: RequantLink, last: fx.Node) -> None:
+        coded[link.between[-1] if link.between else last] = link.consumer
+
     for node in graph.nodes:
-        if node.op == "call_module":
+        mod = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(mod, (ApproxConv2d, ApproxLinear)):
             link = requant_target(node, modules)
             if link is not None:
-                out[str(node.target)] = (link.consumer, link.clamp)
-    return out
+                direct[str(node.target)] = link
+                mark(link, node)
+            elif isinstance(mod, ApproxConv2d):
+                bn = fold_target(node, modules)
+                out = next(iter(node.users)) if bn is not None else node
+                if len(out.users) == 1 and (bn is not None or len(node.users) == 1):
+                    pending[out] = str(node.target)
+            continue
+        if node.op == "call_function" and node.target in _ADDS and len(node.args) == 2 and not node.kwargs:
+            a, b = node.args
+            for mine, skip in ((a, b), (b, a)):
+                if not (isinstance(mine, fx.Node) and isinstance(skip, fx.Node) and mine in pending):
+                    continue
+                src = coded.get(skip)
+                if src is None:
+                    continue
+                name = pending[mine]
+                link = _continue(node, modules[name], modules, [node], 0, (None, None))
+                if link is not None:
+                    residual[name] = ResidualLink(node, mine, skip, src, link)
+                    mark(link, node)
+                break
+            continue
+        src = _selected_from(node, coded, modules)
+        if src is not None:
+            coded[node] = src
+    return direct, residual
+
+
+def requant_map(net: nn.Module) -> dict[str, tuple[str, tuple[float | None, float | None]]]:
+    """``{layer name: (consumer name, clamp)}`` of a converted network's integer epilogues into the
+    next layer (``requant_target``)."""
+    direct, _ = integer_links(LeafTracer().trace(net), dict(net.named_modules()))
+    return {name: (link.consumer, link.clamp) for name, link in direct.items()}
+
+
+def residual_map(net: nn.Module) -> dict[str, tuple[str, str]]:
+    """``{conv name: (consumer name, skip's code source)}`` of a converted network's integer
+    residual adds (``integer_links``)."""
+    _, residual = integer_links(LeafTracer().trace(net), dict(net.named_modules()))
+    return {name: (r.link.consumer, r.skip_codes_of) for name, r in residual.items()}

@@ -22,7 +22,8 @@ from . import kernels
 from .emulation import EmulationPlan, forced_strategy
 from .functional import (ConvGeometry, PreparedWeights, conv_geometry, conv_prepared, linear_geometry,
                          prepare_weights)
-from .affine import layer_affine, layer_requant, requantize_torch
+from .affine import (layer_affine, layer_requant, layer_requant_add, requantize_add_torch, requantize_torch,
+                     skip_codes_torch)
 from .multibn import op_index
 from .quant import Mode, QuantConfig, as_mode, code_dtype, fake_quant, qparams, quantize
 
@@ -218,9 +219,13 @@ class _ApproxMixin:
         deploy = self.__dict__.get("_deploy")
         requant = deploy is not None and deploy.requant is not None and (
             not isinstance(self, nn.Linear) or len(self.input_shape or ()) == 1)
-        q = conv_prepared(x_idx, prep, geo, exact=requant, x_range=x_range)   # exact: float64 integers
+        residual = deploy is not None and deploy.residual is not None
+        q = conv_prepared(x_idx, prep, geo, exact=requant or residual, x_range=x_range)   # exact: float64 integers
         if requant:
             return self._requantized_output(q, deploy)
+        if residual:                    # the residual add rescales it (residual_output)
+            deploy.folded = deploy.bn is not None
+            return q
         if deploy is not None:
             return self._deployed_output(q, s_x, s_w, deploy)
         scale = s_x * s_w
@@ -254,6 +259,20 @@ class _ApproxMixin:
         codes = requantize_torch(q, rq)
         s_c, _ = consumer.act_qparams()
         return ((codes - rq.zero_point).to(torch.float32) * s_c.to(q.device)).contiguous()
+
+    def residual_output(self, q: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Inference under ``QoSNet`` where this conv's output meets a skip connection
+        (``fold.ResidualLink``): the integer rescale of both (``nn.affine.layer_requant_add``) from
+        this layer's exact accumulator ``q`` and the skip's dequantized codes gives the next
+        layer's input codes, passed on dequantized as ``_requantized_output`` does."""
+        deploy = self.__dict__["_deploy"]
+        consumer, clamp, skip_of = deploy.residual
+        bn = deploy.bn
+        ra = layer_requant_add(self, consumer, clamp, skip_of, self.current_bias(),
+                               None if bn is None else bn.bns[bn.op], f"layer net.{deploy.name}")
+        codes = requantize_add_torch(q, skip_codes_torch(skip, ra.s_skip), ra)
+        s_c, _ = consumer.act_qparams()
+        return ((codes - ra.rq.zero_point).to(torch.float32) * s_c.to(q.device)).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer in its current mode at its current operating point (see Mode)."""

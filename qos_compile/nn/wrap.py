@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..errors import QosError
 from ..multipliers import Multiplier, bundled
 from ..multipliers import get as get_multiplier
 from .bank import MultiplierBank
-from .fold import fold_map, requant_map
+from .fold import LeafTracer, ResidualLink, fold_map, integer_links
 from .graph import capture
 from .pooling import ordered_pooling
 from .layers import ApproxConv2d, ApproxLinear
@@ -88,6 +89,23 @@ class _Deploy:
     folded: bool = False
     requant: tuple[nn.Module, tuple[float | None, float | None]] | None = None
     name: str = ""
+    residual: tuple[nn.Module, tuple[float | None, float | None], nn.Module] | None = None
+
+
+class _IntegerAdds(fx.Interpreter):
+    """Runs the traced network with its integer residual adds (``fold.ResidualLink``): each such
+    add takes the conv's exact accumulator and the skip's dequantized codes
+    (``ApproxConv2d.residual_output``); every other node runs as in the network's own forward."""
+
+    def __init__(self, gm: fx.GraphModule, adds: dict[fx.Node, tuple[Any, fx.Node, fx.Node]]) -> None:
+        super().__init__(gm)
+        self.adds = adds
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n in self.adds:
+            layer, operand, skip = self.adds[n]
+            return layer.residual_output(self.env[operand], self.env[skip])
+        return super().run_node(n)
 
 
 #: False inside ``float_epilogues()``: every layer keeps the float epilogue (for comparisons).
@@ -149,19 +167,30 @@ class QoSNet(nn.Module):
         folds = self._folds()
         if folds is None:
             return self.net(x)
-        links = self.__dict__["_requant_map"] if _INTEGER_EPILOGUES[-1] else {}
         modules = dict(self.net.named_modules())
+        approx = [m for m in modules.values() if isinstance(m, (ApproxConv2d, ApproxLinear))]
+        # integer epilogues where every layer emulates the device (a value is on a code grid only
+        # where its producer requantized it)
+        integer = _INTEGER_EPILOGUES[-1] and all(m.mode == Mode.APPROX for m in approx)
+        links: dict[str, Any] = self.__dict__["_requant_links"] if integer else {}
+        residual: dict[str, ResidualLink] = self.__dict__["_residual_links"] if integer else {}
+        adds: dict[fx.Node, tuple[Any, fx.Node, fx.Node]] = {}
         try:
             for name, mod in modules.items():
                 if isinstance(mod, (ApproxConv2d, ApproxLinear)) and mod.mode == Mode.APPROX:
                     bn_name = folds.get(name, "")
-                    link = links.get(name)
-                    consumer = modules[link[0]] if link is not None else None
-                    requant = (consumer, link[1]) if consumer is not None and consumer.mode == Mode.APPROX else None
-                    mod.__dict__["_deploy"] = _Deploy(modules[bn_name] if bn_name else None, bn_name,
-                                                      requant=requant, name=name)
+                    link, res = links.get(name), residual.get(name)
+                    deploy = _Deploy(modules[bn_name] if bn_name else None, bn_name, name=name)
+                    if link is not None:
+                        deploy.requant = (modules[link.consumer], link.clamp)
+                    elif res is not None:
+                        deploy.residual = (modules[res.link.consumer], res.link.clamp, modules[res.skip_codes_of])
+                        adds[res.add] = (mod, res.operand, res.skip)
+                    mod.__dict__["_deploy"] = deploy
                 elif isinstance(mod, MultiBatchNorm):
                     mod.__dict__["_deploy"] = True
+            if adds:
+                return _IntegerAdds(self.__dict__["_traced"], adds).run(x)
             return self.net(x)
         finally:
             for mod in modules.values():
@@ -174,7 +203,11 @@ class QoSNet(nn.Module):
         if "_fold_map" not in self.__dict__:
             try:
                 self.__dict__["_fold_map"] = fold_map(self.net)
-                self.__dict__["_requant_map"] = requant_map(self.net)
+                graph = LeafTracer().trace(self.net)
+                direct, residual = integer_links(graph, dict(self.net.named_modules()))
+                self.__dict__["_requant_links"], self.__dict__["_residual_links"] = direct, residual
+                # the traced network, sharing this one's modules, for the integer residual adds
+                self.__dict__["_traced"] = fx.GraphModule(self.net, graph)
             except Exception:  # noqa: BLE001 - fx raises many kinds; such a network keeps torch numerics
                 self.__dict__["_fold_map"] = None
         return self.__dict__["_fold_map"]

@@ -40,8 +40,8 @@ from ..errors import QosError
 from ..nn.layers import ApproxConv2d, ApproxLinear
 from ..nn.pooling import OrderedAdaptiveAvgPool2d, OrderedAvgPool2d
 from ..nn.graph import FUNCTIONS, METHODS, MODULES, function_name, source_line
-from ..nn.affine import accumulator_bound, bn_affine32, layer_affine, layer_requant
-from ..nn.fold import LeafTracer, RequantLink, fold_target, requant_target
+from ..nn.affine import Requant, accumulator_bound, bn_affine32, layer_affine, layer_requant, layer_requant_add
+from ..nn.fold import LeafTracer, RequantLink, ResidualLink, fold_target, integer_links
 from ..nn.multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from ..nn.quant import Mode
 from ..nn.wrap import QoSNet
@@ -69,7 +69,8 @@ class LayerExport:
     per tensor or (O,) per channel; ``folded_bn``: name of the MultiBatchNorm1d/2d folded
     into ``scale``/``shift`` (None if none); ``assign``: bank index per OP; shapes are per
     sample (no batch axis); ``terms``: products per accumulator (K); ``requantizes_into``: the
-    layer whose input codes this layer's integer epilogue writes (None: float epilogue).
+    layer whose input codes this layer's integer epilogue writes (None: float epilogue);
+    ``residual``: that epilogue is an integer residual add (``nn.fold.ResidualLink``).
     """
 
     name: str
@@ -86,6 +87,7 @@ class LayerExport:
     output_shape: tuple[int, ...]
     terms: int
     requantizes_into: str | None = None
+    residual: bool = False
 
 
 @dataclass
@@ -331,7 +333,10 @@ def _emit_quantize(ctx: _Ctx, name: str, x: str, layer: ApproxConv2d | ApproxLin
 
 def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x: str,
                  bn: tuple[str, MultiBatchNorm] | None, link: RequantLink | None = None,
-                 consumer: ApproxConv2d | ApproxLinear | None = None) -> str:
+                 consumer: ApproxConv2d | ApproxLinear | None = None, residual: ResidualLink | None = None) -> str:
+    """The layer's codes, ApproxConv/ApproxGemm and exact zero-point corrections, then its epilogue:
+    float (``nn.affine``), integer into ``consumer`` (``link``), or none for a ``residual`` add,
+    which ``_emit_requant_add`` rescales (the int32 ``q`` is returned)."""
     g, qnet = ctx.g, ctx.qnet
     name = str(node.target)
     where = f"net.{name}"
@@ -425,7 +430,11 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
         name=name, kind="conv" if conv else "linear", attrs=attrs, x_scale=s_x, x_zero_point=z_x,
         w_scale=s_w.copy(), w_zero_point=z_w.copy(), signed=bool(qc.signed),
         folded_bn=None if bn is None else bn[0], assign=assign, input_shape=in_shape[1:],
-        output_shape=out_shape[1:], terms=terms, requantizes_into=None if link is None else link.consumer))
+        output_shape=out_shape[1:], terms=terms,
+        requantizes_into=residual.link.consumer if residual is not None else None if link is None else link.consumer,
+        residual=residual is not None))
+    if residual is not None:
+        return q
     if link is not None and consumer is not None:
         return _emit_requant(ctx, name, layer, q, bn, link, consumer, bshape)
 
@@ -460,19 +469,54 @@ def _emit_requant(ctx: _Ctx, name: str, layer: ApproxConv2d | ApproxLinear, q: s
     for op in range(ctx.num_ops):
         bias = layer.bias_per_op[op] if layer.bias_per_op is not None else None
         rqs.append(layer_requant(layer, consumer, link.clamp, bias, None if bn is None else bn[1].bns[op], where))
+    shape = bshape[1:]
+    mult = _per_op(ctx, name, "rq_mult", [r.M.astype(np.int32).reshape(shape) for r in rqs], f"{name}/rq_mult")
+    t = g.node("Cast", [q], f"{name}/requant/q64", to=TensorProto.INT64)
+    t = g.node("Mul", [t, g.node("Cast", [mult], f"{name}/requant/mult64", to=TensorProto.INT64)],
+               f"{name}/requant/mul")
+    return _emit_requant_tail(ctx, name, t, rqs, shape, link, consumer)
+
+
+def _emit_requant_add(ctx: _Ctx, name: str, layer: ApproxConv2d, q: str, skip: str,
+                      bn: tuple[str, MultiBatchNorm] | None, res: ResidualLink, consumer: ApproxConv2d,
+                      skip_of: ApproxConv2d, out_ch: int) -> str:
+    """The integer residual add (``reference.requantize_add``) of conv ``q`` and the skip's
+    dequantized codes ``skip`` into ``res.link.consumer``'s codes: ``d = Round(skip * (1/s))``
+    (exact: the values lie on the code grid), then ``q*M + d*Ms`` and ``_emit_requant``'s tail."""
+    g, where = ctx.g, f"layer net.{name}"
+    ras = []
+    for op in range(ctx.num_ops):
+        bias = layer.bias_per_op[op] if layer.bias_per_op is not None else None
+        ras.append(layer_requant_add(layer, consumer, res.link.clamp, skip_of, bias,
+                                     None if bn is None else bn[1].bns[op], where))
+    shape = (out_ch, 1, 1)
+    inv = np.array(np.float32(1.0) / np.float32(ras[0].s_skip), np.float32)
+    d = g.node("Mul", [skip, g.init(f"{name}.skip_inv_scale", inv)], f"{name}/requant_add/skip_scale")
+    d = g.node("Round", [d], f"{name}/requant_add/skip_round")
+    d = g.node("Cast", [d], f"{name}/requant_add/skip_codes", to=TensorProto.INT64)
+    mult = _per_op(ctx, name, "rq_mult", [r.rq.M.astype(np.int32).reshape(shape) for r in ras], f"{name}/rq_mult")
+    skip_mult = _per_op(ctx, name, "rq_skip_mult", [r.Ms.reshape(shape) for r in ras], f"{name}/rq_skip_mult")
+    t = g.node("Cast", [q], f"{name}/requant/q64", to=TensorProto.INT64)
+    t = g.node("Mul", [t, g.node("Cast", [mult], f"{name}/requant/mult64", to=TensorProto.INT64)],
+               f"{name}/requant/mul")
+    t = g.node("Add", [t, g.node("Mul", [d, skip_mult], f"{name}/requant_add/skip_mul")],
+               f"{name}/requant_add/add")
+    return _emit_requant_tail(ctx, name, t, [r.rq for r in ras], shape, res.link, consumer)
+
+
+def _emit_requant_tail(ctx: _Ctx, name: str, t: str, rqs: list[Requant], shape: tuple[int, ...],
+                       link: RequantLink, consumer: ApproxConv2d | ApproxLinear) -> str:
+    """From the int64 products ``t`` on: ``+ B``, the floor shift, ``+ z``, the clamp and the cast to
+    the consumer's codes (per-OP B/n/z), which the consumer reads (``_Ctx.codes_in``)."""
+    g, where = ctx.g, f"layer net.{name}"
     z, lo, hi = rqs[0].zero_point, rqs[0].lo, rqs[0].hi
     if any((r.zero_point, r.lo, r.hi) != (z, lo, hi) for r in rqs):
         raise QosError(f"{where}: the next layer's zero point or clamp differs between operating points")
-    shape = bshape[1:]
-    mult = _per_op(ctx, name, "rq_mult", [r.M.astype(np.int32).reshape(shape) for r in rqs], f"{name}/rq_mult")
     offset = _per_op(ctx, name, "rq_offset", [(r.B + (1 << _RQ_BIAS_BITS)).reshape(shape) for r in rqs],
                      f"{name}/rq_offset")
     shift = _per_op(ctx, name, "rq_shift", [r.n.astype(np.int32).reshape(shape) for r in rqs], f"{name}/rq_shift")
     zero = _per_op(ctx, name, "rq_zero", [(z - (np.int64(1) << (_RQ_BIAS_BITS - r.n))).reshape(shape)
                                           for r in rqs], f"{name}/rq_zero")
-    t = g.node("Cast", [q], f"{name}/requant/q64", to=TensorProto.INT64)
-    t = g.node("Mul", [t, g.node("Cast", [mult], f"{name}/requant/mult64", to=TensorProto.INT64)],
-               f"{name}/requant/mul")
     t = g.node("Add", [t, offset], f"{name}/requant/add_offset")
     t = g.node("Cast", [t], f"{name}/requant/to_unsigned", to=TensorProto.UINT64)
     t = g.node("BitShift", [t, g.node("Cast", [shift], f"{name}/requant/shift64", to=TensorProto.UINT64)],
@@ -484,6 +528,18 @@ def _emit_requant(ctx: _Ctx, name: str, layer: ApproxConv2d | ApproxLinear, q: s
     codes = g.node("Cast", [t], f"{name}/requant/cast", out=f"{link.consumer}.codes", to=code_type)
     ctx.codes_in[link.consumer] = codes
     return codes
+
+
+def _dequantize(g: _Graph, name: str, codes: str, consumer: ApproxConv2d | ApproxLinear) -> str:
+    """``float32(code - z) * s`` of ``consumer``'s input codes, as the emulation passes them on: the
+    value other readers of an integer epilogue's output get."""
+    s, z = consumer.act_qparams()
+    t = g.node("Cast", [codes], f"{name}/dequantize/int", to=TensorProto.INT32)
+    if int(z) != 0:
+        t = g.node("Sub", [t, g.const(int(z), np.int32)], f"{name}/dequantize/center")
+    t = g.node("Cast", [t], f"{name}/dequantize/float", to=TensorProto.FLOAT)
+    return g.node("Mul", [t, g.init(f"{name}.dequant_scale", np.array(float(s), np.float32))],
+                  f"{name}/dequantize/scale")
 
 
 def _window_sum(g: _Graph, name: str, xc: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], groups: int,
@@ -567,6 +623,9 @@ class _Emitter:
         self.env: dict[fx.Node, Any] = {}
         self.skip: set[fx.Node] = set()
         self.modules = dict(gm.named_modules())
+        # the integer epilogues the emulation computes (nn.fold.integer_links, on the same graph)
+        self.direct, self.residual = integer_links(gm.graph, self.modules)
+        self.adds: dict[fx.Node, tuple[str, Any]] = {}    # residual add node -> (conv name, its state)
 
     # values ---------------------------------------------------------------------------------
     def val(self, a: Any, where: str) -> str:
@@ -631,13 +690,21 @@ class _Emitter:
             x = self.val(node.args[0], where)
             bn = self._following_bn(node)
             link = self._requant_link(node, bn)
+            res = self.residual.get(name) if link is None and (bn is not None or
+                                                                fold_target(node, self.modules) is None) else None
             consumer = None if link is None else self.modules[link.consumer]
-            y = _emit_approx(self.ctx, node, mod, x, bn, link, consumer)   # type: ignore[arg-type]
-            absorbed = list(link.between) if link is not None else [next(iter(node.users))] if bn is not None else []
+            y = _emit_approx(self.ctx, node, mod, x, bn, link, consumer, res)   # type: ignore[arg-type]
+            if res is not None:          # q (int32) until the add (_residual_add)
+                self.adds[res.add] = (name, (mod, bn, res, y))
+                absorbed = [res.operand] if res.operand is not node else []
+            else:
+                absorbed = list(link.between) if link is not None else [next(iter(node.users))] if bn is not None else []
             for n in absorbed:           # the folded BatchNorm, and the activation the codes' clamp holds
                 self.env[n] = y
                 self.skip.add(n)
-            return y
+            if link is not None:
+                self._publish(link, link.between[-1] if link.between else node, y)
+            return self.env.get(node, y)   # the dequantized codes where the layer itself has other readers
         args = [self.val(a, where) for a in node.args]
         if node.kwargs:
             raise QosError(f"unsupported keyword arguments in the call of {_type_name(mod)} at {where}")
@@ -693,6 +760,26 @@ class _Emitter:
             return self.adaptive_avg(node, x, mod.output_size, name, where)
         raise QosError(f"unsupported layer {_type_name(mod)} at {where}")
 
+    def _publish(self, link: RequantLink, last: fx.Node, codes: str) -> None:
+        """Where an integer epilogue's output ``last`` has readers besides ``link.consumer`` (which
+        reads ``codes``), they get the dequantized codes, as in the emulation."""
+        if any(u.target != link.consumer or u.op != "call_module" for u in last.users):
+            self.env[last] = _dequantize(self.g, f"{link.consumer}.input", codes, self.modules[link.consumer])
+
+    def _residual_add(self, node: fx.Node) -> str:
+        """The integer residual add of a conv recorded in ``self.adds`` (``_emit_requant_add``),
+        the activation after it absorbed into the codes' clamp."""
+        name, (layer, bn, res, q) = self.adds.pop(node)
+        skip = self.val(res.skip, _where(node))
+        consumer = self.modules[res.link.consumer]
+        codes = _emit_requant_add(self.ctx, name, layer, q, skip, bn, res, consumer,
+                                  self.modules[res.skip_codes_of], int(layer.weight.shape[0]))
+        for n in res.link.between[1:]:
+            self.env[n] = codes
+            self.skip.add(n)
+        self._publish(res.link, res.link.between[-1], codes)
+        return self.env.get(node, codes)     # the dequantized sum where the add itself has other readers
+
     def _following_bn(self, node: fx.Node) -> tuple[str, MultiBatchNorm] | None:
         """The per-OP BatchNorm to fold into approximate layer ``node``: the node's only user, and
         normalising its channels (MultiBatchNorm2d after a conv, MultiBatchNorm1d after a linear
@@ -710,7 +797,7 @@ class _Emitter:
         """``fold.requant_target`` of approximate layer ``node``, where the exporter folds as the
         emulation does (a BatchNorm after the layer must be the folded one) and a linear layer's
         input and output are ``[N, K]``."""
-        link = requant_target(node, self.modules)
+        link = self.direct.get(str(node.target))
         if link is None:
             return None
         layer = self.modules[str(node.target)]
@@ -880,6 +967,8 @@ class _Emitter:
 
     # functions ------------------------------------------------------------------------------
     def function(self, node: fx.Node, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if node in self.adds:
+            return self._residual_add(node)
         where = _where(node)
         name = f"{_scope(node)}/{node.name}" if _scope(node) else node.name
         g = self.g
