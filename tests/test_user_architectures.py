@@ -543,7 +543,8 @@ def test_batchnorm_folded_only_where_it_directly_follows_a_layer(name):
 
 #: Integer epilogues (numerics contract v2) of some networks: a layer feeding the next one directly
 #: (through its folded BatchNorm and one clamp-like activation); None: no layer does.
-REQUANT = {"residual_upsample": {"a1": "a2"},                  # signed, per-channel, in a residual block
+REQUANT = {"residual_upsample": {"stem": "a1", "a1": "a2"},     # signed, per-channel; the stem's output also
+           # feeds proj and lateral (dequantized codes); the adds meet conv outputs, not codes: float
            "mlp_batchnorm1d": {"fc1": "fc2"},                  # fc2 -> F.dropout -> fc3 stays float
            "bias_no_bn": {"fc1": "fc2"},                       # per-OP bias, F.relu then nn.Dropout
            "dense_concat": None}
@@ -551,14 +552,15 @@ REQUANT = {"residual_upsample": {"a1": "a2"},                  # signed, per-cha
 
 @pytest.mark.parametrize("name", NAMES)
 def test_integer_epilogues_where_layers_chain(name):
-    """The exporter and the emulation pick the same integer epilogues (nn.fold.requant_target), and
+    """The exporter and the emulation pick the same integer epilogues (nn.fold.integer_links), and
     the networks above get the expected ones; bit-identity is checked by the tests below."""
-    from qos_compile.nn.fold import requant_map
+    from qos_compile.nn.fold import requant_map, residual_map
     from qos_compile.onnx import export_onnx
 
     qnet = built(name).qnet
     links = {layer.name: layer.requantizes_into for layer in export_onnx(qnet).layers if layer.requantizes_into}
-    assert links == {k: v[0] for k, v in requant_map(qnet.net).items()}
+    emulated = {k: v[0] for k, v in requant_map(qnet.net).items()} | {k: v[0] for k, v in residual_map(qnet.net).items()}
+    assert links == emulated
     if name in REQUANT:
         assert links == (REQUANT[name] or {}), links
 

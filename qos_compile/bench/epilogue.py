@@ -42,8 +42,8 @@ def compare(model_pt: str, dataset: str | None = None, data_dir: str | None = No
             with float_epilogues():
                 out_float = torch.cat([qnet(x[i:i + 256]) for i in range(0, len(x), 256)])
             top_i, top_f = out_int.argmax(1), out_float.argmax(1)
-            t1i = 100.0 * float((top_i == y).float().mean())
-            t1f = 100.0 * float((top_f == y).float().mean())
+            t1i = 100.0 * int((top_i == y).sum()) / len(y)        # exact counts (a float32 mean is
+            t1f = 100.0 * int((top_f == y).sum()) / len(y)        # off by more than one sample's 1e-7)
             rows.append({"op": op, "top1_float": t1f, "top1_integer": t1i, "delta": t1i - t1f,
                          "changed_prediction": int((top_i != top_f).sum()),
                          "changed_output": int((out_int != out_float).flatten(1).any(1).sum())})
