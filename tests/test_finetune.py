@@ -12,7 +12,7 @@ from qos_compile.finetune import (FinetuneConfig, bn_only_parameters, count_para
                                   expand_operating_points, finetune_bn, finetune_full, overhead_report)
 from qos_compile.models import build_model
 from qos_compile.multipliers import bundled, get
-from qos_compile.nn import ApproxConv2d, ApproxLinear, Mode, MultiBatchNorm2d, wrap_model
+from qos_compile.nn import ApproxConv2d, ApproxLinear, Mode, MultiBatchNorm2d, float_epilogues, wrap_model
 from qos_compile.search import param_overhead
 
 torch.set_num_threads(2)
@@ -66,10 +66,19 @@ def test_expand_copies_op0_into_every_op(single, digits8):
         for op in range(3):  # exact products: every OP is the source model
             q.set_operating_point(op)
             assert torch.equal(q(x), ref)
+        # OP 0 is the source model's circuit and BatchNorm: the same integer network, bit for bit
+        # (APPROX differs from QUANT by design: integer epilogues also quantize skip connections)
         q.set_mode(Mode.APPROX)
         q.set_operating_point(0)
-        # OP 0 uses the exact circuit: APPROX == QUANT up to float rounding after the accumulator
-        assert torch.allclose(q(x), ref, atol=1e-4)
+        single.set_mode(Mode.APPROX)
+        assert torch.equal(q(x), single(x))
+        assert not torch.equal(q(x), ref)
+        q.set_operating_point(2)
+        assert not torch.equal(q(x), single(x))
+        q.set_operating_point(0)
+        with float_epilogues():   # contract v1's float epilogue: QUANT up to float rounding
+            assert torch.allclose(q(x), ref, atol=1e-4)
+        single.set_mode(Mode.QUANT)
     src = single.state_dict()
     assert torch.equal(q.net.fc.bias_per_op[2], src["net.fc.bias_per_op"][0])
     bn1 = q.net.get_submodule("layer1.0.bn1")  # a rebuilt net: no Sequential indexing

@@ -2,6 +2,7 @@
 torch twin, which layers get it, and the one-line errors where it cannot be represented."""
 from __future__ import annotations
 
+import copy
 from fractions import Fraction
 
 import numpy as np
@@ -195,6 +196,9 @@ def test_links_and_bit_identity_with_onnxruntime(signed):
         assert not on_code_grid(seen[-2], "b") and not on_code_grid(seen[-1], "e")
     for hook in hooks:
         hook.remove()
+    twin = copy.deepcopy(qnet)          # as the BN-only fine-tune copies a network: same integer adds
+    with torch.no_grad():
+        assert torch.equal(twin(x), qnet(x))
 
 
 def test_export_refuses_an_unrepresentable_layer():

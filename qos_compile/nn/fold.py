@@ -1,6 +1,7 @@
-"""Which per-OP BatchNorm folds into which approximate layer, and which layers requantize
-straight into the next one's codes (see ``affine``), read off the torch.fx graph of a
-converted network; the exporter and the emulation both use it."""
+"""Which per-OP BatchNorm folds into which approximate layer, which layers requantize
+straight into the next one's codes and which residual adds are integer rescales (see
+``affine``), read off the torch.fx graph of a converted network; the exporter and the
+emulation both use it."""
 from __future__ import annotations
 
 import operator
@@ -171,15 +172,14 @@ class ResidualLink:
     link: RequantLink
 
 
-#: Ops a skip connection may apply to dequantized codes and stay on their grid (values are
-#: selected or zero-filled, never computed).
-_SELECTIONS = (operator.getitem, F.pad)
+#: Additions a residual link may be (``x + y``, ``torch.add(x, y)``, ``x += y``).
 _ADDS = (operator.add, torch.add, operator.iadd)
 
 
 def _selected_from(node: fx.Node, coded: dict[fx.Node, str], modules: dict[str, nn.Module]) -> str | None:
     """The layer whose input codes ``node`` selects from, when it is a coded value itself or a
-    pass-through / slicing / zero padding of one, else None."""
+    pass-through / slicing / zero padding of one (values selected or zero-filled, never
+    computed, so they stay on the code grid), else None."""
     if node in coded:
         return coded[node]
     if not node.args or not isinstance(node.args[0], fx.Node) or node.args[0] not in coded:
@@ -209,7 +209,8 @@ def integer_links(graph: fx.Graph, modules: dict[str, nn.Module]) -> tuple[dict[
     pending: dict[fx.Node, str] = {}        # an add operand -> the conv whose epilogue it is
 
     def mark(link: RequantLink, last: fx.Node) -> None:
-        coded[link.between[-1] if link.between else last] = link.consumer
+        if isinstance(modules[link.consumer], ApproxConv2d):   # (a linear link may keep the float
+            coded[link.between[-1] if link.between else last] = link.consumer   # epilogue on [N, C, K])
 
     for node in graph.nodes:
         mod = modules.get(str(node.target)) if node.op == "call_module" else None

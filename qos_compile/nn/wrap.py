@@ -97,14 +97,15 @@ class _IntegerAdds(fx.Interpreter):
     add takes the conv's exact accumulator and the skip's dequantized codes
     (``ApproxConv2d.residual_output``); every other node runs as in the network's own forward."""
 
-    def __init__(self, gm: fx.GraphModule, adds: dict[fx.Node, tuple[Any, fx.Node, fx.Node]]) -> None:
+    def __init__(self, gm: fx.GraphModule, adds: dict[str, tuple[Any, str, str]]) -> None:
         super().__init__(gm)
-        self.adds = adds
+        self.adds = adds          # by node name: a deep copy of the network copies the graph anew
+        self.nodes = {n.name: n for n in gm.graph.nodes}
 
     def run_node(self, n: fx.Node) -> Any:
-        if n in self.adds:
-            layer, operand, skip = self.adds[n]
-            return layer.residual_output(self.env[operand], self.env[skip])
+        if n.name in self.adds:
+            layer, operand, skip = self.adds[n.name]
+            return layer.residual_output(self.env[self.nodes[operand]], self.env[self.nodes[skip]])
         return super().run_node(n)
 
 
@@ -174,7 +175,7 @@ class QoSNet(nn.Module):
         integer = _INTEGER_EPILOGUES[-1] and all(m.mode == Mode.APPROX for m in approx)
         links: dict[str, Any] = self.__dict__["_requant_links"] if integer else {}
         residual: dict[str, ResidualLink] = self.__dict__["_residual_links"] if integer else {}
-        adds: dict[fx.Node, tuple[Any, fx.Node, fx.Node]] = {}
+        adds: dict[str, tuple[Any, str, str]] = {}
         try:
             for name, mod in modules.items():
                 if isinstance(mod, (ApproxConv2d, ApproxLinear)) and mod.mode == Mode.APPROX:
@@ -185,7 +186,7 @@ class QoSNet(nn.Module):
                         deploy.requant = (modules[link.consumer], link.clamp)
                     elif res is not None:
                         deploy.residual = (modules[res.link.consumer], res.link.clamp, modules[res.skip_codes_of])
-                        adds[res.add] = (mod, res.operand, res.skip)
+                        adds[res.add.name] = (mod, res.operand.name, res.skip.name)
                     mod.__dict__["_deploy"] = deploy
                 elif isinstance(mod, MultiBatchNorm):
                     mod.__dict__["_deploy"] = True
