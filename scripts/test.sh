@@ -8,7 +8,7 @@ bash scripts/setup.sh
 workers="${QOS_TEST_WORKERS:-$(nproc)}"
 if [ "$workers" -gt 1 ]; then
   export TVM_NUM_THREADS="${TVM_NUM_THREADS:-1}" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-  exec .venv/bin/python -m pytest -q -n "$workers" --dist loadgroup "$@"
+  exec .venv/bin/python -m pytest -q -n "$workers" --dist loadgroup --durations=15 "$@"
 fi
 export TVM_NUM_THREADS="${TVM_NUM_THREADS:-$(nproc)}"
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"

@@ -493,6 +493,9 @@ def _emit_requant_add(ctx: _Ctx, name: str, layer: ApproxConv2d, q: str, skip: s
     inv = np.array(np.float32(1.0) / np.float32(ras[0].s_skip), np.float32)
     d = g.node("Mul", [skip, g.init(f"{name}.skip_inv_scale", inv)], f"{name}/requant_add/skip_scale")
     d = g.node("Round", [d], f"{name}/requant_add/skip_round")
+    # to int32 first: a float -> int64 Cast is the importer's stock, scalar one (16 us a layer
+    # on ResNet-20); the codes lie within +-255
+    d = g.node("Cast", [d], f"{name}/requant_add/skip_codes32", to=TensorProto.INT32)
     d = g.node("Cast", [d], f"{name}/requant_add/skip_codes", to=TensorProto.INT64)
     mult = _per_op(ctx, name, "rq_mult", [r.rq.M.astype(np.int32).reshape(shape) for r in ras], f"{name}/rq_mult")
     skip_mult = _per_op(ctx, name, "rq_skip_mult", [r.Ms.reshape(shape) for r in ras], f"{name}/rq_skip_mult")
