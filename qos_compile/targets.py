@@ -23,6 +23,9 @@ A file (``targets/<name>.toml``)::
     [kernel_costs]                         # optional: conv kernel time / exact int8 conv time per
     gather = 5.1                           # unit, keys kernel_costs.COST_KEYS (bench.kernels
                                            # measures them, bench.estimate estimates them)
+    [kernel_costs_by_mcpu.znver5]          # optional: these replace [kernel_costs]' where the
+    gather = 22.0                          # resolved [tvm] mcpu is znver5 (a native target's
+                                           # costs follow the CPU it runs on)
     [tvm]                                  # TVM target dict; mcpu = "native" -> LLVM host CPU
     kind = "llvm"
     mtriple = "aarch64-linux-gnu"
@@ -56,7 +59,8 @@ from .runtime_env import import_tvm
 X86_FEATURES = ("sse2", "sse4_1", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl",
                 "avx512vnni", "avx512_vnni", "avx512vbmi", "avx_vnni")
 
-_TOP_KEYS = {"name", "arch", "aliases", "description", "package", "features", "tvm", "toolchain", "kernel_costs"}
+_TOP_KEYS = {"name", "arch", "aliases", "description", "package", "features", "tvm", "toolchain", "kernel_costs",
+             "kernel_costs_by_mcpu"}
 _TOOL_KEYS = {"cc", "cflags", "ldflags", "sysroot", "emulator", "emulator_package"}
 _ARCH_ALIASES = {"amd64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "aarch64_be": "aarch64"}
 
@@ -112,6 +116,7 @@ class Target:
     features: frozenset[str] = frozenset()
     kernel_costs: dict[str, float] = field(default_factory=dict)
     source: Path | None = field(default=None, compare=False)
+    costs_mcpu: str | None = None          # the [kernel_costs_by_mcpu] table applied, if any
 
     def __repr__(self) -> str:
         return f"Target({self.name!r}, {self.tvm.get('mtriple')}, mcpu={self.tvm.get('mcpu')})"
@@ -120,6 +125,12 @@ class Target:
     def is_host(self) -> bool:
         """True when code for this target runs directly on this machine (no emulator)."""
         return self.arch == host_arch()
+
+    def costs_text(self) -> str:
+        """Where this target's kernel costs come from, for headers and reports."""
+        if self.costs_mcpu is not None:
+            return f"defaults + [kernel_costs] + [kernel_costs_by_mcpu.{self.costs_mcpu}]"
+        return "defaults + [kernel_costs]" if self.kernel_costs else "defaults"
 
     def has(self, feature: str) -> bool:
         """Whether the target declares CPU feature ``feature`` (e.g. ``neon``, ``avx512f``)."""
@@ -201,11 +212,14 @@ def _parse(path: Path, resolve_native: bool = True) -> Target:
             tvm["mcpu"] = _llvm_host_cpu()
     if "mattr" in tvm:
         tvm["mattr"] = list(_str_list(tvm["mattr"], "[tvm] mattr", path))
-    costs = data.get("kernel_costs", {})
-    keys = COST_KEYS if costs else ()
-    if not isinstance(costs, dict) or set(costs) - set(keys) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in costs.values()):
-        raise QosError(f"{path}: [kernel_costs] takes positive numbers for {', '.join(keys or COST_KEYS)}")
+    costs = _costs(data.get("kernel_costs", {}), "[kernel_costs]", path)
+    by_mcpu = data.get("kernel_costs_by_mcpu", {})
+    if not isinstance(by_mcpu, dict):
+        raise QosError(f"{path}: [kernel_costs_by_mcpu] takes one table per LLVM CPU name")
+    by_mcpu = {cpu: _costs(table, f"[kernel_costs_by_mcpu.{cpu}]", path) for cpu, table in by_mcpu.items()}
+    costs_mcpu = tvm.get("mcpu") if tvm.get("mcpu") in by_mcpu else None
+    if costs_mcpu is not None:
+        costs = {**costs, **by_mcpu[costs_mcpu]}
     emulator = tool.get("emulator")
     if emulator is not None:
         emulator = list(_str_list(emulator, "[toolchain] emulator", path)) or None
@@ -216,7 +230,15 @@ def _parse(path: Path, resolve_native: bool = True) -> Target:
         ldflags=_str_list(tool.get("ldflags", []), "[toolchain] ldflags", path),
         sysroot=tool.get("sysroot") or None, emulator=emulator, package=str(data["package"]),
         emulator_package=tool.get("emulator_package"), features=features,
-        kernel_costs={k: float(v) for k, v in costs.items()}, source=path)
+        kernel_costs=costs, source=path, costs_mcpu=costs_mcpu)
+
+
+def _costs(table: Any, what: str, path: Path) -> dict[str, float]:
+    """A checked cost table: positive numbers for keys of ``COST_KEYS``."""
+    if not isinstance(table, dict) or set(table) - set(COST_KEYS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in table.values()):
+        raise QosError(f"{path}: {what} takes positive numbers for {', '.join(COST_KEYS)}")
+    return {k: float(v) for k, v in table.items()}
 
 
 def target_dirs() -> list[Path]:

@@ -41,9 +41,10 @@ SHAPES = CONVS + [
     dict(x=(1, 8, 32, 32), w=(8, 8, 3, 3), stride=1, padding=1, dilation=1, groups=1),
     dict(x=(1, 8, 16, 16), w=(12, 8, 3, 3), stride=2, padding=1, dilation=1, groups=1),
 ]
-#: (circuit, signed): 1 to 5 terms, int8 and int16 factors
+#: (circuit, signed): 1 to 5 terms, int8, uint8 (the unsigned exact product: codes 0..255 as
+#: factors, vpdpbusd with the weights unsigned) and int16 factors
 CIRCUITS = [("master:mul8s_1KVA", True), ("mul8s_1KVB", True), ("mul8s_1KX2", True), ("mul8s_1KR6", True),
-            ("mul8u_Y48", False), ("mul8u_125K", False)]
+            ("mul8u_Y48", False), ("mul8u_125K", False), ("mul8u_1JFF", False)]
 
 
 def test_layout_fits_the_registers_and_the_rows():
@@ -74,6 +75,17 @@ def test_isa_by_features_and_factor_type():
     assert D.dot_isa(frozenset({"neon", "dotprod"}), "int8") == "neondot"      # feature dotprod: sdot
     assert D.dot_isa(frozenset({"neon", "dotprod"}), "int16") is None  # sdot multiplies bytes only
     assert D.dot_isa(vnni, "int32") is None and D.dot_isa(frozenset({"neon", "sse2"}), "int8") is None
+    assert D.dot_isa(vnni, "uint8") == "avx512vnni"                   # weights as the unsigned operand
+    assert D.dot_isa(frozenset({"avx2"}), "uint8") == "avx2"
+    assert D.dot_isa(frozenset({"neon", "dotprod"}), "uint8") is None  # sdot: signed bytes only
+    assert D.DOT_ISAS["avx512vnni"].staging["uint8"] == ("int8", -128, True)
+    w = np.array([[[[0, 255]]]], np.uint8)                             # one channel, two taps
+    wt = np.arange(256, dtype=np.uint8)[None]                          # the exact product's weight factor
+    assert D.dot_bias(w, wt, "avx512vnni", False).tolist() == [128 * 255]   # -(-128) * (0 + 255)
+    assert D.dot_bias(w, wt.astype(np.int16), "avx512bw", False).tolist() == [0] and \
+        not D.needs_bias("avx512bw", "int16")
+    with pytest.raises(QosError, match="does not multiply uint8"):
+        D.dot_layout(K.ConvSpec.make((1, 4, 8, 8), (4, 4, 3, 3), padding=1), "neondot", 1, "uint8")
 
 
 @pytest.mark.parametrize("target,isa", ISAS)

@@ -87,12 +87,12 @@ def test_rows_kernel_bit_exact(target, isa):
             layout, stages = lut_rows.rows_stage_funcs(spec, w, isa, bias, residual)
             tag = f"c{i}{'s' if signed else 'u'}{'r' if residual else ''}_"
             funcs.update({tag + k: f for k, f in stages.items()})
-            cases.append((tag, spec, x, w, layout, luts))
+            cases.append((tag, spec, x, w, layout, luts, bias))
     built = build_kernels(funcs, get_target(target), system_lib=True)
-    for tag, spec, x, w, layout, luts in cases:
+    for tag, spec, x, w, layout, luts, bias in cases:
         exact = _ref(spec, x, w, exact_table(spec.signed)) if layout.residual else 0
         for lut in luts:
-            got, _ = lut_rows.run_rows_conv(built, tag, layout, x, lut.astype(np.int32), spec, threads=2)
+            got, _ = lut_rows.run_rows_conv(built, tag, layout, x, lut.astype(np.int32), spec, bias, threads=2)
             np.testing.assert_array_equal(got + exact, _ref(spec, x, w, lut), err_msg=tag)
 
 

@@ -66,8 +66,11 @@ def test_kernel_costs_of_measured_and_estimated_targets(tmp_path):
         assert t.kernel_costs["gather"] > 1.0, name                     # a model, not qemu's ranking
     assert get_target("x86_64-avx2").kernel_costs == {"lowrank": 1.05, "dot": 0.95, "gather": 4.5, "pshufb_rows": 9.0,
                                                       "pshufb_rows8": 5.3}
-    assert get_target("x86_64").kernel_costs == {}                     # the defaults were measured there
     from qos_compile.targets import _parse
+
+    host = get_target("x86_64")                    # the defaults, or this CPU's own measurement
+    assert host.costs_mcpu in (None, host.tvm["mcpu"])
+    assert (host.kernel_costs == {}) == (host.costs_mcpu is None)
 
     path = tmp_path / "aarch64.toml"                                   # a key that is no cost key
     path.write_text(get_target("aarch64").source.read_text().replace("[kernel_costs]", "[kernel_costs]\nfast = 1.0"))
@@ -163,3 +166,33 @@ def test_malformed_target_file(tmp_path, monkeypatch, text, match):
     monkeypatch.setenv("QOS_TARGETS_PATH", str(tmp_path))
     with pytest.raises(QosError, match=match):
         load_targets()
+
+
+def test_kernel_costs_follow_the_targets_cpu(tmp_path):
+    """A target file's [kernel_costs_by_mcpu.<cpu>] replaces its [kernel_costs] where the resolved
+    mcpu is <cpu>; on Zen 5's measured costs a table that fits rows8 runs it, not rows."""
+    from qos_compile.multipliers import get
+    from qos_compile.targets import _parse
+    from qos_compile.tvm.lowering import choose_conv_lowering
+
+    text = get_target("x86_64").source.read_text()
+    assert "[kernel_costs_by_mcpu.znver5]" in text and "2026-12-07" in text
+    path = tmp_path / "x86_64.toml"
+    path.write_text(text.replace('mcpu = "native"', 'mcpu = "znver5"'))
+    zen5 = _parse(path)
+    assert zen5.costs_mcpu == "znver5" and zen5.kernel_costs["gather"] == 22.0 and zen5.kernel_costs["rows8"] == 1.3
+    path.write_text(text.replace('mcpu = "native"', 'mcpu = "icelake-server"'))
+    other = _parse(path)
+    assert other.costs_mcpu is None and other.kernel_costs == {}
+    vbmi = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi"})
+    dg8 = [get("mul8u_DG8").lut]
+    assert choose_conv_lowering(dg8, False, vbmi, taps=144, costs=zen5.kernel_costs).describe() == \
+        "u8-lutconv-avx512vbmi-rows8"
+    assert choose_conv_lowering(dg8, False, vbmi, taps=144, costs=other.kernel_costs).describe() == \
+        "u8-lutconv-avx512vbmi-rows"
+    path.write_text(text.replace("gather = 22.0", "gather = -1"))
+    with pytest.raises(QosError, match=r"\[kernel_costs_by_mcpu.znver5\] takes positive numbers"):
+        _parse(path)
+    path.write_text(text.replace("[kernel_costs_by_mcpu.znver5]", "[kernel_costs_by_mcpu]\nznver5 = 1"))
+    with pytest.raises(QosError, match=r"takes positive numbers"):
+        _parse(path)

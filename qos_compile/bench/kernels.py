@@ -276,9 +276,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     emu = "" if target.is_host else " EMULATED (qemu)"
     print(host_line())
     out: dict[str, Any] = {"host": host_info(), "target": target.name, "emulated": not target.is_host,
-                           "threads": a.threads, "circuits": {**LAYER_CIRCUITS, **TABLE_CIRCUITS}}
+                           "threads": a.threads, "costs": target.costs_text(),
+                           "circuits": {**LAYER_CIRCUITS, **TABLE_CIRCUITS}}
     if not a.no_layers:
-        print(f"# conv kernel variants vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}")
+        print(f"# conv kernel variants vs exact int8 conv, {target.name}, {a.threads} thread(s){emu}; "
+              f"costs: {target.costs_text()}")
         print("circuits: " + ", ".join(f"{k} {v}" for k, v in {**LAYER_CIRCUITS, **TABLE_CIRCUITS}.items())
               + " (u8 variants against the unsigned exact int8 conv)")
         layers = [bench_layer(target, name, c, h, o, s, k, a.repeats, a.threads)

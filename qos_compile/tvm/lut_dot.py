@@ -9,8 +9,11 @@ packs ``G`` channels per lane as an ordinary int8 conv does; a chunk past the gr
 channel is zero-filled):
 
 * ``avx512vnni`` (x86-64): ``vpdpbusd``, 4 unsigned x signed byte products per lane,
-  accumulated (G = 4): the activation factors are stored + 128 and ``dot_bias`` takes the
-  offset's share back out per output channel;
+  accumulated (G = 4). int8 factors: the activation factors are stored + 128 (unsigned) and
+  ``dot_bias`` takes the offset's share back out per output channel. Factors in 0..255 (an
+  unsigned circuit's exact product, the exact part of its ``rows8`` kernel): the weights are
+  the unsigned operand and the activation factors are stored - 128 (signed), the same bias
+  with the other sign;
 * ``avx512bw`` / ``avx2``: ``vpmaddwd``, 2 int16 products per lane (G = 2);
 * ``neondot`` (aarch64, ARMv8.2-A feature ``dotprod``): ``sdot``, 4 int8 products per lane,
   accumulated (G = 4).
@@ -58,15 +61,15 @@ from .lut_factors import XTERMS_SUFFIX, layer_factors
 class DotIsa:
     """One multiply-add family: ``group`` products summed into each int32 lane.
 
-    ``dtype``: the widest factor type it multiplies; ``xdtype``: the type the activation
-    factors are staged in, ``xoffset`` added (vpdpbusd multiplies unsigned by signed bytes,
-    so the activation factors are stored + 128 and the weights' share of the offset is
-    subtracted per output channel, ``dot_bias``)."""
+    ``dtype``: its operand type; ``staging``: per factor type it multiplies
+    (``lut_factors.operand_dtype``), how the operands go in: (the type the activation factors
+    are staged in, the offset added to them, whether the weights are the first multiplicand).
+    vpdpbusd multiplies unsigned by signed bytes, so one side is offset by 128 and the weights'
+    share of the offset comes back out per output channel (``dot_bias``)."""
 
     group: int
     dtype: str
-    xdtype: str
-    xoffset: int
+    staging: dict                 # factor type -> (activation staging type, offset, weights first)
     fused: bool                   # intrinsic(acc, a, b) accumulates; else acc + intrinsic(a, b)
     intrinsics: dict              # int32 lanes per vector -> LLVM intrinsic
     accumulators: int             # accumulator vectors one tile keeps in registers
@@ -76,27 +79,34 @@ class DotIsa:
 #: Dot-product ISAs (keys: the ISA tokens of the registry names, ``variants``) in order of
 #: preference; ``dot_isa`` picks the first a target has that multiplies the layer's factor type.
 DOT_ISAS = {
-    "avx512vnni": DotIsa(4, "int8", "uint8", 128, True, {16: "llvm.x86.avx512.vpdpbusd.512",
+    "avx512vnni": DotIsa(4, "int8", {"int8": ("uint8", 128, False), "uint8": ("int8", -128, True)}, True,
+                         {16: "llvm.x86.avx512.vpdpbusd.512",
                                                           8: "llvm.x86.avx512.vpdpbusd.256",
                                                           4: "llvm.x86.avx512.vpdpbusd.128"}, 16,
                          frozenset({"avx512vnni", "avx512vl"})),
-    "avx512bw": DotIsa(2, "int16", "int16", 0, False, {16: "llvm.x86.avx512.pmaddw.d.512",
+    "avx512bw": DotIsa(2, "int16", dict.fromkeys(("int8", "uint8", "int16"), ("int16", 0, False)), False,
+                       {16: "llvm.x86.avx512.pmaddw.d.512",
                                                         8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 16,
                        frozenset({"avx512bw"})),
-    "avx2": DotIsa(2, "int16", "int16", 0, False, {8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 8,
+    "avx2": DotIsa(2, "int16", dict.fromkeys(("int8", "uint8", "int16"), ("int16", 0, False)), False,
+                   {8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 8,
                    frozenset({"avx2"})),
-    "neondot": DotIsa(4, "int8", "int8", 0, True, {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16,
+    "neondot": DotIsa(4, "int8", {"int8": ("int8", 0, False)}, True, {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16,
                       frozenset({"dotprod"})),
 }
-_WIDTH = {"int8": 8, "int16": 16, "int32": 32}
 
 
 def dot_isa(features: frozenset[str], dtype: str) -> str | None:
     """The dot-product ISA a target's ``features`` offer for factors of ``dtype`` (None: none)."""
     for name, isa in DOT_ISAS.items():
-        if isa.requires <= features and _WIDTH[dtype] <= _WIDTH[isa.dtype]:
+        if isa.requires <= features and dtype in isa.staging:
             return name
     return None
+
+
+def multiplies(isa: str, dtype: str) -> bool:
+    """Whether ``isa`` multiplies factors of type ``dtype``."""
+    return dtype in DOT_ISAS[isa].staging
 
 
 def chunks_of(channels: int, terms: int, isa: str) -> int:
@@ -110,6 +120,7 @@ class DotLayout:
     """Compile-time tiling of one dot conv."""
 
     isa: str
+    dtype: str                    # the factors' type (``lut_factors.operand_dtype``)
     terms: int                    # T factor terms per channel (the slots hold T terms)
     chunks: int                   # K chunks of G (channel, term) pairs per conv group
     lanes: int                    # int32 lanes (output positions) per vector
@@ -123,12 +134,19 @@ class DotLayout:
     def group(self) -> int:
         return DOT_ISAS[self.isa].group
 
+    @property
+    def staging(self) -> tuple[str, int, bool]:
+        """(activation staging type, offset, weights first) of this layout's factors."""
+        return DOT_ISAS[self.isa].staging[self.dtype]
 
-def dot_layout(spec: Any, isa: str, terms: int) -> DotLayout:
-    """Tile shape of the dot conv for a ``kernels.ConvSpec`` with ``terms`` factor terms."""
+
+def dot_layout(spec: Any, isa: str, terms: int, dtype: str = "int8") -> DotLayout:
+    """Tile shape of the dot conv for a ``kernels.ConvSpec`` with ``terms`` factor terms of ``dtype``."""
     if isa not in DOT_ISAS:
         raise QosError(f"no dot-product kernel for {isa!r} (have {', '.join(DOT_ISAS)})")
     d = DOT_ISAS[isa]
+    if dtype not in d.staging:
+        raise QosError(f"the {isa} dot kernel does not multiply {dtype} factors")
     widths = sorted(d.intrinsics)
     lanes = max([w for w in widths if w <= spec.wo] or widths[:1])    # no vector wider than a row
     channels = _largest_divisor(spec.o // spec.groups, 4)
@@ -138,18 +156,19 @@ def dot_layout(spec: Any, isa: str, terms: int) -> DotLayout:
     _, pl, _, pr = spec.padding
     sw, dw = spec.stride[1], spec.dilation[1]
     wph = max(-(-(spec.w + pl + pr) // sw), wo_pad + (spec.kw - 1) * dw // sw)
-    return DotLayout(isa, terms, chunks_of(spec.c // spec.groups, terms, isa), lanes, channels, rows, vectors, wph,
-                     wo_pad)
+    return DotLayout(isa, dtype, terms, chunks_of(spec.c // spec.groups, terms, isa), lanes, channels, rows, vectors,
+                     wph, wo_pad)
 
 
 # --------------------------------------------------------------------------- TE stages
 def dot_inputs(x: te.Tensor, xtab: te.Tensor, layout: DotLayout, spec: Any, name: str = "dot_inputs") -> te.Tensor:
     """(N*groups, K, Hp, S, Wph, G): the factor of every (channel, term) pair at every padded
-    activation (plus the ISA's ``xoffset``), the G pairs of a chunk side by side, columns by
+    activation (plus the staging offset, ``DotLayout.staging``), the G pairs of a chunk side by side, columns by
     stride phase (N and the conv groups share a dimension: the C runtime's tensors have rank
     <= 6). The pairs past the group's last channel hold the offset alone (their weight is 0)."""
     d = DOT_ISAS[layout.isa]
     g, t_, k_ = d.group, layout.terms, layout.chunks
+    xdtype, xoffset, _ = layout.staging
     if int(xtab.shape[0]) != t_:
         raise QosError(f"the dot kernel wants {t_} activation factor terms, got {int(xtab.shape[0])}")
     n, c, h, w = spec.x_shape
@@ -167,7 +186,7 @@ def dot_inputs(x: te.Tensor, xtab: te.Tensor, layout: DotLayout, spec: Any, name
         v = tvm.tirx.if_then_else(tvm.tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl),
                                   x[ng // spec.groups, ch, i - pt, j - pl].astype("int32") + off, pad_idx)
         factor = tvm.tirx.if_then_else(cc < cg, xtab[t, v].astype("int32"), 0)
-        return (factor + d.xoffset).astype(d.xdtype)
+        return (factor + xoffset).astype(xdtype)
 
     return te.compute((n * spec.groups, k_, h + pt + pb, sw, layout.wph, g), f, name=name,
                       attrs={KERNEL_ATTR: "dot_inputs"})
@@ -194,18 +213,21 @@ WEIGHTS_SUFFIX = "dotw"
 BIAS_SUFFIX = "dotbias"
 
 
-def needs_bias(isa: str) -> bool:
-    """Whether a dot kernel on ``isa`` starts its accumulators from ``dot_bias`` (an activation offset)."""
-    return bool(DOT_ISAS[isa].xoffset)
+def needs_bias(isa: str, dtype: str) -> bool:
+    """Whether a dot kernel on ``isa`` with ``dtype`` factors starts its accumulators from
+    ``dot_bias`` (an activation offset)."""
+    return bool(DOT_ISAS[isa].staging[dtype][1])
 
 
 def dot_bias(w: np.ndarray, wterms: np.ndarray, isa: str, signed: bool) -> np.ndarray:
-    """(O,) int32: what the activations' ``xoffset`` adds to each output channel, negated
-    (``-xoffset * sum`` of every weight factor of the channel). Weights and factors are
+    """(O,) int32: what the activations' staging offset adds to each output channel, negated
+    (``-offset * sum`` of every weight factor of the channel; the factors' type is
+    ``wterms``'). Weights and factors are
     constants of an OP, so the compiler computes it once per OP (the per-OP tensor
     ``slot.<layer>.dotbias``), not per inference."""
     off = code_offset(signed)
-    per_code = -DOT_ISAS[isa].xoffset * np.asarray(wterms, np.int64).sum(0)        # (256,)
+    offset = DOT_ISAS[isa].staging[str(np.asarray(wterms).dtype)][1]
+    per_code = -offset * np.asarray(wterms, np.int64).sum(0)                      # (256,)
     idx = np.asarray(w, np.int64).reshape(w.shape[0], -1) + off
     return per_code[idx].sum(1).astype(np.int32)
 
@@ -231,7 +253,8 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
     hp, wph, wo_pad = spec.h + pt + pb, layout.wph, layout.wo_pad
     wst = sw * wph
     tiles, span = o // ot_, v_ * lanes
-    wvt, ivt = f"{d.dtype}x{lanes * g}", f"int32x{lanes}"
+    xdtype, _, weights_first = layout.staging
+    wvt, ivt = f"{('u' if weights_first else '') + d.dtype}x{lanes * g}", f"int32x{lanes}"
     intrin = d.intrinsics[lanes]
     size = n * spec.groups * k_ * hp * wst * g
 
@@ -239,15 +262,16 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
         return T.ramp(z * lanes, 1, lanes)
 
     def dot(a, xv, wv):
+        u, v = (wv, xv) if weights_first else (xv, wv)      # vpdpbusd: unsigned operand first
         if d.fused:
-            return T.call_llvm_pure_intrin(ivt, intrin, a, xv, wv)
-        return a + T.call_llvm_pure_intrin(ivt, intrin, xv, wv)
+            return T.call_llvm_pure_intrin(ivt, intrin, a, u, v)
+        return a + T.call_llvm_pure_intrin(ivt, intrin, u, v)
 
     @T.prim_func(private=True)
-    def kernel(xf: T.Buffer((n * spec.groups, k_, hp, sw, wph, g), d.xdtype), wp: T.Buffer((o, k_, kh, kw), "int32"),
+    def kernel(xf: T.Buffer((n * spec.groups, k_, hp, sw, wph, g), xdtype), wp: T.Buffer((o, k_, kh, kw), "int32"),
                bias: T.Buffer((o,), "int32"), acc: T.Buffer((n, o, ho, wo_pad), "int32")):
         T.func_attr({"qos_prescheduled": True})
-        xs = T.decl_buffer((size,), d.xdtype, data=xf.data)
+        xs = T.decl_buffer((size,), xdtype, data=xf.data)
         for nt in T.parallel(n * tiles):
             for it in range(ho // r_):
                 for jt in range(wo_pad // span):
@@ -284,7 +308,7 @@ def dot_stage_funcs(spec: Any, terms: int, dtype: str, isa: str, target: Any = N
     stages through Relax."""
     from .kernels import _finish
 
-    layout = dot_layout(spec, isa, terms)
+    layout = dot_layout(spec, isa, terms, dtype)
     t = layout.terms
     xs = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
     xt = te.placeholder((t, 256), dtype, name="xterms")
@@ -306,7 +330,8 @@ def run_dot_conv(built: Any, prefix: str, spec: Any, x: Any, w: Any, wterms: Any
         return out
 
     xf, wp = run("inputs", x, xterms), pack_weights(w, wterms, isa, spec.signed)
-    bias = dot_bias(w, wterms, isa, spec.signed) if needs_bias(isa) else np.zeros(spec.o, np.int32)
+    dtype = str(np.asarray(wterms).dtype)
+    bias = dot_bias(w, wterms, isa, spec.signed) if needs_bias(isa, dtype) else np.zeros(spec.o, np.int32)
     return run("micro", xf, wp, bias)[..., :spec.wo], ms
 
 
@@ -335,10 +360,10 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
 
     xt, wp = ops.slot_inputs((XTERMS_SUFFIX, WEIGHTS_SUFFIX), "dot-kernel factors")
     spec, sym = ops.spec, low.symbol
-    layout = dot_layout(spec, low.isa, low.terms)
+    layout = dot_layout(spec, low.isa, low.terms, low.dtype)
     # a closure: call_te passes only tensors and plain values through
     xf = bb.call_te(lambda a, t: dot_inputs(a, t, layout, spec), ops.x, xt, primfunc_name_hint=f"{sym}_inputs")
-    if needs_bias(low.isa):
+    if needs_bias(low.isa, low.dtype):
         bias = ops.slot_inputs((BIAS_SUFFIX,), "dot-kernel bias")[0]
     else:
         bias = relax.const(np.zeros(spec.o, np.int32))
@@ -355,7 +380,7 @@ def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.nda
     signed = low.variant.signed
     wt, xt = layer_factors(lut, signed, low.terms, low.dtype)
     out = {XTERMS_SUFFIX: xt, WEIGHTS_SUFFIX: pack_weights(w, wt, low.isa, signed)}
-    if needs_bias(low.isa):
+    if needs_bias(low.isa, low.dtype):
         out[BIAS_SUFFIX] = dot_bias(w, wt, low.isa, signed)
     return out
 

@@ -58,10 +58,11 @@ def _padded(f: Factors, terms: int) -> Factors:
 
 
 def operand_dtype(factors: Sequence[Factors]) -> str:
-    """Narrowest signed integer type holding every factor of every circuit."""
+    """Narrowest integer type holding every factor of every circuit: int8, uint8 (0..255, an
+    unsigned exact product's), int16 or int32."""
     hi = max(max(int(f.wterms.max()), int(f.xterms.max())) for f in factors)
     lo = min(min(int(f.wterms.min()), int(f.xterms.min())) for f in factors)
-    for dt in ("int8", "int16"):
+    for dt in ("int8", "uint8", "int16"):
         if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
             return dt
     return "int32"

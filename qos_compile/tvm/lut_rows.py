@@ -36,11 +36,13 @@ construction whenever their ``fits`` condition holds for every circuit of the la
 which the lowering checks before it picks them.
 
 Stages (each its own PrimFunc, so the plan shows them): ``taps`` packs the padded
-activation table indices position-major per weight tap (``(N, G, Kg, P_pad)`` uint8);
-``planes`` cuts the rows of the layer's distinct weight codes out of the LUT argument
-(``(R, planes * PLANE_BYTES)`` uint8, rebuilt per call: the LUT is switched at run time;
-``rows8`` subtracts each row's ``rowmin``, ``(R,)`` int32, a per-OP tensor computed at compile
-time by ``row_minima``); the microkernel
+activation table indices position-major per weight tap (``(N, G, Kg, P_pad)`` uint8); the
+microkernel reads the rows of the layer's distinct weight codes as byte planes (``(R, planes *
+PLANE_BYTES)`` uint8, ``planes``; ``rows8`` subtracts each row's ``rowmin``, ``(R,)`` int32,
+``row_minima``). Weights and table are constants of an OP, so both are per-OP tensors the
+compiler computes once per OP (``slot.<layer>.planes``, ``.rowmin``; at most 256 rows of
+``PLANE_BYTES`` per plane), not per inference (per call they took 6% of a ResNet-20); the
+microkernel
 (``rows_microkernel``) writes int32 ``(N, O, P_pad)``; the caller's epilogue reads the
 first ``Ho*Wo`` positions. Threads split ``n x o`` (output channels).
 """
@@ -57,7 +59,7 @@ from tvm.script import tirx as T
 from ..errors import QosError
 from ..multipliers.structure import fits_rows, fits_rows8, residual_rows  # noqa: F401 - fits_*: the kernels' conditions
 from ..multipliers.table import exact_table
-from ..numerics import LUT_SHAPE, code_offset
+from ..numerics import code_offset
 from .kernels import KERNEL_ATTR, register_block_schedules
 
 #: Byte-permute ISAs with a rows microkernel: lanes (positions per vector) per ISA.
@@ -123,14 +125,10 @@ def taps(xp: te.Tensor, groups: int, kh: int, kw: int, stride: tuple[int, int], 
     return te.compute((n, groups, cg * kk, p_pad), f, name=name, attrs={KERNEL_ATTR: "rows_taps", "qos_row": wo})
 
 
-def _residual(lut: te.Tensor, a: Any, b: Any, signed: bool) -> Any:
-    """``lut[a, b]`` minus the exact product of the codes of table indices ``a`` and ``b``."""
-    off = code_offset(signed)
-    return lut[a, b] - (a - off) * (b - off)
-
-
 #: The per-OP graph input of a ``rows8`` layer: each weight row's smallest residual.
 ROWMIN_SUFFIX = "rowmin"
+#: The per-OP graph input of a ``rows``/``rows8`` layer: its weight rows as byte planes.
+PLANES_SUFFIX = "planes"
 
 
 def row_minima(lut: np.ndarray, codes: np.ndarray, signed: bool) -> np.ndarray:
@@ -140,31 +138,23 @@ def row_minima(lut: np.ndarray, codes: np.ndarray, signed: bool) -> np.ndarray:
     return residual_rows(lut, signed)[np.asarray(codes, np.int64)].min(1).astype(np.int32)
 
 
-def planes(lut: te.Tensor, codes: te.Tensor, bias: int, isa: str, rowmin: te.Tensor | None = None,
-           signed: bool = False, name: str = "rows_planes") -> te.Tensor:
+def planes(lut: np.ndarray, codes: np.ndarray, bias: int, isa: str, rowmin: np.ndarray | None = None,
+           signed: bool = False) -> np.ndarray:
     """(R, planes * PLANE_BYTES[isa]) uint8 for every activation b: ``rows``: low then high byte
-    of ``lut[codes[r], b] + bias``; ``rows8`` (``rowmin`` given): the residual minus ``rowmin[r]``."""
-    width = PLANE_BYTES[isa]
-
-    def entry(e):                                      # byte e of a plane -> activation index
-        if isa == "avx2":                              # sub-table j, lane copy, entry i
-            return (e // 32) * 16 + e % 16
-        return e
-
+    of ``lut[codes[r], b] + bias``; ``rows8`` (``rowmin`` given): the residual minus
+    ``rowmin[r]``. AVX2 stores each 16-entry sub-table twice (both 128-bit lanes of a
+    ``vpshufb``)."""
+    e = np.arange(PLANE_BYTES[isa])
+    entry = (e // 32) * 16 + e % 16 if isa == "avx2" else e   # byte e of a plane -> activation index
+    rows = np.asarray(lut, np.int64)[np.asarray(codes, np.int64)][:, entry]          # (R, width)
     if rowmin is not None:
-        def f(r, e):
-            return tvm.tirx.Cast("uint8", _residual(lut, codes[r], entry(e), signed) - rowmin[r])
-
-        return te.compute((int(codes.shape[0]), width), f, name=name, attrs={KERNEL_ATTR: "rows_planes"})
-
-    def f(r, e):
-        v = lut[codes[r], entry(e % width)] + bias
-        return tvm.tirx.Cast("uint8", tvm.tirx.bitwise_and(tvm.tirx.shift_right(v, (e // width) * 8), 255))
-
-    return te.compute((int(codes.shape[0]), 2 * width), f, name=name, attrs={KERNEL_ATTR: "rows_planes"})
+        off = code_offset(signed)
+        a = np.asarray(codes, np.int64)[:, None] - off
+        return (rows - a * (entry[None, :] - off) - np.asarray(rowmin, np.int64)[:, None]).astype(np.uint8)
+    v = rows + bias
+    return np.ascontiguousarray(np.concatenate([v & 255, (v >> 8) & 255], axis=1).astype(np.uint8))
 
 
-# --------------------------------------------------------------------------- microkernels
 def _lookup_vbmi(pl: Any, row: Any, plane: int, idx: Any) -> Any:
     """256-entry byte lookup of 64 indices in plane ``plane`` of row ``row`` (4 registers)."""
     t = [pl[row, T.ramp(plane * 256 + 64 * i, 1, 64)] for i in range(4)]
@@ -289,33 +279,26 @@ def unpack_positions(acc: te.Tensor, ho: int, wo: int) -> te.Tensor:
 def rows_stage_funcs(spec: Any, w: np.ndarray, isa: str, bias: int, residual: bool = False
                      ) -> tuple[RowsLayout, dict[str, Any]]:
     """Stand-alone PrimFuncs of the stages for one conv ``spec`` (kernels.ConvSpec) with
-    weights ``w``: ``taps(x) -> tp``, ``planes(lut, codes) -> pl`` (``rows8``: ``planes(lut,
-    codes, m)`` with ``m = row_minima(...)``), ``micro(tp, pl, wrow, m) -> acc`` (N, O, P_pad;
-    ``rows8``: the residual part only). For benchmarks and tests; the compiler builds
-    the same stages through Relax."""
+    weights ``w``: ``taps(x) -> tp``, ``micro(tp, pl, wrow, m) -> acc`` (N, O, P_pad; ``rows8``:
+    the residual part only) with ``pl = planes(...)`` and (``rows8``) ``m = row_minima(...)``
+    computed ahead like the compiler's per-OP tensors. For benchmarks and tests; the compiler
+    builds the same stages through Relax."""
     from .kernels import _finish
 
     layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa, residual)
     xs = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
     tp = rows_inputs(xs, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
                      spec.signed, spec.ho, spec.wo, layout.p_pad)
-    ls = te.placeholder(LUT_SHAPE, "int32", name="lut")
-    cs = te.placeholder(layout.codes.shape, "int32", name="codes")
     kg = (spec.c // spec.groups) * spec.kh * spec.kw
     funcs = {"taps": _finish([xs, tp], None, None, True),
              "micro": rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, bias)}
-    if residual:
-        ms = te.placeholder(layout.codes.shape, "int32", name="rowmin")
-        funcs["planes"] = _finish([ls, cs, ms, planes(ls, cs, 0, isa, ms, spec.signed)], None, None, True)
-    else:
-        funcs["planes"] = _finish([ls, cs, planes(ls, cs, bias, isa)], None, None, True)
     return layout, funcs
 
 
 def run_rows_conv(built: Any, prefix: str, layout: RowsLayout, x: np.ndarray, lut: np.ndarray, spec: Any,
-                  repeat: int = 0, threads: int | None = None) -> tuple[np.ndarray, float]:
-    """Run the stages built from ``rows_stage_funcs`` (named ``prefix + stage``): accumulators
-    (N, O, Ho, Wo) (``rows8``: the residual part) and the summed best time in ms of the stages
+                  bias: int, repeat: int = 0, threads: int | None = None) -> tuple[np.ndarray, float]:
+    """Run the stages built from ``rows_stage_funcs`` (named ``prefix + stage``) on the planes of
+    ``lut`` (``bias``: the ``rows`` planes' bias): accumulators (N, O, Ho, Wo) (``rows8``: the residual part) and the summed best time in ms of the stages
     (0 unless ``repeat``)."""
     ms = 0.0
 
@@ -329,9 +312,9 @@ def run_rows_conv(built: Any, prefix: str, layout: RowsLayout, x: np.ndarray, lu
     tp = run("taps", x)
     if layout.residual:
         m = row_minima(lut, layout.codes, spec.signed)
-        pl = run("planes", lut, layout.codes, m)
+        pl = planes(lut, layout.codes, 0, layout.isa, m, spec.signed)
     else:
-        m, pl = np.zeros(len(layout.codes), np.int32), run("planes", lut, layout.codes)
+        m, pl = np.zeros(len(layout.codes), np.int32), planes(lut, layout.codes, bias, layout.isa)
     acc = run("micro", tp, pl, layout.wrow, m)
     n, o, ho, wo = spec.out_shape
     return acc[:, :, :ho * wo].reshape(n, o, ho, wo), ms
@@ -347,26 +330,19 @@ def _schedule_taps(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[st
     sch.vectorize(col)
 
 
-def _schedule_planes(sch: "tvm.s_tir.Schedule", block: Any, features: frozenset[str], style: str | None) -> None:
-    """(r, e): e -> (plane, byte), rows in parallel, bytes as vectors."""
-    r, e = sch.get_loops(block)
-    _, byte = sch.split(e, [None, 256])
-    sch.parallel(r)
-    sch.vectorize(byte)
-
-
 #: Block schedules of this module's TE stages (``variants.block_schedules``); the
 #: microkernel is written in its final form (``qos_prescheduled``).
-SCHEDULES = {"rows_taps": _schedule_taps, "rows_planes": _schedule_planes}
+SCHEDULES = {"rows_taps": _schedule_taps}
 register_block_schedules(SCHEDULES)
 
 
 def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
     """Relax emission of a ``rows``/``rows8`` variant (``variants.Variant.emit``; needs constant
-    weights): taps + planes + the byte-permute microkernel, then the positions unpacked;
-    ``rows8`` reads its row minima from the per-OP graph input ``slot.<layer>.rowmin`` and adds the exact conv of ``low.exact`` (its own variant, emitted by its own
-    family on constant exact-product operands, so its weight-only stages fold at compile time).
-    Every PrimFunc is named after the variant."""
+    weights): taps + the byte-permute microkernel on the per-OP graph input
+    ``slot.<layer>.planes``, then the positions unpacked; ``rows8`` reads its row minima from
+    ``slot.<layer>.rowmin`` and adds the exact conv of ``low.exact`` (its own variant, emitted
+    by its own family on constant exact-product operands, so its weight-only stages fold at
+    compile time). Every PrimFunc is named after the variant."""
     from tvm import relax
 
     spec, wn, sym = ops.spec, ops.weights, low.symbol
@@ -376,13 +352,11 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
     tp = bb.call_te(rows_inputs, ops.x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
                     spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad,
                     primfunc_name_hint=f"{sym}_taps")
-    codes = relax.const(layout.codes)
     if residual:
-        m = ops.slot_inputs((ROWMIN_SUFFIX,), "rows8 row minima")[0]
-        pl = bb.call_te(planes, ops.lut, codes, 0, low.isa, m, spec.signed, primfunc_name_hint=f"{sym}_planes")
+        pl, m = ops.slot_inputs((PLANES_SUFFIX, ROWMIN_SUFFIX), "rows8 planes and row minima")
     else:
+        pl = ops.slot_inputs((PLANES_SUFFIX,), "rows planes")[0]
         m = relax.const(np.zeros(len(layout.codes), np.int32))
-        pl = bb.call_te(planes, ops.lut, codes, low.bias, low.isa, primfunc_name_hint=f"{sym}_planes")
     micro = rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, low.bias)
     gv = bb.add_func(micro, f"{sym}_micro")
     acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow), m],
@@ -408,11 +382,15 @@ def exact_operands(ops: Any, exact: Any) -> Any:
 
 
 def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.ndarray]:
-    """The per-OP tensors of a ``rows8`` layer running the circuit ``lut``
-    (``variants.Variant.per_op``; a ``rows`` layer reads the table itself, and has none): the
-    row minima of its residual plane."""
+    """The per-OP tensors of a ``rows``/``rows8`` layer running the circuit ``lut``
+    (``variants.Variant.per_op``): its byte planes and (``rows8``) the row minima of its
+    residual plane."""
     signed = low.variant.signed
-    return {ROWMIN_SUFFIX: row_minima(lut, rows_layout(w, signed, 1, low.isa, True).codes, signed)}
+    if low.variant.kind != "rows8":
+        return {PLANES_SUFFIX: planes(lut, rows_layout(w, signed, 1, low.isa).codes, low.bias, low.isa)}
+    codes = rows_layout(w, signed, 1, low.isa, True).codes
+    m = row_minima(lut, codes, signed)
+    return {PLANES_SUFFIX: planes(lut, codes, 0, low.isa, m, signed), ROWMIN_SUFFIX: m}
 
 
 def bench_stages(spec: Any, low: Any, w: np.ndarray, target: Any) -> dict[str, Any]:
@@ -430,7 +408,7 @@ def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: np.ndarra
     """Run a ``rows``/``rows8`` variant built from ``bench_stages``: (acc, summed best ms of the stages or 0)."""
     residual = low.variant.kind == "rows8"
     layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa, residual)
-    acc, ms = run_rows_conv(built, prefix, layout, x, np.asarray(lut, np.int32), spec, repeat, threads)
+    acc, ms = run_rows_conv(built, prefix, layout, x, np.asarray(lut, np.int32), spec, low.bias, repeat, threads)
     if residual:
         ex = low.exact
         acc_x, ms_x = ex.variant.run(built, prefix + "exact_", spec, ex, x, w,

@@ -77,7 +77,6 @@ _ROWS_REQUIRES = {"avx512vbmi": frozenset({"avx512vbmi"}), "avx2": frozenset({"a
 #: Cost key of a rows variant per ISA: ``vpshufb`` (16 shuffles per 32 lookups and plane) is
 #: priced apart from the 128/64-entry permutes of VBMI and NEON.
 _ROWS_COST = {"avx512vbmi": "", "avx2": "pshufb_", "neon": ""}
-_WIDTH = {"int8": 8, "int16": 16, "int32": 32}
 
 
 @dataclass
@@ -200,7 +199,7 @@ def _fits_dot(isa: str, terms: int) -> Callable[[LayerTables], "Fit | None"]:
 
     def fits(t: LayerTables) -> Fit | None:
         lr = t.factor_terms()
-        if lr is None or lr[0] != terms or _WIDTH[lr[1]] > _WIDTH[d.dtype]:
+        if lr is None or lr[0] != terms or not lut_dot.multiplies(isa, lr[1]):
             return None
         return Fit(f"{terms} {lr[1]} factor term(s) of every table, {d.group} per {isa} multiply-add", terms, lr[1])
     return fits
@@ -244,7 +243,7 @@ def _table() -> tuple[Variant, ...]:
             for isa in isas:
                 out.append(Variant(_name(dt, kind, isa), dt, "rows", kind, isa, 0, lr, _ROWS_REQUIRES[isa],
                                    _ROWS_COST[isa] + kind, 1, fits(isa), lr.emit_conv, lr.bench_stages, lr.bench_run,
-                                   const_weights=True, per_op=lr.per_op_tensors if kind == "rows8" else None))
+                                   const_weights=True, per_op=lr.per_op_tensors))
         out.append(Variant(_name(dt, "gather"), dt, "gather", "gather", None, 0, k, frozenset(), "gather", 1,
                            _fits_gather, k.emit_gather, k.gather_stages, k.run_single_stage))
     names = [v.name for v in out]
@@ -326,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..targets import get_target
 
         t = get_target(args[0])
-        print(f"# kernel variants on {t.name} (costs: defaults + its [kernel_costs])")
+        print(f"# kernel variants on {t.name} (costs: {t.costs_text()})")
         print(table_text(t.features, t.kernel_costs))
     else:
         print(table_text())
