@@ -153,9 +153,24 @@ class Target:
                 f"{self.package} (apt-get install {self.package})")
         return path
 
+    def missing_features(self) -> frozenset[str]:
+        """The CPU features this target's code uses that this machine lacks (on its arch only;
+        e.g. ``x86_64-avxvnni``'s ``avx_vnni`` on a CPU without AVX-VNNI)."""
+        if not self.is_host:
+            return frozenset()
+        return frozenset(f for f in self.features if f in X86_FEATURES or f in ("neon", "dotprod")) - \
+            _host_cpu_features()
+
     def run_prefix(self) -> list[str]:
-        """The command prefix that runs this target's programs here: [] on the host, else the emulator."""
+        """The command prefix that runs this target's programs here: [] on the host, else the
+        emulator. QosError where neither can: no emulator, or a CPU of the target's arch that
+        lacks some of its features (the code would stop on an illegal instruction; qemu-x86_64
+        7.2 executes such AVX2 code wrongly, so it is no way out)."""
         if self.is_host:
+            missing = self.missing_features()
+            if missing:
+                raise QosError(f"target {self.name}'s code cannot run on this CPU: it lacks "
+                               f"{', '.join(sorted(missing))}")
             return []
         if not self.emulator:
             raise QosError(f"target {self.name} ({self.arch}) cannot run on this {host_arch()} machine "

@@ -34,8 +34,8 @@ def _isa_case(target: str, isa: str):
         not D.DOT_ISAS[isa].requires <= HOST, reason=f"this CPU lacks {isa} (x86 kernels run natively)"))
 
 
-ISAS = [_isa_case("x86_64", "avx512vnni"), _isa_case("x86_64", "avx512bw"), _isa_case("x86_64-avx2", "avx2"),
-        _isa_case("aarch64-cortex-a76", "neondot")]
+ISAS = [_isa_case("x86_64", "avx512vnni"), _isa_case("x86_64-avxvnni", "avxvnni"), _isa_case("x86_64", "avx512bw"),
+        _isa_case("x86_64-avx2", "avx2"), _isa_case("aarch64-cortex-a76", "neondot")]
 #: CONVS plus the shapes that exercise full-width vectors and strided rows of ResNet-20
 SHAPES = CONVS + [
     dict(x=(1, 8, 32, 32), w=(8, 8, 3, 3), stride=1, padding=1, dilation=1, groups=1),
@@ -76,6 +76,9 @@ def test_isa_by_features_and_factor_type():
     assert D.dot_isa(frozenset({"neon", "dotprod"}), "int16") is None  # sdot multiplies bytes only
     assert D.dot_isa(vnni, "int32") is None and D.dot_isa(frozenset({"neon", "sse2"}), "int8") is None
     assert D.dot_isa(vnni, "uint8") == "avx512vnni"                   # weights as the unsigned operand
+    laptop = frozenset({"avx2", "fma", "avx_vnni"})                   # AVX-VNNI without AVX-512
+    assert D.dot_isa(laptop, "int8") == D.dot_isa(laptop, "uint8") == "avxvnni"
+    assert D.dot_isa(laptop, "int16") == "avx2"
     assert D.dot_isa(frozenset({"avx2"}), "uint8") == "avx2"
     assert D.dot_isa(frozenset({"neon", "dotprod"}), "uint8") is None  # sdot: signed bytes only
     assert D.DOT_ISAS["avx512vnni"].staging["uint8"] == ("int8", -128, True)

@@ -196,3 +196,23 @@ def test_kernel_costs_follow_the_targets_cpu(tmp_path):
     path.write_text(text.replace("[kernel_costs_by_mcpu.znver5]", "[kernel_costs_by_mcpu]\nznver5 = 1"))
     with pytest.raises(QosError, match=r"takes positive numbers"):
         _parse(path)
+
+
+def test_code_for_features_this_cpu_lacks_is_not_run(monkeypatch, tmp_path, capsys):
+    """A host-arch target whose features the CPU lacks (AVX-VNNI on Zen 2-4) is refused with one
+    line by whatever would run its code, not stopped by an illegal instruction."""
+    import qos_compile.targets as T
+    from qos_compile.bench import kernels
+
+    t = get_target("x86_64-avxvnni")
+    assert "avx_vnni" in t.features and t.tvm["mattr"] == ["+avxvnni"]
+    if host_arch() != "x86_64":
+        assert t.missing_features() == frozenset()
+        return
+    monkeypatch.setattr(T, "_host_cpu_features", lambda: frozenset({"sse2", "sse4_1", "avx", "avx2", "fma"}))
+    assert t.missing_features() == {"avx_vnni"} and get_target("x86_64-avx2").missing_features() == frozenset()
+    with pytest.raises(QosError, match=r"^target x86_64-avxvnni's code cannot run on this CPU: it lacks avx_vnni$"):
+        t.run_prefix()
+    assert kernels.main(["--target", "alderlake", "--no-network"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "kernels: error: target x86_64-avxvnni's code cannot run on this CPU: it lacks avx_vnni", err

@@ -267,12 +267,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"whole-network kinds, comma-separated (default {','.join(CIRCUITS)}; exact always runs)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
-
-    target = get_target(a.target)
     kinds = ["exact"] + [k for k in a.kinds.split(",") if k and k != "exact"]
     bad = [k for k in kinds if k not in CIRCUITS]
     if bad:
         ap.error(f"unknown kind {bad[0]!r} (one of {', '.join(CIRCUITS)})")
+    try:
+        target = get_target(a.target)
+        target.run_prefix()            # the kernels run in this process or its emulator: can they?
+        return _run(a, target, kinds)
+    except QosError as e:
+        print(f"kernels: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(a: argparse.Namespace, target: Target, kinds: list[str]) -> int:
+    """The benchmark of ``main``'s arguments on ``target``."""
     emu = "" if target.is_host else " EMULATED (qemu)"
     print(host_line())
     out: dict[str, Any] = {"host": host_info(), "target": target.name, "emulated": not target.is_host,

@@ -14,6 +14,8 @@ channel is zero-filled):
   unsigned circuit's exact product, the exact part of its ``rows8`` kernel): the weights are
   the unsigned operand and the activation factors are stored - 128 (signed), the same bias
   with the other sign;
+* ``avxvnni`` (x86-64 with AVX-VNNI but no AVX-512, e.g. Intel Alder Lake and later client
+  cores): the same ``vpdpbusd`` in its VEX form, on 256-bit vectors;
 * ``avx512bw`` / ``avx2``: ``vpmaddwd``, 2 int16 products per lane (G = 2);
 * ``neondot`` (aarch64, ARMv8.2-A feature ``dotprod``): ``sdot``, 4 int8 products per lane,
   accumulated (G = 4).
@@ -84,6 +86,10 @@ DOT_ISAS = {
                                                           8: "llvm.x86.avx512.vpdpbusd.256",
                                                           4: "llvm.x86.avx512.vpdpbusd.128"}, 16,
                          frozenset({"avx512vnni", "avx512vl"})),
+    # the same intrinsics: LLVM encodes them VEX (AVX-VNNI) where the target has no AVX512VL
+    "avxvnni": DotIsa(4, "int8", {"int8": ("uint8", 128, False), "uint8": ("int8", -128, True)}, True,
+                      {8: "llvm.x86.avx512.vpdpbusd.256", 4: "llvm.x86.avx512.vpdpbusd.128"}, 8,
+                      frozenset({"avx_vnni"})),
     "avx512bw": DotIsa(2, "int16", dict.fromkeys(("int8", "uint8", "int16"), ("int16", 0, False)), False,
                        {16: "llvm.x86.avx512.pmaddw.d.512",
                                                         8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 16,

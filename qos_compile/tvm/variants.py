@@ -6,7 +6,7 @@ Every kernel an approximate conv layer can run is ONE entry of ``VARIANTS``, nam
 * ``datatype``: ``s8`` (signed circuits, int8 codes) or ``u8`` (unsigned, uint8 codes);
 * ``op``: ``lutconv`` (a conv through a 256x256 multiplier table);
 * ``isa``: the instruction set the kernel is written for, XNNPACK's tokens: ``avx512vnni``
-  (``vpdpbusd``), ``avx512bw`` / ``avx2`` (``vpmaddwd``; for ``rows``: ``vpshufb``), ``neondot``
+  (``vpdpbusd``), ``avxvnni`` (its VEX form on 256 bits), ``avx512bw`` / ``avx2`` (``vpmaddwd``; for ``rows``: ``vpshufb``), ``neondot``
   (ARM ``sdot``), ``avx512vbmi`` (``vpermi2b``), ``neon`` (``tbl``/``tbx``); absent for the portable TE
   kernels, which ``kernels.schedule_primfunc`` schedules by the target's features;
 * ``variant``: the algorithm: ``masked`` (exact conv on the masked weights), ``gather``
@@ -68,7 +68,7 @@ FAMILIES = ("masked", "lowrank", "rows", "gather")
 #: ``[kernel_costs]`` replaces any of them (``targets.Target.kernel_costs``), measured or
 #: estimated (``python -m qos_compile.bench.estimate``).
 #: ISA token in the registry name -> the family module's key for it (the same string).
-DOT_ISA_ORDER = ("avx512vnni", "avx512bw", "avx2", "neondot")
+DOT_ISA_ORDER = ("avx512vnni", "avxvnni", "avx512bw", "avx2", "neondot")
 ROWS_ISA_ORDER = ("avx512vbmi", "avx2", "neon")
 #: rows8 is registered where its cost is measured (x86-64); the NEON kernel is built and tested
 #: (``lut_rows``) but has no cost estimate for the ARM cores yet (``bench.estimate``).
