@@ -328,3 +328,18 @@ def requantize_add(q: Any, d: Any, M: Any, Ms: Any, B: Any, n: Any, zero_point: 
     M, Ms, B, n = (np.asarray(v, np.int64).reshape(shape) for v in (M, Ms, B, n))
     t = (q.astype(np.int64) * M + d.astype(np.int64) * Ms + B) >> n
     return np.clip(t + int(zero_point), int(lo), int(hi))
+
+
+def mean_codes(q: Any, lo: int, axes: Sequence[int] = (2, 3)) -> np.ndarray:
+    """The global average pool of integer codes ``q`` (at least ``lo``) over ``axes``, rounded half
+    up in integers: ``floor((sum(q - lo) + count // 2) / count) + lo``, ``count`` the cells
+    averaged (the axes dropped). int64 result, on the codes' own grid (no rescale)."""
+    q = np.asarray(q)
+    if not np.issubdtype(q.dtype, np.integer):
+        raise QosError(f"mean_codes wants integer codes, got {q.dtype}")
+    axes = tuple(int(a) for a in axes)
+    count = int(np.prod([q.shape[a] for a in axes]))
+    if count < 1 or np.any(q < lo):
+        raise QosError("mean_codes wants codes at least lo over a non-empty window")
+    total = (q.astype(np.int64) - int(lo)).sum(axis=axes)
+    return (total + count // 2) // count + int(lo)

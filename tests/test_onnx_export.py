@@ -167,8 +167,8 @@ def test_model_is_valid_and_self_describing(resnet, exported):
     assert inits["luts"].shape == (3, 256, 256) and inits["luts"].dtype == np.int32
     np.testing.assert_array_equal(inits["luts"], resnet.bank.luts.numpy())
     assert inits["layer2.0.conv1.assign"].tolist() == [row[3] for row in resnet.assignment()]
-    assert inits["layer3.0.conv2.scale_per_op"].shape == (3, 64, 1, 1)
-    assert inits["fc.shift_per_op"].shape == (3, 10)
+    assert inits["fc.scale_per_op"].shape == inits["fc.shift_per_op"].shape == (3, 10)   # the output: float
+    assert not any(k.endswith(".scale_per_op") and not k.startswith("fc.") for k in inits)
     # each block's conv1 -> bn1 -> relu -> conv2 is integer-only (contract v2): per-OP int
     # multipliers, offsets, shifts and zero points, and conv2 reads the codes it writes
     assert {k: (v.shape, v.dtype) for k, v in inits.items() if k.startswith("layer1.0.conv1.rq_")} == {
@@ -178,12 +178,15 @@ def test_model_is_valid_and_self_describing(resnet, exported):
         "layer1.0.conv1.rq_zero_per_op": ((3, 16, 1, 1), np.int64)}
     assert "layer1.0.conv1.scale_per_op" not in inits and "layer1.0.conv2.x_inv_scale" not in inits
     # the stem and each block's residual add (conv2 + bn2 + skip -> relu) requantize into the next
-    # block's conv1, except the last block's, which goes on to the pooling
+    # block's conv1; the last block's into fc's codes, which the global pool averages in integers
     assert [(layer.name, layer.requantizes_into, layer.residual) for layer in exported.layers
             if layer.requantizes_into] == [
         ("conv1", "layer1.0.conv1", False), ("layer1.0.conv1", "layer1.0.conv2", False),
         ("layer1.0.conv2", "layer2.0.conv1", True), ("layer2.0.conv1", "layer2.0.conv2", False),
-        ("layer2.0.conv2", "layer3.0.conv1", True), ("layer3.0.conv1", "layer3.0.conv2", False)]
+        ("layer2.0.conv2", "layer3.0.conv1", True), ("layer3.0.conv1", "layer3.0.conv2", False),
+        ("layer3.0.conv2", "fc", True)]
+    pooled = [n for n in model.graph.node if n.name.startswith("layer3.0.conv2/mean_codes/")]
+    assert [n.op_type for n in pooled] == ["ReduceSum", "Add", "Div", "Add"]
     assert {k: (v.shape, v.dtype) for k, v in inits.items() if k.startswith("layer2.0.conv2.rq_")} == {
         "layer2.0.conv2.rq_mult_per_op": ((3, 32, 1, 1), np.int32),
         "layer2.0.conv2.rq_skip_mult_per_op": ((3, 32, 1, 1), np.int64),
@@ -278,8 +281,8 @@ def test_slots_variant_matches(resnet, exported, session):
     assert "operating_point" not in {i.name for i in model.graph.input}
     assert set(ex.slots) == set(expected[1:]) and all(len(v) == 3 for v in ex.slots.values())
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert shapes["slot.conv1.lut"] == [256, 256] and shapes["slot.layer3.0.conv2.scale"] == [64, 1, 1]
-    assert shapes["slot.fc.shift"] == [10]
+    assert shapes["slot.conv1.lut"] == [256, 256] and shapes["slot.layer3.0.conv2.rq_skip_mult"] == [64, 1, 1]
+    assert shapes["slot.fc.scale"] == shapes["slot.fc.shift"] == [10]
     inits = {t.name for t in model.graph.initializer}
     assert "luts" not in inits and "conv1.weight_codes" in inits and not any(n.endswith("assign") for n in inits)
     slot_sess = make_session(ex, threads=THREADS)
@@ -404,9 +407,9 @@ def test_quantize_linear_variant(resnet):
     """The standard QuantizeLinear divides by the scale: same model otherwise, codes may differ at ties."""
     ex = export_onnx(resnet, quantize="QuantizeLinear")
     check_model(ex)
-    # every layer quantizes its input, except the six whose codes the layer before requantizes
-    assert sum(n.op_type == "QuantizeLinear" for n in ex.model.graph.node) == 8 - 6
-    assert sum(layer.requantizes_into is not None for layer in ex.layers) == 6
+    # only the network's input is quantized: every other layer's codes the layer before requantizes
+    assert sum(n.op_type == "QuantizeLinear" for n in ex.model.graph.node) == 8 - 7
+    assert sum(layer.requantizes_into is not None for layer in ex.layers) == 7
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(9))
     y = run_onnxruntime(ex, x, operating_point=1, threads=THREADS)
     assert (y.argmax(1) == _torch_logits(resnet, x, 1).argmax(1)).all()

@@ -3,6 +3,7 @@ torch twin, which layers get it, and the one-line errors where it cannot be repr
 from __future__ import annotations
 
 import copy
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -121,7 +122,7 @@ class _Chains(nn.Module):
         self.c = nn.Conv2d(6, 6, 1)                         # b -> F.relu -> c; c's output fans out
         self.d = nn.Conv2d(6, 6, 3, padding=1)              # d -> bn -> + c's codes -> ReLU -> e
         self.bn_d = nn.BatchNorm2d(6)
-        self.e = nn.Conv2d(6, 6, 3, padding=1)              # e + skip -> pooling: float epilogue
+        self.e = nn.Conv2d(6, 6, 3, padding=1)              # e + skip -> global pool -> fc1: integer mean
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Linear(6, 12)
         self.fc2 = nn.Linear(12, 4)                         # fc1 -> .relu() -> fc2
@@ -131,7 +132,7 @@ class _Chains(nn.Module):
         h = torch.nn.functional.relu(self.b(h))
         h = self.c(h)
         h = torch.relu(self.bn_d(self.d(h)) + h)            # residual add: an integer rescale into e's codes
-        h = self.e(h) + h                                   # no approximate layer reads it: float
+        h = self.e(h) + h                                   # rescaled into fc1's codes, then averaged
         h = torch.flatten(self.pool(h), 1)
         return self.fc2(self.fc1(h).relu())
 
@@ -162,23 +163,28 @@ def _chains_qnet(signed: bool) -> object:
 def test_links_and_bit_identity_with_onnxruntime(signed):
     """conv -> BN -> ReLU6 -> Dropout -> conv, conv -> F.relu -> conv, a conv whose output also feeds
     a skip connection, and linear -> .relu() -> linear requantize in integers; so does the residual
-    add of a conv (with its BatchNorm) and those codes into the next conv; a residual add that no
-    approximate layer reads keeps the float epilogue. PyTorch inference equals onnxruntime bit for
-    bit at every OP, and differs from the float epilogue."""
+    add of a conv (with its BatchNorm) and those codes into the next conv, and a residual add whose
+    sum a global average pool hands to a linear layer (rescaled into its codes, then averaged in
+    integers); the network's output keeps the float epilogue. PyTorch inference equals
+    onnxruntime bit for bit at every OP, and differs from the float epilogue."""
     qnet = _chains_qnet(signed)
     assert requant_map(qnet.net) == {"a": ("b", (0.0, 6.0)), "b": ("c", (0.0, None)), "c": ("d", (None, None)),
                                      "fc1": ("fc2", (0.0, None))}
-    assert residual_map(qnet.net) == {"d": ("e", "d")}             # the skip holds d's input codes
+    assert residual_map(qnet.net) == {"d": ("e", "d"), "e": ("fc1", "e")}   # the skips hold d's, e's input codes
     ex = export_onnx(qnet, input_shape=(3, 8, 8))
     assert {layer.name: (layer.requantizes_into, layer.residual) for layer in ex.layers} == {
-        "a": ("b", False), "b": ("c", False), "c": ("d", False), "d": ("e", True), "e": (None, False),
+        "a": ("b", False), "b": ("c", False), "c": ("d", False), "d": ("e", True), "e": ("fc1", True),
         "fc1": ("fc2", False), "fc2": (None, False)}
     nodes = ex.model.graph.node                          # every activation is a clamp of the codes now
     assert not any(n.op_type == "Relu" for n in nodes)
     assert all("requant" in n.name or "quantize" in n.name for n in nodes if n.op_type == "Clip")
+    divides = [n for n in nodes if n.op_type == "Div"]              # the pool: an integer mean of e's sums
+    assert [n.name for n in divides] == ["e/mean_codes/divide"]
+    assert not any(n.op_type in ("GlobalAveragePool", "ReduceMean", "AveragePool") for n in nodes)
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(5)) * 2
     seen: list[torch.Tensor] = []
-    hooks = [getattr(qnet.net, k).register_forward_pre_hook(lambda _m, args: seen.append(args[0])) for k in "be"]
+    hooks = [getattr(qnet.net, k).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+             for k in ("b", "e", "fc1")]
 
     def on_code_grid(v: torch.Tensor, layer: str) -> bool:      # float32(code - z) * s for integer codes
         s, _ = getattr(qnet.net, layer).act_qparams()
@@ -191,9 +197,10 @@ def test_links_and_bit_identity_with_onnxruntime(signed):
             with float_epilogues():
                 qnet(x)
         np.testing.assert_array_equal(run_onnxruntime(ex, x, operating_point=op), y.numpy())
-        # the integer path is what ran: b's and e's inputs are their codes, dequantized; v1 hands them floats
-        assert on_code_grid(seen[-4], "b") and on_code_grid(seen[-3], "e")
-        assert not on_code_grid(seen[-2], "b") and not on_code_grid(seen[-1], "e")
+        # the integer path is what ran: b's, e's and fc1's inputs are their codes, dequantized; v1
+        # hands them floats
+        assert on_code_grid(seen[-6], "b") and on_code_grid(seen[-5], "e") and on_code_grid(seen[-4], "fc1")
+        assert not any(on_code_grid(v, k) for v, k in zip(seen[-3:], ("b", "e", "fc1")))
     for hook in hooks:
         hook.remove()
     twin = copy.deepcopy(qnet)          # as the BN-only fine-tune copies a network: same integer adds
@@ -212,3 +219,32 @@ def test_export_refuses_an_unrepresentable_layer():
     qnet.set_operating_point(1)
     with torch.no_grad(), pytest.raises(QosError, match=r"layer net\.a, channel 2"):
         qnet(torch.zeros(1, 3, 8, 8))
+
+
+def test_mean_codes_rounds_half_up_in_integers():
+    """reference.mean_codes: the exact mean rounded half up (ties included: 2x2 and 4x4 windows),
+    the same for any lower bound, and its torch twin on dequantized codes gives the same codes."""
+    from qos_compile.nn.affine import mean_codes_torch
+
+    rng = np.random.default_rng(7)
+    for lo, hi, (h, w) in ((0, 255, (2, 2)), (-128, 127, (4, 4)), (0, 255, (3, 5)), (-128, 127, (1, 1))):
+        q = rng.integers(lo, hi + 1, (3, 5, h, w))
+        q[0, 0] = lo                                            # the ends of the range
+        q[0, 1] = hi
+        q[1, 0, 0, 0] = lo + 1                                  # a tie where the window is even
+        # floor(mean + 1/2), exactly
+        want = np.array([[math.floor(Fraction(int(v.sum()), h * w) + Fraction(1, 2)) for v in row]
+                         for row in q.reshape(3, 5, -1)])
+        got = reference.mean_codes(q, lo)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(reference.mean_codes(q, lo - 7), want)   # any bound below the codes
+        s, z = torch.tensor(0.0473), int(rng.integers(lo, hi + 1))
+        x = (torch.from_numpy(q - z).to(torch.float32) * s)
+        back = torch.round(mean_codes_torch(x, s, z).double() / float(s)).to(torch.int64) + z
+        np.testing.assert_array_equal(back[..., 0, 0].numpy(), want)
+    assert reference.mean_codes(np.array([[[[1, 2]]]]), 0).tolist() == [[2]]        # 1.5 -> 2
+    assert reference.mean_codes(np.array([[[[-2, -1]]]]), -128).tolist() == [[-1]]  # -1.5 -> -1
+    with pytest.raises(QosError, match="integer codes"):
+        reference.mean_codes(np.zeros((1, 1, 2, 2)), 0)
+    with pytest.raises(QosError, match="at least lo"):
+        reference.mean_codes(np.full((1, 1, 2, 2), -1), 0)

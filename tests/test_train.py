@@ -10,7 +10,7 @@ from torch.utils.data import Subset
 
 from qos_compile.data import load_dataset
 from qos_compile.models import build_model
-from qos_compile.nn import Mode, wrap_model
+from qos_compile.nn import Mode, float_epilogues, wrap_model
 from qos_compile.train import TrainConfig, evaluate, make_loader, train_float, train_qat
 
 
@@ -42,9 +42,13 @@ def test_resnet8_float_then_qat_reaches_sensible_accuracy(digits):
     assert qnet.mode == Mode.QUANT
     qat_acc = evaluate(qnet, test).top1
     assert qat_acc >= 90.0 and qat_acc >= float_acc - 3.0, f"QAT {qat_acc:.1f}% vs float {float_acc:.1f}%"
-    # the exact circuit in APPROX mode computes the same network as QUANT mode
+    # the exact circuit in APPROX mode with contract v1's float epilogue computes the QUANT network
+    # (up to float rounding); the integer epilogues also quantize the skip connections and the
+    # pool's input, which QUANT mode does not model (bench.epilogue measures that change)
     qnet.set_mode(Mode.APPROX)
-    assert abs(evaluate(qnet, test).top1 - qat_acc) <= 0.4
+    with float_epilogues():
+        assert abs(evaluate(qnet, test).top1 - qat_acc) <= 0.4
+    assert evaluate(qnet, test).top1 >= 90.0
 
 
 def test_training_is_reproducible(digits):

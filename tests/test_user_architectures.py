@@ -543,8 +543,9 @@ def test_batchnorm_folded_only_where_it_directly_follows_a_layer(name):
 
 #: Integer epilogues (numerics contract v2) of some networks: a layer feeding the next one directly
 #: (through its folded BatchNorm and one clamp-like activation); None: no layer does.
-REQUANT = {"residual_upsample": {"stem": "a1", "a1": "a2"},     # signed, per-channel; the stem's output also
-           # feeds proj and lateral (dequantized codes); the adds meet conv outputs, not codes: float
+REQUANT = {"residual_upsample": {"stem": "a1", "a1": "a2", "head": "fc"},   # signed, per-channel; the stem's
+           # output also feeds proj and lateral (dequantized codes); the adds meet conv outputs, not
+           # codes: float; head -> bnh -> F.relu -> F.adaptive_avg_pool2d -> flatten -> fc: an integer mean
            "mlp_batchnorm1d": {"fc1": "fc2"},                  # fc2 -> F.dropout -> fc3 stays float
            "bias_no_bn": {"fc1": "fc2"},                       # per-OP bias, F.relu then nn.Dropout
            "dense_concat": None}

@@ -187,3 +187,13 @@ def requantize_torch(q: torch.Tensor, rq: Requant) -> torch.Tensor:
     M, B, n = (torch.from_numpy(v).to(dev).view(shape) for v in (rq.M, rq.B, rq.n))
     t = (q.to(torch.int64) * M + B) >> n             # arithmetic shift on int64: floor division by 2**n
     return torch.clamp(t + rq.zero_point, rq.lo, rq.hi)
+
+
+def mean_codes_torch(x: torch.Tensor, s: torch.Tensor, z: int) -> torch.Tensor:
+    """``reference.mean_codes`` of the dequantized codes ``x = float32(code - z) * s`` [N, C, H, W]
+    (rounding recovers the codes exactly), passed on dequantized [N, C, 1, 1] as the integer
+    epilogues pass their codes on."""
+    codes = torch.round(x.double() / float(s)).to(torch.int64) + int(z)
+    count = int(x.shape[2] * x.shape[3])
+    mean = torch.div(codes.sum(dim=(2, 3), keepdim=True) + count // 2, count, rounding_mode="floor")
+    return ((mean - int(z)).to(torch.float32) * s.to(x.device)).contiguous()

@@ -1,7 +1,7 @@
 """Which per-OP BatchNorm folds into which approximate layer, which layers requantize
-straight into the next one's codes and which residual adds are integer rescales (see
-``affine``), read off the torch.fx graph of a converted network; the exporter and the
-emulation both use it."""
+straight into the next one's codes, which residual adds are integer rescales and which
+global average pools average codes (see ``affine``), read off the torch.fx graph of a
+converted network; the exporter and the emulation both use it."""
 from __future__ import annotations
 
 import operator
@@ -68,11 +68,14 @@ PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 class RequantLink:
     """An approximate layer whose epilogue is integer-only: it writes ``consumer``'s input codes.
     ``between`` are the graph nodes it absorbs (its folded BatchNorm, the activation,
-    pass-through modules), in order; ``clamp`` the activation's float bounds (None: none)."""
+    pass-through modules, a global average pool and the flatten after it), in order; ``clamp``
+    the activation's float bounds (None: none); ``pool`` the global average pool's node, where
+    a conv's codes are averaged in integers (``reference.mean_codes``) for a linear consumer."""
 
     consumer: str
     between: tuple[fx.Node, ...]
     clamp: tuple[float | None, float | None]
+    pool: fx.Node | None = None
 
 
 def _activation(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> tuple[float | None, float | None] | None:
@@ -106,12 +109,40 @@ def _activation(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> t
 FANOUT_CLAMPS = ((None, None), (0.0, None))
 
 
+def _global_pool(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a global average pool of ``src`` alone (``nn.AdaptiveAvgPool2d(1)`` or
+    ``F.adaptive_avg_pool2d(x, 1)``)."""
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.AdaptiveAvgPool2d):
+        size = modules[str(node.target)].output_size
+        return node.args == (src,) and not node.kwargs and size in (1, (1, 1))
+    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+        return node.args[:1] == (src,) and size in (1, (1, 1)) and len(node.args) + len(node.kwargs) == 2
+    return False
+
+
+def _flatten(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` flattens ``src`` [N, C, 1, 1] to [N, C] (``torch.flatten(x, 1)``,
+    ``x.flatten(1)``, ``nn.Flatten()``)."""
+    if node.op == "call_module":
+        mod = modules.get(str(node.target))
+        return isinstance(mod, nn.Flatten) and (mod.start_dim, mod.end_dim) == (1, -1) and node.args == (src,)
+    if node.kwargs or node.args[:1] != (src,):
+        return False
+    if node.op == "call_function" and node.target is torch.flatten or node.op == "call_method" and \
+            node.target == "flatten":
+        return node.args[1:] == (1,)
+    return False
+
+
 def _continue(cur: fx.Node, layer: nn.Module, modules: dict[str, nn.Module], between: list[fx.Node],
               activations: int, clamp: tuple[float | None, float | None]) -> RequantLink | None:
     """From value ``cur`` (an epilogue's output so far) on to the approximate layer of ``layer``'s
     type that reads it: through at most one more clamp-like activation in total and any
     pass-through modules, each read once; the last value may also have other readers
-    (``FANOUT_CLAMPS``), which get the dequantized codes."""
+    (``FANOUT_CLAMPS``), which get the dequantized codes. A conv's codes may also go through a
+    global average pool and a flatten to a linear layer (the pool: ``RequantLink.pool``)."""
+    pool: fx.Node | None = None
     for _ in range(8):
         users = list(cur.users)
         consumers = [u for u in users if u.op == "call_module"
@@ -119,14 +150,28 @@ def _continue(cur: fx.Node, layer: nn.Module, modules: dict[str, nn.Module], bet
         if consumers:
             user = consumers[0]
             consumer = modules[str(user.target)]
-            if user.args != (cur,) or user.kwargs or type(consumer) is not type(layer):
+            want = ApproxLinear if pool is not None else type(layer)
+            if user.args != (cur,) or user.kwargs or type(consumer) is not want:
+                return None
+            if pool is not None and between[-1] is pool:        # the pool's [N, C, 1, 1] needs its flatten
                 return None
             if len(users) > 1 and clamp not in FANOUT_CLAMPS:
                 return None
-            return RequantLink(str(user.target), tuple(between), clamp)
+            return RequantLink(str(user.target), tuple(between), clamp, pool)
         if len(users) != 1:
             return None
         user = users[0]
+        if pool is None and isinstance(layer, ApproxConv2d) and _global_pool(user, cur, modules):
+            pool = user
+            between.append(user)
+            cur = user
+            continue
+        if pool is not None:                                   # after the pool: its flatten, once
+            if between[-1] is not pool or not _flatten(user, cur, modules):
+                return None
+            between.append(user)
+            cur = user
+            continue
         bounds = _activation(user, cur, modules)
         if bounds is None:
             return None

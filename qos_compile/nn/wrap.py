@@ -14,6 +14,7 @@ from ..errors import QosError
 from ..multipliers import Multiplier, bundled
 from ..multipliers import get as get_multiplier
 from .bank import MultiplierBank
+from .affine import mean_codes_torch
 from .fold import LeafTracer, ResidualLink, fold_map, integer_links
 from .graph import capture
 from .pooling import ordered_pooling
@@ -95,17 +96,23 @@ class _Deploy:
 class _IntegerAdds(fx.Interpreter):
     """Runs the traced network with its integer residual adds (``fold.ResidualLink``): each such
     add takes the conv's exact accumulator and the skip's dequantized codes
-    (``ApproxConv2d.residual_output``); every other node runs as in the network's own forward."""
+    (``ApproxConv2d.residual_output``), and its integer global average pools
+    (``fold.RequantLink.pool``: the codes averaged in integers, ``nn.affine.mean_codes_torch``);
+    every other node runs as in the network's own forward."""
 
-    def __init__(self, gm: fx.GraphModule, adds: dict[str, tuple[Any, str, str]]) -> None:
+    def __init__(self, gm: fx.GraphModule, adds: dict[str, tuple[Any, str, str]], pools: dict[str, Any]) -> None:
         super().__init__(gm)
         self.adds = adds          # by node name: a deep copy of the network copies the graph anew
+        self.pools = pools        # pool node name -> the linear layer whose codes it averages
         self.nodes = {n.name: n for n in gm.graph.nodes}
 
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.adds:
             layer, operand, skip = self.adds[n.name]
             return layer.residual_output(self.env[self.nodes[operand]], self.env[self.nodes[skip]])
+        if n.name in self.pools:
+            s, z = self.pools[n.name].act_qparams()
+            return mean_codes_torch(self.env[n.args[0]], s, int(z))
         return super().run_node(n)
 
 
@@ -176,6 +183,7 @@ class QoSNet(nn.Module):
         links: dict[str, Any] = self.__dict__["_requant_links"] if integer else {}
         residual: dict[str, ResidualLink] = self.__dict__["_residual_links"] if integer else {}
         adds: dict[str, tuple[Any, str, str]] = {}
+        pools: dict[str, Any] = {}
         try:
             for name, mod in modules.items():
                 if isinstance(mod, (ApproxConv2d, ApproxLinear)) and mod.mode == Mode.APPROX:
@@ -187,11 +195,14 @@ class QoSNet(nn.Module):
                     elif res is not None:
                         deploy.residual = (modules[res.link.consumer], res.link.clamp, modules[res.skip_codes_of])
                         adds[res.add.name] = (mod, res.operand.name, res.skip.name)
+                        link = res.link
+                    if link is not None and link.pool is not None:
+                        pools[link.pool.name] = modules[link.consumer]
                     mod.__dict__["_deploy"] = deploy
                 elif isinstance(mod, MultiBatchNorm):
                     mod.__dict__["_deploy"] = True
-            if adds:
-                return _IntegerAdds(self.__dict__["_traced"], adds).run(x)
+            if adds or pools:
+                return _IntegerAdds(self.__dict__["_traced"], adds, pools).run(x)
             return self.net(x)
         finally:
             for mod in modules.values():

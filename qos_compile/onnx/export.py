@@ -527,10 +527,23 @@ def _emit_requant_tail(ctx: _Ctx, name: str, t: str, rqs: list[Requant], shape: 
     t = g.node("Cast", [t], f"{name}/requant/to_signed", to=TensorProto.INT64)
     t = g.node("Add", [t, zero], f"{name}/requant/add_zero_point")
     t = g.node("Clip", [t, g.const(lo, np.int64), g.const(hi, np.int64)], f"{name}/requant/clip")
+    if link.pool is not None:            # a global average pool of the codes, then the flatten
+        t = _emit_mean_codes(g, name, t, _shape(link.pool.args[0]), lo)
     code_type = TensorProto.INT8 if consumer.qconfig.signed else TensorProto.UINT8
     codes = g.node("Cast", [t], f"{name}/requant/cast", out=f"{link.consumer}.codes", to=code_type)
     ctx.codes_in[link.consumer] = codes
     return codes
+
+
+def _emit_mean_codes(g: _Graph, name: str, t: str, shape: tuple[int, ...], lo: int) -> str:
+    """``reference.mean_codes`` of the int64 codes ``t`` [N, C, H, W] (at least ``lo``) -> [N, C]:
+    ReduceSum over H and W, ``+ count//2 - lo*count``, Div by ``count`` (the numerator is not
+    negative, so ONNX's truncating integer Div floors), ``+ lo``."""
+    count = int(shape[2]) * int(shape[3])
+    t = g.node("ReduceSum", [t, g.const([2, 3], np.int64)], f"{name}/mean_codes/sum", keepdims=0)
+    t = g.node("Add", [t, g.const(count // 2 - lo * count, np.int64)], f"{name}/mean_codes/round")
+    t = g.node("Div", [t, g.const(count, np.int64)], f"{name}/mean_codes/divide")
+    return g.node("Add", [t, g.const(lo, np.int64)], f"{name}/mean_codes/add_lo")
 
 
 def _dequantize(g: _Graph, name: str, codes: str, consumer: ApproxConv2d | ApproxLinear) -> str:
