@@ -248,3 +248,47 @@ def test_mean_codes_rounds_half_up_in_integers():
         reference.mean_codes(np.zeros((1, 1, 2, 2)), 0)
     with pytest.raises(QosError, match="at least lo"):
         reference.mean_codes(np.full((1, 1, 2, 2), -1), 0)
+
+
+class _MeanHeads(nn.Module):
+    """Global means spelled as tensor methods: x.mean((2, 3)) straight into a linear layer, and
+    torch.mean(..., keepdim=True) then .flatten(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.fa = nn.Linear(8, 5)
+        self.fb = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = torch.relu(self.bn(self.a(x))).mean((2, 3))
+        v = torch.mean(nn.functional.relu6(self.b(x)), dim=(-2, -1), keepdim=True).flatten(1)
+        return self.fa(u) + self.fb(v)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_global_means_of_codes_feed_linear_layers(signed):
+    torch.manual_seed(5)
+    circuits = [get("mul8s_1KR6" if signed else "mul8u_2NDH")]
+    qnet = wrap_model(_MeanHeads(), circuits, num_ops=1, qconfig=QuantConfig(signed=signed, per_channel=signed),
+                      input_shape=(3, 6, 6))
+    qnet.set_mode(Mode.QUANT)
+    qnet.train()
+    with torch.no_grad():
+        for _ in range(3):
+            qnet(torch.randn(32, 3, 6, 6))
+    qnet.eval()
+    qnet.set_mode(Mode.APPROX)
+    assert requant_map(qnet.net) == {"a": ("fa", (0.0, None)), "b": ("fb", (0.0, 6.0))}
+    ex = export_onnx(qnet, input_shape=(3, 6, 6))
+    assert sorted(n.name for n in ex.model.graph.node if n.op_type == "Div") == ["a/mean_codes/divide",
+                                                                                "b/mean_codes/divide"]
+    x = torch.randn(40, 3, 6, 6, generator=torch.Generator().manual_seed(6)) * 2
+    with torch.no_grad():
+        y = qnet(x)
+        with float_epilogues():
+            y_float = qnet(x)
+    np.testing.assert_array_equal(run_onnxruntime(ex, x, operating_point=0), y.numpy())
+    assert not torch.equal(y, y_float)

@@ -189,11 +189,11 @@ def requantize_torch(q: torch.Tensor, rq: Requant) -> torch.Tensor:
     return torch.clamp(t + rq.zero_point, rq.lo, rq.hi)
 
 
-def mean_codes_torch(x: torch.Tensor, s: torch.Tensor, z: int) -> torch.Tensor:
+def mean_codes_torch(x: torch.Tensor, s: torch.Tensor, z: int, keepdim: bool = True) -> torch.Tensor:
     """``reference.mean_codes`` of the dequantized codes ``x = float32(code - z) * s`` [N, C, H, W]
-    (rounding recovers the codes exactly), passed on dequantized [N, C, 1, 1] as the integer
-    epilogues pass their codes on."""
+    (rounding recovers the codes exactly), passed on dequantized ([N, C, 1, 1], or [N, C]
+    without ``keepdim``) as the integer epilogues pass their codes on."""
     codes = torch.round(x.double() / float(s)).to(torch.int64) + int(z)
     count = int(x.shape[2] * x.shape[3])
-    mean = torch.div(codes.sum(dim=(2, 3), keepdim=True) + count // 2, count, rounding_mode="floor")
+    mean = torch.div(codes.sum(dim=(2, 3), keepdim=keepdim) + count // 2, count, rounding_mode="floor")
     return ((mean - int(z)).to(torch.float32) * s.to(x.device)).contiguous()

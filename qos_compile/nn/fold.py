@@ -109,15 +109,31 @@ def _activation(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> t
 FANOUT_CLAMPS = ((None, None), (0.0, None))
 
 
+def pool_keeps_dims(node: fx.Node) -> bool:
+    """Whether a global average pool node (``_global_pool``) keeps the [N, C, 1, 1] shape (a
+    pooling module or function, ``mean(..., keepdim=True)``) or gives [N, C] (``mean``)."""
+    if node.op == "call_module" or node.target is F.adaptive_avg_pool2d:
+        return True
+    return bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+
+
 def _global_pool(node: fx.Node, src: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    """Whether ``node`` is a global average pool of ``src`` alone (``nn.AdaptiveAvgPool2d(1)`` or
-    ``F.adaptive_avg_pool2d(x, 1)``)."""
+    """Whether ``node`` is a global average pool of ``src`` [N, C, H, W] alone
+    (``nn.AdaptiveAvgPool2d(1)``, ``F.adaptive_avg_pool2d(x, 1)``, ``x.mean((2, 3))`` or
+    ``torch.mean(x, dim=(2, 3))``, with or without ``keepdim``)."""
+    if node.args[:1] != (src,):
+        return False
     if node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.AdaptiveAvgPool2d):
         size = modules[str(node.target)].output_size
-        return node.args == (src,) and not node.kwargs and size in (1, (1, 1))
+        return len(node.args) == 1 and not node.kwargs and size in (1, (1, 1))
     if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
         size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-        return node.args[:1] == (src,) and size in (1, (1, 1)) and len(node.args) + len(node.kwargs) == 2
+        return size in (1, (1, 1)) and len(node.args) + len(node.kwargs) == 2
+    if node.op == "call_method" and node.target == "mean" or node.op == "call_function" and node.target is torch.mean:
+        if set(node.kwargs) - {"dim", "keepdim"} or len(node.args) > 3:
+            return False
+        dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)   # (src: a conv's, rank 4)
+        return isinstance(dims, (tuple, list)) and sorted(int(d) % 4 for d in dims) == [2, 3]
     return False
 
 
@@ -153,7 +169,7 @@ def _continue(cur: fx.Node, layer: nn.Module, modules: dict[str, nn.Module], bet
             want = ApproxLinear if pool is not None else type(layer)
             if user.args != (cur,) or user.kwargs or type(consumer) is not want:
                 return None
-            if pool is not None and between[-1] is pool:        # the pool's [N, C, 1, 1] needs its flatten
+            if pool is not None and between[-1] is pool and pool_keeps_dims(pool):   # [N, C, 1, 1]: a flatten
                 return None
             if len(users) > 1 and clamp not in FANOUT_CLAMPS:
                 return None
@@ -167,7 +183,7 @@ def _continue(cur: fx.Node, layer: nn.Module, modules: dict[str, nn.Module], bet
             cur = user
             continue
         if pool is not None:                                   # after the pool: its flatten, once
-            if between[-1] is not pool or not _flatten(user, cur, modules):
+            if between[-1] is not pool or not pool_keeps_dims(pool) or not _flatten(user, cur, modules):
                 return None
             between.append(user)
             cur = user

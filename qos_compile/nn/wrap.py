@@ -15,7 +15,7 @@ from ..multipliers import Multiplier, bundled
 from ..multipliers import get as get_multiplier
 from .bank import MultiplierBank
 from .affine import mean_codes_torch
-from .fold import LeafTracer, ResidualLink, fold_map, integer_links
+from .fold import LeafTracer, ResidualLink, fold_map, integer_links, pool_keeps_dims
 from .graph import capture
 from .pooling import ordered_pooling
 from .layers import ApproxConv2d, ApproxLinear
@@ -112,7 +112,7 @@ class _IntegerAdds(fx.Interpreter):
             return layer.residual_output(self.env[self.nodes[operand]], self.env[self.nodes[skip]])
         if n.name in self.pools:
             s, z = self.pools[n.name].act_qparams()
-            return mean_codes_torch(self.env[n.args[0]], s, int(z))
+            return mean_codes_torch(self.env[n.args[0]], s, int(z), pool_keeps_dims(n))
         return super().run_node(n)
 
 
