@@ -343,3 +343,30 @@ def mean_codes(q: Any, lo: int, axes: Sequence[int] = (2, 3)) -> np.ndarray:
         raise QosError("mean_codes wants codes at least lo over a non-empty window")
     total = (q.astype(np.int64) - int(lo)).sum(axis=axes)
     return (total + count // 2) // count + int(lo)
+
+
+def output_params(scale: Any, shift: Any, q_bound: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The integer form ``(B, s)`` of a network output layer's epilogue ``q*scale + shift``
+    (float64 per channel): ``y = float32(q + B) * s`` with ``B = round(shift / scale)`` (int32)
+    and ``s = float32(scale)``, one IEEE multiply, the same bits on every backend. None where a
+    channel's scale is 0 or not finite, or ``q_bound + |B|`` passes int32: such a layer keeps the
+    float epilogue."""
+    scale, shift = np.asarray(scale, np.float64), np.asarray(shift, np.float64)
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))) or np.any(scale == 0):
+        return None
+    B = np.rint(shift / scale)
+    if np.any(np.abs(B) + q_bound > INT32_MAX):
+        return None
+    return B.astype(np.int32), scale.astype(np.float32)
+
+
+def output_values(q: Any, B: Any, s: Any, axis: int = 1) -> np.ndarray:
+    """``float32(q + B) * s`` (``output_params``) of int32 accumulators ``q``, per channel along
+    ``axis``: float32 output (``q + B`` fits int32 by ``output_params``' bound)."""
+    q = np.asarray(q)
+    if q.dtype != np.int32:
+        raise QosError(f"output_values wants int32 accumulators, got {q.dtype}")
+    shape = [1] * q.ndim
+    shape[axis] = -1
+    t = (q.astype(np.int64) + np.asarray(B, np.int64).reshape(shape)).astype(np.int32)
+    return t.astype(np.float32) * np.asarray(s, np.float32).reshape(shape)

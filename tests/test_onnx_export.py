@@ -167,8 +167,10 @@ def test_model_is_valid_and_self_describing(resnet, exported):
     assert inits["luts"].shape == (3, 256, 256) and inits["luts"].dtype == np.int32
     np.testing.assert_array_equal(inits["luts"], resnet.bank.luts.numpy())
     assert inits["layer2.0.conv1.assign"].tolist() == [row[3] for row in resnet.assignment()]
-    assert inits["fc.scale_per_op"].shape == inits["fc.shift_per_op"].shape == (3, 10)   # the output: float
-    assert not any(k.endswith(".scale_per_op") and not k.startswith("fc.") for k in inits)
+    # the output: float32(q + B) * s, per-OP int32 B and float32 s; no layer has contract v1's float epilogue
+    assert (inits["fc.out_bias_per_op"].shape, inits["fc.out_bias_per_op"].dtype) == ((3, 10), np.int32)
+    assert (inits["fc.out_scale_per_op"].shape, inits["fc.out_scale_per_op"].dtype) == ((3, 10), np.float32)
+    assert not any(k.endswith((".scale_per_op", ".shift_per_op")) for k in inits)
     # each block's conv1 -> bn1 -> relu -> conv2 is integer-only (contract v2): per-OP int
     # multipliers, offsets, shifts and zero points, and conv2 reads the codes it writes
     assert {k: (v.shape, v.dtype) for k, v in inits.items() if k.startswith("layer1.0.conv1.rq_")} == {
@@ -263,6 +265,8 @@ def test_end_to_end_agreement_every_op(resnet, session, inputs):
 
 def _slot_kinds(layer) -> tuple[str, ...]:
     """The per-OP slot inputs of an exported layer: its table and its epilogue's tensors."""
+    if layer.output:
+        return ("lut", "out_bias", "out_scale")
     if layer.residual:
         return ("lut", "rq_mult", "rq_skip_mult", "rq_offset", "rq_shift", "rq_zero")
     if layer.requantizes_into is not None:
@@ -282,7 +286,7 @@ def test_slots_variant_matches(resnet, exported, session):
     assert set(ex.slots) == set(expected[1:]) and all(len(v) == 3 for v in ex.slots.values())
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     assert shapes["slot.conv1.lut"] == [256, 256] and shapes["slot.layer3.0.conv2.rq_skip_mult"] == [64, 1, 1]
-    assert shapes["slot.fc.scale"] == shapes["slot.fc.shift"] == [10]
+    assert shapes["slot.fc.out_bias"] == shapes["slot.fc.out_scale"] == [10]
     inits = {t.name for t in model.graph.initializer}
     assert "luts" not in inits and "conv1.weight_codes" in inits and not any(n.endswith("assign") for n in inits)
     slot_sess = make_session(ex, threads=THREADS)

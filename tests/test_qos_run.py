@@ -109,13 +109,13 @@ def test_epilogue_benchmark_compares_float_and_integer_epilogues(capsys, tmp_pat
 
     data = ["--dataset", "digits", "--input-size", "16"]
     rep = compare(str(x86().model_pt), "digits", image_size=16)
-    assert (rep["layers"], rep["integer_layers"], len(rep["ops"])) == (8, 7, 3)   # all but the output
+    assert (rep["layers"], rep["integer_layers"], rep["output_layers"], len(rep["ops"])) == (8, 7, 1, 3)
     for r in rep["ops"]:
         assert 0 <= r["changed_prediction"] <= r["changed_output"] <= rep["samples"]
         assert abs(r["delta"]) <= 100.0 * r["changed_prediction"] / rep["samples"] + 1e-9
     assert main([str(x86().model_pt), *data]) == 0
     out = capsys.readouterr().out
-    assert "7 of 8 approximate layers requantize in integers" in out and out.count("\n| ") == 5
+    assert "7 of 8 approximate layers requantize in integers, 1 output layer(s) float32(q + B) * s" in out and out.count("\n| ") == 5
     bad = tmp_path / "nope.pt"
     bad.write_text("not a model")
     assert main([str(bad)]) == 2

@@ -178,6 +178,10 @@ def test_links_and_bit_identity_with_onnxruntime(signed):
     nodes = ex.model.graph.node                          # every activation is a clamp of the codes now
     assert not any(n.op_type == "Relu" for n in nodes)
     assert all("requant" in n.name or "quantize" in n.name for n in nodes if n.op_type == "Clip")
+    assert [layer.name for layer in ex.layers if layer.output] == ["fc2"]      # the output: float32(q + B) * s
+    names = {n.name for n in nodes}
+    assert {"fc2/output/add_bias", "fc2/output/to_float", "fc2/output/scale"} <= names
+    assert not any(n.startswith("fc2/affine") for n in names)
     divides = [n for n in nodes if n.op_type == "Div"]              # the pool: an integer mean of e's sums
     assert [n.name for n in divides] == ["e/mean_codes/divide"]
     assert not any(n.op_type in ("GlobalAveragePool", "ReduceMean", "AveragePool") for n in nodes)
@@ -292,3 +296,25 @@ def test_global_means_of_codes_feed_linear_layers(signed):
             y_float = qnet(x)
     np.testing.assert_array_equal(run_onnxruntime(ex, x, operating_point=0), y.numpy())
     assert not torch.equal(y, y_float)
+
+
+def test_output_epilogue_is_one_multiply():
+    """reference.output_params/output_values: B = round(shift/scale) fits int32 beside the
+    accumulator bound, y = float32(q + B) * s; a zero or non-finite scale, or a B too large,
+    leaves the float epilogue (None)."""
+    scale = np.array([0.01, -0.25, 3e-4])
+    shift = np.array([0.123, 1.0, -2.5])
+    B, s = reference.output_params(scale, shift, 1000)
+    assert B.dtype == np.int32 and s.dtype == np.float32
+    assert B.tolist() == [12, -4, -8333] and np.array_equal(s, scale.astype(np.float32))
+    q = np.array([[5, -7, 900]], np.int32)
+    want = np.array([np.float32(5 + 12) * np.float32(0.01), np.float32(-7 - 4) * np.float32(-0.25),
+                     np.float32(900 - 8333) * np.float32(3e-4)], np.float32)
+    np.testing.assert_array_equal(reference.output_values(q, B, s)[0], want)
+    # within half an accumulator unit of the float epilogue
+    assert np.all(np.abs(reference.output_values(q, B, s) - (q * scale + shift)) <= 0.5 * np.abs(scale) + 1e-6)
+    assert reference.output_params(np.array([0.0, 1.0]), np.zeros(2), 10) is None
+    assert reference.output_params(np.array([np.nan]), np.zeros(1), 10) is None
+    assert reference.output_params(np.array([1e-9]), np.array([10.0]), 10) is None      # B = 1e10
+    with pytest.raises(QosError, match="int32"):
+        reference.output_values(q.astype(np.int64), B, s)

@@ -1,8 +1,8 @@
 """How far does the integer epilogue (numerics contract v2) move accuracy? PyTorch inference of
 a model.pt per OP over its recorded dataset's test split, once with the float epilogue of
 contract v1 after every layer (``nn.float_epilogues()``) and once as the device computes it
-now (integer requantization between directly connected layers and in residual adds;
-docs/design.md section 3.7).
+now (integer requantization between directly connected layers, in residual adds and global
+average pools, and the output as one float32 multiply of an integer; docs/design.md section 3.7).
 
     python -m qos_compile.bench.epilogue model.pt [--json]
 
@@ -21,8 +21,10 @@ from ..errors import QosError
 
 def compare(model_pt: str, dataset: str | None = None, data_dir: str | None = None,
             image_size: int | None = None) -> dict[str, Any]:
-    """``{"layers", "integer_layers", "samples", "ops": [{"op", "top1_float", "top1_integer",
-    "delta", "changed_prediction", "changed_output"}]}`` for ``model_pt``'s test split."""
+    """``{"layers", "integer_layers", "output_layers", "samples", "ops": [{"op", "top1_float",
+    "top1_integer", "delta", "changed_prediction", "changed_output"}]}`` for ``model_pt``'s test
+    split (``integer_layers``: those that requantize into the next layer's codes;
+    ``output_layers``: the network outputs of the form ``float32(q + B) * s``)."""
     import torch
 
     from ..nn import Mode
@@ -48,7 +50,9 @@ def compare(model_pt: str, dataset: str | None = None, data_dir: str | None = No
                          "changed_prediction": int((top_i != top_f).sum()),
                          "changed_output": int((out_int != out_float).flatten(1).any(1).sum())})
     links = len(qnet.__dict__.get("_requant_links") or {}) + len(qnet.__dict__.get("_residual_links") or {})
-    return {"layers": len(qnet.approx_layers()), "integer_layers": links, "samples": int(len(x)), "ops": rows}
+    outputs = len(qnet.__dict__.get("_output_layers") or ())
+    return {"layers": len(qnet.approx_layers()), "integer_layers": links, "output_layers": outputs,
+            "samples": int(len(x)), "ops": rows}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,8 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
-    print(f"{args.model}: {rep['integer_layers']} of {rep['layers']} approximate layers requantize in integers; "
-          f"test split, {rep['samples']} samples")
+    print(f"{args.model}: {rep['integer_layers']} of {rep['layers']} approximate layers requantize in integers, "
+          f"{rep['output_layers']} output layer(s) float32(q + B) * s; test split, {rep['samples']} samples")
     print("| OP | top-1, float epilogue (v1) | top-1, integer epilogue (v2) | change | predictions changed "
           "| outputs changed |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -197,3 +197,38 @@ def mean_codes_torch(x: torch.Tensor, s: torch.Tensor, z: int, keepdim: bool = T
     count = int(x.shape[2] * x.shape[3])
     mean = torch.div(codes.sum(dim=(2, 3), keepdim=keepdim) + count // 2, count, rounding_mode="floor")
     return ((mean - int(z)).to(torch.float32) * s.to(x.device)).contiguous()
+
+
+@dataclass(frozen=True)
+class OutputAffine:
+    """One OP's integer output epilogue of a network output layer (``reference.output_params``)."""
+
+    B: np.ndarray                 # int32 per channel, added to the accumulator
+    s: np.ndarray                 # float32 per channel, the one multiply
+
+
+def layer_outputs(layer: Any, bn: Any, where: str) -> list[OutputAffine] | None:
+    """``reference.output_params`` of an output layer at every OP (its per-OP bias and, if folded,
+    BatchNorm ``bn``), or None if some OP's cannot be represented: then the layer keeps the float
+    epilogue at every OP (export and emulation decide alike)."""
+    s_x, _ = layer.act_qparams()
+    s_w, _ = layer.weight_qparams()
+    out_ch = int(layer.weight.shape[0])
+    bound = accumulator_bound(layer)
+    outs = []
+    for op in range(int(layer.num_ops)):
+        bias = layer.bias_per_op[op] if layer.bias_per_op is not None else None
+        scale, shift = layer_affine64(s_x, s_w, bias, out_ch, None if bn is None else bn.bns[op], where)
+        r = reference.output_params(scale.numpy(), shift.numpy(), bound)
+        if r is None:
+            return None
+        outs.append(OutputAffine(*r))
+    return outs
+
+
+def output_torch(q: torch.Tensor, oa: OutputAffine) -> torch.Tensor:
+    """``reference.output_values`` in torch for exact integer ``q`` of any dtype (channels on axis 1)."""
+    shape = (1, -1) + (1,) * (q.ndim - 2)
+    dev = q.device
+    t = q.to(torch.int64) + torch.from_numpy(oa.B.astype(np.int64)).to(dev).view(shape)
+    return (t.to(torch.float32) * torch.from_numpy(oa.s).to(dev).view(shape)).contiguous()

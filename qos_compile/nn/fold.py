@@ -47,6 +47,25 @@ def fold_target(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def output_layers(graph: fx.Graph, modules: dict[str, nn.Module]) -> set[str]:
+    """The approximate layers whose output (after its folded BatchNorm, if any) is the traced
+    network's output itself: their epilogue is ``reference.output_values``'s."""
+    out: set[str] = set()
+    for node in graph.nodes:
+        if node.op != "output" or not isinstance(node.args[0], fx.Node):
+            continue
+        value = node.args[0]
+        src = value.args[0] if value.args and isinstance(value.args[0], fx.Node) else None
+        if value.op == "call_module" and isinstance(modules.get(str(value.target)), MultiBatchNorm) and \
+                src is not None and src.op == "call_module" and \
+                isinstance(modules.get(str(src.target)), (ApproxConv2d, ApproxLinear)) and \
+                fold_target(src, modules) == str(value.target):
+            value = src
+        if value.op == "call_module" and isinstance(modules.get(str(value.target)), (ApproxConv2d, ApproxLinear)):
+            out.add(str(value.target))
+    return out
+
+
 def fold_map(net: nn.Module) -> dict[str, str]:
     """``{layer name: folded BatchNorm name}`` of a converted network (names inside ``net``)."""
     graph = LeafTracer().trace(net)

@@ -22,8 +22,8 @@ from . import kernels
 from .emulation import EmulationPlan, forced_strategy
 from .functional import (ConvGeometry, PreparedWeights, conv_geometry, conv_prepared, linear_geometry,
                          prepare_weights)
-from .affine import (layer_affine, layer_requant, layer_requant_add, requantize_add_torch, requantize_torch,
-                     skip_codes_torch)
+from .affine import (layer_affine, layer_outputs, layer_requant, layer_requant_add, output_torch, requantize_add_torch,
+                     requantize_torch, skip_codes_torch)
 from .multibn import op_index
 from .quant import Mode, QuantConfig, as_mode, code_dtype, fake_quant, qparams, quantize
 
@@ -220,7 +220,16 @@ class _ApproxMixin:
         requant = deploy is not None and deploy.requant is not None and (
             not isinstance(self, nn.Linear) or len(self.input_shape or ()) == 1)
         residual = deploy is not None and deploy.residual is not None
-        q = conv_prepared(x_idx, prep, geo, exact=requant or residual, x_range=x_range)   # exact: float64 integers
+        output, bn = None, None
+        if deploy is not None and deploy.output and not (requant or residual):
+            bn = deploy.bn if not isinstance(self, nn.Linear) or len(self.input_shape or ()) == 1 else None
+            outs = layer_outputs(self, bn, f"net.{deploy.bn_name or deploy.name}")
+            output = None if outs is None else outs[self.op]
+        q = conv_prepared(x_idx, prep, geo, exact=requant or residual or output is not None,
+                          x_range=x_range)      # exact: float64 integers
+        if output is not None:          # the network's output: float32(q + B) * s (nn.affine)
+            deploy.folded = bn is not None
+            return output_torch(q, output)
         if requant:
             return self._requantized_output(q, deploy)
         if residual:                    # the residual add rescales it (residual_output)

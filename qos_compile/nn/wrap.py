@@ -15,7 +15,7 @@ from ..multipliers import Multiplier, bundled
 from ..multipliers import get as get_multiplier
 from .bank import MultiplierBank
 from .affine import mean_codes_torch
-from .fold import LeafTracer, ResidualLink, fold_map, integer_links, pool_keeps_dims
+from .fold import LeafTracer, ResidualLink, fold_map, integer_links, output_layers, pool_keeps_dims
 from .graph import capture
 from .pooling import ordered_pooling
 from .layers import ApproxConv2d, ApproxLinear
@@ -91,6 +91,7 @@ class _Deploy:
     requant: tuple[nn.Module, tuple[float | None, float | None]] | None = None
     name: str = ""
     residual: tuple[nn.Module, tuple[float | None, float | None], nn.Module] | None = None
+    output: bool = False          # the network's output: reference.output_values' epilogue
 
 
 class _IntegerAdds(fx.Interpreter):
@@ -182,6 +183,7 @@ class QoSNet(nn.Module):
         integer = _INTEGER_EPILOGUES[-1] and all(m.mode == Mode.APPROX for m in approx)
         links: dict[str, Any] = self.__dict__["_requant_links"] if integer else {}
         residual: dict[str, ResidualLink] = self.__dict__["_residual_links"] if integer else {}
+        outputs: set[str] = self.__dict__["_output_layers"] if integer else set()
         adds: dict[str, tuple[Any, str, str]] = {}
         pools: dict[str, Any] = {}
         try:
@@ -189,7 +191,7 @@ class QoSNet(nn.Module):
                 if isinstance(mod, (ApproxConv2d, ApproxLinear)) and mod.mode == Mode.APPROX:
                     bn_name = folds.get(name, "")
                     link, res = links.get(name), residual.get(name)
-                    deploy = _Deploy(modules[bn_name] if bn_name else None, bn_name, name=name)
+                    deploy = _Deploy(modules[bn_name] if bn_name else None, bn_name, name=name, output=name in outputs)
                     if link is not None:
                         deploy.requant = (modules[link.consumer], link.clamp)
                     elif res is not None:
@@ -218,6 +220,7 @@ class QoSNet(nn.Module):
                 graph = LeafTracer().trace(self.net)
                 direct, residual = integer_links(graph, dict(self.net.named_modules()))
                 self.__dict__["_requant_links"], self.__dict__["_residual_links"] = direct, residual
+                self.__dict__["_output_layers"] = output_layers(graph, dict(self.net.named_modules()))
                 # the traced network, sharing this one's modules, for the integer residual adds
                 self.__dict__["_traced"] = fx.GraphModule(self.net, graph)
             except Exception:  # noqa: BLE001 - fx raises many kinds; such a network keeps torch numerics

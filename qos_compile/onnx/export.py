@@ -40,8 +40,9 @@ from ..errors import QosError
 from ..nn.layers import ApproxConv2d, ApproxLinear
 from ..nn.pooling import OrderedAdaptiveAvgPool2d, OrderedAvgPool2d
 from ..nn.graph import FUNCTIONS, METHODS, MODULES, function_name, source_line
-from ..nn.affine import Requant, accumulator_bound, bn_affine32, layer_affine, layer_requant, layer_requant_add
-from ..nn.fold import LeafTracer, RequantLink, ResidualLink, fold_target, integer_links
+from ..nn.affine import (Requant, accumulator_bound, bn_affine32, layer_affine, layer_outputs, layer_requant,
+                         layer_requant_add)
+from ..nn.fold import LeafTracer, RequantLink, ResidualLink, fold_target, integer_links, output_layers
 from ..nn.multibn import MultiBatchNorm, MultiBatchNorm1d, MultiBatchNorm2d
 from ..nn.quant import Mode
 from ..nn.wrap import QoSNet
@@ -70,7 +71,8 @@ class LayerExport:
     into ``scale``/``shift`` (None if none); ``assign``: bank index per OP; shapes are per
     sample (no batch axis); ``terms``: products per accumulator (K); ``requantizes_into``: the
     layer whose input codes this layer's integer epilogue writes (None: float epilogue);
-    ``residual``: that epilogue is an integer residual add (``nn.fold.ResidualLink``).
+    ``residual``: that epilogue is an integer residual add (``nn.fold.ResidualLink``);
+    ``output``: the network's output, ``float32(q + B) * s`` (``reference.output_values``).
     """
 
     name: str
@@ -88,6 +90,7 @@ class LayerExport:
     terms: int
     requantizes_into: str | None = None
     residual: bool = False
+    output: bool = False
 
 
 @dataclass
@@ -333,10 +336,13 @@ def _emit_quantize(ctx: _Ctx, name: str, x: str, layer: ApproxConv2d | ApproxLin
 
 def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x: str,
                  bn: tuple[str, MultiBatchNorm] | None, link: RequantLink | None = None,
-                 consumer: ApproxConv2d | ApproxLinear | None = None, residual: ResidualLink | None = None) -> str:
+                 consumer: ApproxConv2d | ApproxLinear | None = None, residual: ResidualLink | None = None,
+                 output: bool = False) -> str:
     """The layer's codes, ApproxConv/ApproxGemm and exact zero-point corrections, then its epilogue:
-    float (``nn.affine``), integer into ``consumer`` (``link``), or none for a ``residual`` add,
-    which ``_emit_requant_add`` rescales (the int32 ``q`` is returned)."""
+    float (``nn.affine``), integer into ``consumer`` (``link``), none for a ``residual`` add,
+    which ``_emit_requant_add`` rescales (the int32 ``q`` is returned), or, for the network's
+    ``output``, ``float32(q + B) * s`` (``nn.affine.layer_outputs``; the float one where it
+    cannot be represented)."""
     g, qnet = ctx.g, ctx.qnet
     name = str(node.target)
     where = f"net.{name}"
@@ -423,6 +429,8 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
             t = g.node("Mul", [sx, zw], f"{name}/zero_point/zw_sum_x")
         q = g.node("Sub", [q, t], f"{name}/zero_point/sub_zw_sum_x", out=f"{name}.q")
 
+    outs = layer_outputs(layer, None if bn is None else bn[1], f"net.{bn[0]}" if bn is not None else where) \
+        if output and residual is None and link is None else None
     if ctx.debug:
         g.outputs.append(_vi(codes, TensorProto.INT8 if qc.signed else TensorProto.UINT8, _batched(in_shape)))
         g.outputs.append(_vi(acc, TensorProto.INT32, _batched(out_shape)))
@@ -432,11 +440,19 @@ def _emit_approx(ctx: _Ctx, node: fx.Node, layer: ApproxConv2d | ApproxLinear, x
         folded_bn=None if bn is None else bn[0], assign=assign, input_shape=in_shape[1:],
         output_shape=out_shape[1:], terms=terms,
         requantizes_into=residual.link.consumer if residual is not None else None if link is None else link.consumer,
-        residual=residual is not None))
+        residual=residual is not None, output=outs is not None))
     if residual is not None:
         return q
     if link is not None and consumer is not None:
         return _emit_requant(ctx, name, layer, q, bn, link, consumer, bshape)
+
+    if outs is not None:             # the network's output: one float32 multiply of q + B
+        out_bias = _per_op(ctx, name, "out_bias", [o.B.reshape(bshape[1:]) for o in outs], f"{name}/out_bias")
+        out_scale = _per_op(ctx, name, "out_scale", [o.s.reshape(bshape[1:]) for o in outs], f"{name}/out_scale")
+        y = g.node("Add", [q, out_bias], f"{name}/output/add_bias")
+        y = g.node("Cast", [y], f"{name}/output/to_float", to=TensorProto.FLOAT)
+        return g.node("Mul", [y, out_scale], f"{name}/output/scale",
+                      out=f"{name}.out" if bn is None else f"{bn[0]}.out")
 
     # one per-OP affine (nn.affine, which the emulation computes too): dequantization, per-OP
     # bias and (if folded) the per-OP BatchNorm
@@ -641,6 +657,7 @@ class _Emitter:
         self.modules = dict(gm.named_modules())
         # the integer epilogues the emulation computes (nn.fold.integer_links, on the same graph)
         self.direct, self.residual = integer_links(gm.graph, self.modules)
+        self.outputs = output_layers(gm.graph, self.modules)
         self.adds: dict[fx.Node, tuple[str, Any]] = {}    # residual add node -> (conv name, its state)
 
     # values ---------------------------------------------------------------------------------
@@ -709,7 +726,8 @@ class _Emitter:
             res = self.residual.get(name) if link is None and (bn is not None or
                                                                 fold_target(node, self.modules) is None) else None
             consumer = None if link is None else self.modules[link.consumer]
-            y = _emit_approx(self.ctx, node, mod, x, bn, link, consumer, res)   # type: ignore[arg-type]
+            y = _emit_approx(self.ctx, node, mod, x, bn, link, consumer, res,   # type: ignore[arg-type]
+                             output=name in self.outputs)
             if res is not None:          # q (int32) until the add (_residual_add)
                 self.adds[res.add] = (name, (mod, bn, res, y))
                 absorbed = [res.operand] if res.operand is not node else []
