@@ -43,16 +43,6 @@ def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLik
                         markersize=11, markerfacecolor="none", markeredgewidth=1.5, color=f"C{k + 2}",
                         label=series_label, zorder=2)
         ax.plot(xs, ys, "-o", color="C0", markersize=6, label=label, zorder=3)
-        for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
-            if y is None:
-                continue
-            scale = r.get("scale")
-            name = f"OP{r['op']}" + (f" (s={scale:g})" if scale is not None else "")
-            up = i % 2 == 0  # alternate above/below: neighbouring OPs are often close in power
-            ax.annotate(f"{name}: {r['savings_pct']:.1f}% saved", (x, y), textcoords="offset points",
-                        xytext=(0, 14 if up else -16), ha="center", va="bottom" if up else "top", fontsize=8,
-                        color="C0", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
-                        zorder=5)
         if baseline and baseline.get(metric) is not None:
             ax.plot([100.0], [baseline[metric]], marker="*", markersize=15, color="C3", linestyle="none",
                     label="exact multiplier (QAT baseline)", zorder=4)
@@ -61,10 +51,26 @@ def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLik
         vals = [v for v in ys if v is not None] + [v for _, s in series for v in s if v is not None]
         if baseline and baseline.get(metric) is not None:
             vals.append(baseline[metric])
+        bottom, top = 0.0, 100.5
         if vals:
             lo, hi = min(vals), max(vals)
             pad = max(1.5, 0.15 * (hi - lo))
-            ax.set_ylim(max(lo - pad, 0.0), min(hi + pad, 100.5))   # an accuracy axis ends just above 100 %
+            bottom, top = max(lo - pad, 0.0), min(hi + pad, 100.5)   # an accuracy axis ends just above 100 %
+            ax.set_ylim(bottom, top)
+        for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
+            if y is None:
+                continue
+            scale = r.get("scale")
+            name = f"OP{r['op']}" + (f" (s={scale:g})" if scale is not None else "")
+            # alternate above/below (neighbouring OPs are often close in power); where the axis
+            # ends too close above the point (the title is there), two rows below instead
+            room = y + 0.1 * (top - bottom) < top
+            up = room and i % 2 == 0
+            dy = 14 if up else -16 if room or i % 2 == 0 else -30
+            ax.annotate(f"{name}: {r['savings_pct']:.1f}% saved", (x, y), textcoords="offset points",
+                        xytext=(0, dy), ha="center", va="bottom" if up else "top", fontsize=8,
+                        color="C0", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
+                        zorder=5)
         ax.set_xlim(min(xs + [100.0]) - 12, 106)
         ax.set_xlabel("relative multiplication power (% of the exact 8x8 multiplier)")
         ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
