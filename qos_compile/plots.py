@@ -11,6 +11,26 @@ from .errors import QosError
 __all__ = ["plot_operating_points"]
 
 
+def _label_offsets(xs: Sequence[float], ys: Sequence[float | None], span: float, top: float,
+                   near: float = 14.0) -> dict[int, int]:
+    """Vertical offsets (points) of the OP labels: of OPs closer than ``near`` in power, the
+    highest (then the rightmost) is labelled above and the others below, each label one row
+    further out than a close neighbour's on its side; none above where the axis' ``top`` is
+    within a tenth of its ``span`` (the title is there)."""
+    order = sorted((i for i, y in enumerate(ys) if y is not None), key=lambda i: xs[i])
+    out: dict[int, int] = {}
+    for rank, i in enumerate(order):
+        close = [j for j in order if j != i and abs(xs[j] - xs[i]) < near]
+        up = (ys[i], xs[i]) >= max((ys[j], xs[j]) for j in close) if close else rank % 2 == 0
+        up = up and ys[i] + 0.1 * span < top
+        taken = {out[j] for j in close if j in out}
+        dy = 14 if up else -16
+        while dy in taken:
+            dy += 14 if up else -14
+        out[i] = dy
+    return out
+
+
 def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLike[str],
                           baseline: dict[str, Any] | None = None, title: str = "Operating points",
                           series: Sequence[tuple[str, Sequence[float | None]]] = (),
@@ -57,16 +77,10 @@ def plot_operating_points(rows: Sequence[dict[str, Any]], path: str | os.PathLik
             pad = max(1.5, 0.15 * (hi - lo))
             bottom, top = max(lo - pad, 0.0), min(hi + pad, 100.5)   # an accuracy axis ends just above 100 %
             ax.set_ylim(bottom, top)
-        for i, (r, x, y) in enumerate(zip(rows, xs, ys)):
-            if y is None:
-                continue
+        for i, dy in _label_offsets(xs, ys, top - bottom, top).items():
+            r, x, y, up = rows[i], xs[i], ys[i], dy > 0
             scale = r.get("scale")
             name = f"OP{r['op']}" + (f" (s={scale:g})" if scale is not None else "")
-            # alternate above/below (neighbouring OPs are often close in power); where the axis
-            # ends too close above the point (the title is there), two rows below instead
-            room = y + 0.1 * (top - bottom) < top
-            up = room and i % 2 == 0
-            dy = 14 if up else -16 if room or i % 2 == 0 else -30
             ax.annotate(f"{name}: {r['savings_pct']:.1f}% saved", (x, y), textcoords="offset points",
                         xytext=(0, dy), ha="center", va="bottom" if up else "top", fontsize=8,
                         color="C0", bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.8},
