@@ -224,7 +224,8 @@ def requant_target(node: fx.Node, modules: dict[str, nn.Module]) -> RequantLink 
     """The link of approximate layer ``node`` to the approximate layer that reads its output:
     through its folded BatchNorm (``fold_target``), at most one ReLU/ReLU6/Hardtanh and any
     pass-through modules, every value but the last read once. conv feeds conv, linear feeds
-    linear (the caller also checks that a linear layer's input is ``[N, K]``). None: no such layer."""
+    linear (the caller also checks that a linear layer's input is ``[N, K]``), and a conv feeds
+    a linear layer through a global average pool (``RequantLink.pool``). None: no such layer."""
     layer = modules.get(str(node.target))
     if not isinstance(layer, (ApproxConv2d, ApproxLinear)):
         return None
