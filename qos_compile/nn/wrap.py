@@ -94,7 +94,7 @@ class _Deploy:
     output: bool = False          # the network's output: reference.output_values' epilogue
 
 
-class _IntegerAdds(fx.Interpreter):
+class _IntegerGraph(fx.Interpreter):
     """Runs the traced network with its integer residual adds (``fold.ResidualLink``): each such
     add takes the conv's exact accumulator and the skip's dequantized codes
     (``ApproxConv2d.residual_output``), and its integer global average pools
@@ -204,7 +204,7 @@ class QoSNet(nn.Module):
                 elif isinstance(mod, MultiBatchNorm):
                     mod.__dict__["_deploy"] = True
             if adds or pools:
-                return _IntegerAdds(self.__dict__["_traced"], adds, pools).run(x)
+                return _IntegerGraph(self.__dict__["_traced"], adds, pools).run(x)
             return self.net(x)
         finally:
             for mod in modules.values():
@@ -221,7 +221,7 @@ class QoSNet(nn.Module):
                 direct, residual = integer_links(graph, dict(self.net.named_modules()))
                 self.__dict__["_requant_links"], self.__dict__["_residual_links"] = direct, residual
                 self.__dict__["_output_layers"] = output_layers(graph, dict(self.net.named_modules()))
-                # the traced network, sharing this one's modules, for the integer residual adds
+                # the traced network, sharing this one's modules, for the integer adds and pools
                 self.__dict__["_traced"] = fx.GraphModule(self.net, graph)
             except Exception:  # noqa: BLE001 - fx raises many kinds; such a network keeps torch numerics
                 self.__dict__["_fold_map"] = None
