@@ -374,7 +374,9 @@ def _layer_lowerings(qnet: Any, ex: Any, t: Any, lowering: str) -> dict[str, Any
             continue
         luts = list(_layer_circuits(qnet, assign, col[layer.name]).values())
         out[layer.name] = choose_conv_lowering(luts, bool(qnet.bank.signed), t.features, allow,
-                                               taps=layer.terms, costs=t.kernel_costs)
+                                               taps=layer.terms, costs=t.kernel_costs,
+                                               positions=int(np.prod(layer.output_shape[1:])),
+                                               groups=int(layer.attrs.get("group", 1)))
     return out
 
 

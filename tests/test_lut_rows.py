@@ -34,6 +34,13 @@ CONVS = [
     dict(x=(2, 4, 11, 11), w=(8, 2, 3, 3), stride=2, padding=1, dilation=2, groups=2),
     dict(x=(1, 6, 8, 8), w=(6, 1, 3, 3), stride=1, padding=1, dilation=1, groups=6),
     dict(x=(1, 40, 6, 6), w=(3, 40, 3, 3), stride=1, padding=1, dilation=1, groups=1),     # K = 360
+    # fewer positions than channels: lanes on output channels (a partial last tile), K above
+    # one chunk, batch > 1; planes of as many entries as distinct weights (``codes``): one
+    # 64-byte permute, two, three, all 256
+    dict(x=(1, 20, 3, 3), w=(70, 20, 3, 3), stride=1, padding=1, dilation=1, groups=1, codes=50),
+    dict(x=(2, 30, 3, 3), w=(40, 30, 3, 3), stride=2, padding=1, dilation=1, groups=1, codes=100),  # K = 270
+    dict(x=(1, 16, 2, 2), w=(33, 16, 3, 3), stride=1, padding=1, dilation=1, groups=1, codes=170),
+    dict(x=(1, 16, 2, 2), w=(33, 16, 3, 3), stride=1, padding=1, dilation=1, groups=1),
 ]
 
 
@@ -42,6 +49,9 @@ def _case(cfg: dict, signed: bool, seed: int):
     lo, hi, dt = (-128, 128, np.int8) if signed else (0, 256, np.uint8)
     x = rng.integers(lo, hi, cfg["x"]).astype(dt)
     w = rng.integers(lo, hi, cfg["w"]).astype(dt)
+    if "codes" in cfg:                          # exactly that many distinct weight codes
+        pool = rng.permutation(np.arange(lo, hi))[:cfg["codes"]]
+        w = np.concatenate([pool, rng.choice(pool, w.size - len(pool))]).reshape(w.shape).astype(dt)
     pad_code = int(rng.integers(lo, hi))
     spec = K.ConvSpec.make(cfg["x"], cfg["w"], cfg["stride"], cfg["padding"], cfg["dilation"], cfg["groups"],
                            pad_code, signed)
@@ -85,6 +95,9 @@ def test_rows_kernel_bit_exact(target, isa):
                 bias = lut_rows.fits_rows(luts)
                 assert bias == (32768 if signed else 0)
             layout, stages = lut_rows.rows_stage_funcs(spec, w, isa, bias, residual)
+            assert layout.by_channel == (i >= 4), (i, isa)      # the last shapes put lanes on channels
+            assert len(layout.codes) == cfg.get("codes", len(layout.codes))
+            assert (layout.entries < 256) == ("codes" in cfg), (i, isa)     # planes as wide as the rows
             tag = f"c{i}{'s' if signed else 'u'}{'r' if residual else ''}_"
             funcs.update({tag + k: f for k, f in stages.items()})
             cases.append((tag, spec, x, w, layout, luts, bias))

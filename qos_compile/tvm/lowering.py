@@ -25,7 +25,7 @@ among equal costs the earlier registry entry (masked before the factor kernels).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -48,6 +48,10 @@ class ConvLowering:
     fit: V.Fit
     cost: float = 0.0             # its price on the target (kernel time / exact int8 conv time)
     exact: "ConvLowering | None" = None   # rows8: the kernel of its exact part (cost included)
+    #: the layer's output positions Ho*Wo and groups (0: not given): the rows kernels tile by
+    #: them, so its per-OP tensors (``Variant.per_op``) and its emission must agree on them
+    positions: int = 0
+    groups: int = 1
 
     @property
     def kind(self) -> str:
@@ -122,12 +126,15 @@ def variant_lowering(v: V.Variant, tables: V.LayerTables, features: frozenset[st
 
 def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: frozenset[str],
                          allow: Sequence[str] = LOWERINGS, taps: int = 1,
-                         costs: dict[str, float] | None = None) -> ConvLowering:
+                         costs: dict[str, float] | None = None, positions: int = 0,
+                         groups: int = 1) -> ConvLowering:
     """The kernel of a conv layer whose circuits (over all OPs) are ``luts``, on a CPU with
     ``features``: the cheapest registry variant that fits, by ``Variant.cost`` with the
     target's ``costs`` (the first in registry order among equal costs).
 
     ``taps``: products per output (C/groups * kh * kw), for the low-rank overflow check.
+    ``positions`` (Ho*Wo) and ``groups``: the layer's shape, which the result carries for the
+    kernels that tile by it (``ConvLowering.positions``).
     ``allow`` restricts the choice to families and/or registry names (tests, benchmarks and
     ``--lowering`` force one): then the cheapest allowed variant that fits other than gather
     wins, gather only where none does.
@@ -148,4 +155,4 @@ def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: fro
                        f"features {', '.join(sorted(feats)) or 'none'}")
     if set(allow) != set(LOWERINGS):         # forced: the asked-for variants wherever one fits
         fits = [f for f in fits if f.kind != "gather"] or fits
-    return min(fits, key=lambda f: f.cost)
+    return replace(min(fits, key=lambda f: f.cost), positions=int(positions), groups=int(groups))

@@ -19,13 +19,40 @@ Byte permutes per ISA (``ROW_ISAS``: positions per vector):
 * ``avx512vbmi`` (x86-64): 64 positions per vector, ``vpermi2b`` over two 64-byte
   registers covers 128 entries, bit 7 of the index picks the half (``vpmovb2m`` + blend):
   2 permutes per 64 lookups and plane.
-* ``avx2`` (x86-64): 32 positions, ``vpshufb`` looks up 16 entries per 128-bit lane; the
-  16 sub-tables of a plane are stored twice (one copy per lane), and sub-table ``j``
-  answers the positions whose index has high nibble ``j``: ``u = min(idx - 16j, 0x8F) +
-  0x70`` keeps the low nibble where it matches and sets bit 7 (``vpshufb`` writes 0)
-  elsewhere, so the 16 results are OR-ed: 16 shuffles per 32 lookups and plane.
+* ``avx2`` (x86-64): 32 positions, ``vpshufb`` looks up 16 entries per 128-bit lane and
+  writes 0 where bit 7 of the index is set; each 16-entry sub-table is stored twice (one
+  copy per lane). Per half of the index range (bit 7), sub-table ``j`` looked up at ``idx -
+  16 j`` (one subtraction per j, shared by the planes) answers every index from ``16 j`` to
+  the half's end, so the planes hold the differences of neighbouring sub-tables
+  (``_xor_chain``) and the XOR of the half's 8 results is the entry; bit 7 then picks the
+  half (one blend): 16 shuffles, 15 XORs and 1 blend per 32 lookups and plane, plus 15
+  index operations shared by the planes. (The first version selected each sub-table
+  exactly, ``min(idx - 16 j, 0x8F) + 0x70``, and OR-ed: 80 operations per 32 lookups of one
+  plane instead of 47.)
 * ``neon`` (aarch64): 16 positions per vector, ``tbl`` over four 16-byte registers covers
   64 entries, three ``tbx`` fill in the other quarters.
+
+A plane covers ``RowsLayout.entries`` indices in whole permute steps (``PLANE_STEP``): all
+256 activation codes with lanes on positions; with lanes on channels (below) the R distinct
+weight rows rounded up, so a layer with R <= 128 needs one ``vpermi2b`` per plane (R <= 64:
+one ``vpermb``), 8 ``vpshufb`` on AVX2, and less memory.
+
+**Lanes on positions or on output channels** (``RowsLayout.by_channel``). A vector holds
+``lanes`` output positions of one output channel, all looked up in that channel's weight
+row; a layer with fewer positions than lanes (a 4x4 feature map has 16, a VBMI vector 64)
+would waste most of every permute. There the vector holds ``lanes`` output channels of one
+position instead: the activation code ``b`` at that position and tap selects one *column*
+of the table, ``lut[., b]`` over the layer's distinct weight codes, kept as byte planes
+just like a row, and the lanes' index vector is the constant column of the weights' row
+numbers at that tap. Same permutes, same sums, the table transposed (``planes(...,
+by_channel=True)``: one row per activation code ``b``). ``rows_layout`` picks the
+axis by its vectors' price (ungrouped convs only: a vector of channels must read one
+group's taps): each vector costs its lookups plus, on ISAs whose lookups need the table in
+registers (``TABLE_LOADS``), its share of loading them, which a tile of ``nv`` vectors
+shares; ties go to channels. On AMD Zen 5 (``u8``, 1 thread) that rule made the faster
+choice for all 16 shapes measured on VBMI and AVX2, ResNet-8/20 layers among them: a
+64->64 conv at 4x4 took 108 us on positions and 21 us on channels (VBMI), 300 and 176 us
+(AVX2); a 16->16 conv at 16x16 14 us on positions, 82 us on channels.
 
 Sums of bytes are kept exact in 16-bit lanes: per word lane (two neighbouring positions)
 the kernel adds the plane's word (``lo(2q) + 256*lo(2q+1)`` mod 2**16) and its high byte
@@ -37,11 +64,11 @@ which the lowering checks before it picks them.
 
 Stages (each its own PrimFunc, so the plan shows them): ``taps`` packs the padded
 activation table indices position-major per weight tap (``(N, G, Kg, P_pad)`` uint8); the
-microkernel reads the rows of the layer's distinct weight codes as byte planes (``(R, planes *
-PLANE_BYTES)`` uint8, ``planes``; ``rows8`` subtracts each row's ``rowmin``, ``(R,)`` int32,
-``row_minima``). Weights and table are constants of an OP, so both are per-OP tensors the
-compiler computes once per OP (``slot.<layer>.planes``, ``.rowmin``; at most 256 rows of
-``PLANE_BYTES`` per plane), not per inference (per call they took 6% of a ResNet-20); the
+microkernel reads the rows of the layer's distinct weight codes as byte planes (``(R,
+RowsLayout.width)`` uint8, ``planes``; ``by_channel``: ``(256, width)``; ``rows8`` subtracts
+each row's ``rowmin``, ``(R,)`` int32, ``row_minima``). Weights and table are constants of an
+OP, so both are per-OP tensors the compiler computes once per OP (``slot.<layer>.planes``,
+``.rowmin``; at most 256 rows of 256 bytes per plane, 512 on AVX2), not per inference (per call they took 6% of a ResNet-20); the
 microkernel
 (``rows_microkernel``) writes int32 ``(N, O, P_pad)``; the caller's epilogue reads the
 first ``Ho*Wo`` positions. Threads split ``n x o`` (output channels).
@@ -64,12 +91,17 @@ from .kernels import KERNEL_ATTR, register_block_schedules
 
 #: Byte-permute ISAs with a rows microkernel: lanes (positions per vector) per ISA.
 ROW_ISAS = {"avx512vbmi": 64, "avx2": 32, "neon": 16}
-#: Bytes one 256-entry plane takes in the ``planes`` stage (AVX2: each 16-byte sub-table twice).
-PLANE_BYTES = {"avx512vbmi": 256, "avx2": 512, "neon": 256}
+#: Entries one permute step of an ISA covers (a plane is a whole number of them): a 64-byte
+#: register (VBMI), a 16-entry sub-table (AVX2), four 16-byte registers (NEON ``tbl4``).
+PLANE_STEP = {"avx512vbmi": 64, "avx2": 16, "neon": 64}
 #: Weights accumulated in 16-bit lanes before a flush (byte sums stay below 2**16).
 CHUNK = 256
 #: Most position vectors one output tile keeps in registers.
 MAX_VECTORS = 4
+#: Loading a row (or column) of planes into registers, per tile, in vectors' lookups: VBMI's
+#: ``vpermi2b`` and NEON's ``tbl`` take the table in registers, AVX2's ``vpshufb`` as a memory
+#: operand of each shuffle (measured on AMD Zen 5 for VBMI and AVX2; NEON by that analogy).
+TABLE_LOADS = {"avx512vbmi": 1.0, "avx2": 0.0, "neon": 1.0}
 
 
 @dataclass(frozen=True)
@@ -80,9 +112,11 @@ class RowsLayout:
     codes: np.ndarray        # (R,) int32 table indices (code + offset) of the distinct weights
     wrow: np.ndarray         # (O, Kg) int32: row of each weight in ``codes``
     positions: int           # Ho * Wo
-    vectors: int             # position vectors per tile
-    p_pad: int               # positions rounded up to whole tiles
+    vectors: int             # vectors per tile (of positions, or of channels ``by_channel``)
+    p_pad: int               # positions rounded up to whole tiles (``by_channel``: ``positions``)
     residual: bool = False   # rows8: one plane of the residual over the exact product
+    by_channel: bool = False  # lanes on output channels (column planes), not on positions
+    o_pad: int = 0           # ``by_channel``: output channels rounded up to whole tiles
 
     @property
     def lanes(self) -> int:
@@ -92,18 +126,70 @@ class RowsLayout:
     def planes(self) -> int:
         return 1 if self.residual else 2
 
+    @property
+    def entries(self) -> int:
+        """Entries per plane: the 256 activation codes, or (``by_channel``) the R weight rows
+        rounded up to whole permute steps: fewer distinct weights, fewer permutes."""
+        return plane_entries(self.isa, len(self.codes) if self.by_channel else 256)
 
-def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str, residual: bool = False) -> RowsLayout:
-    """Distinct weight rows and the tile shape for weights ``w`` (O, Cg, kh, kw) codes."""
+    @property
+    def width(self) -> int:
+        """Bytes per row of the ``planes`` operand (all planes)."""
+        return self.planes * plane_bytes(self.isa, self.entries)
+
+    def weight_operand(self) -> np.ndarray:
+        """The microkernel's weight operand: per output channel and tap the row number ``(O, Kg)``
+        int32; ``by_channel``: per tap the lanes' index vector of row numbers ``(Kg, o_pad)``
+        uint8 (padding channels read row 0 and are not written)."""
+        if not self.by_channel:
+            return self.wrow
+        out = np.zeros((self.wrow.shape[1], self.o_pad), np.uint8)
+        out[:, :self.wrow.shape[0]] = self.wrow.T
+        return out
+
+
+def plane_entries(isa: str, count: int) -> int:
+    """``count`` looked-up entries rounded up to whole permute steps (``PLANE_STEP``)."""
+    step = PLANE_STEP[isa]
+    return max(1, -(-count // step)) * step
+
+
+def plane_bytes(isa: str, entries: int) -> int:
+    """Bytes a plane of ``entries`` takes (AVX2: each 16-entry sub-table twice)."""
+    return 2 * entries if isa == "avx2" else entries
+
+
+def _tiling(count: int, lanes: int) -> tuple[int, int]:
+    """(vectors per tile, count padded to whole tiles): at most ``MAX_VECTORS`` vectors, as
+    few padding lanes as the tile count allows."""
+    vecs = max(1, -(-count // lanes))
+    tiles = -(-vecs // MAX_VECTORS)
+    vectors = -(-vecs // tiles)
+    return vectors, tiles * vectors * lanes
+
+
+def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str, residual: bool = False,
+                groups: int = 1) -> RowsLayout:
+    """Distinct weight rows and the tiling for weights ``w`` (O, Cg, kh, kw) codes of a conv with
+    ``positions`` = Ho * Wo outputs per channel: lanes on the cheaper axis (module docstring;
+    channels only for ``groups == 1``)."""
     if isa not in ROW_ISAS:
         raise QosError(f"no rows microkernel for {isa!r} (have {', '.join(ROW_ISAS)})")
+    if positions < 1:
+        raise QosError(f"internal error: a rows layout needs the layer's output positions, got {positions}")
     idx = w.astype(np.int64).reshape(w.shape[0], -1) + code_offset(signed)
     codes, inv = np.unique(idx, return_inverse=True)
-    lanes = ROW_ISAS[isa]
-    vectors = max(1, min(MAX_VECTORS, -(-positions // lanes)))
-    tile = lanes * vectors
+    lanes, o = ROW_ISAS[isa], int(w.shape[0])
+    vectors, p_pad = _tiling(positions, lanes)
+    cvectors, o_pad = _tiling(o, lanes)
+    loads = TABLE_LOADS[isa]
+    price_positions = o * (p_pad // lanes) * (1 + loads / vectors)     # per tap: vectors x their share
+    price_channels = positions * (o_pad // lanes) * (1 + loads / cvectors)
+    by_channel = groups == 1 and price_channels <= price_positions
+    if by_channel:
+        vectors, p_pad = cvectors, positions
     return RowsLayout(isa, codes.astype(np.int32), inv.reshape(idx.shape).astype(np.int32), positions,
-                      vectors, -(-positions // tile) * tile, residual)
+                      vectors, p_pad, residual, by_channel, o_pad if by_channel else 0)
 
 
 # --------------------------------------------------------------------------- TE stages
@@ -139,73 +225,120 @@ def row_minima(lut: np.ndarray, codes: np.ndarray, signed: bool) -> np.ndarray:
 
 
 def planes(lut: np.ndarray, codes: np.ndarray, bias: int, isa: str, rowmin: np.ndarray | None = None,
-           signed: bool = False) -> np.ndarray:
-    """(R, planes * PLANE_BYTES[isa]) uint8 for every activation b: ``rows``: low then high byte
-    of ``lut[codes[r], b] + bias``; ``rows8`` (``rowmin`` given): the residual minus
-    ``rowmin[r]``. AVX2 stores each 16-entry sub-table twice (both 128-bit lanes of a
-    ``vpshufb``)."""
-    e = np.arange(PLANE_BYTES[isa])
-    entry = (e // 32) * 16 + e % 16 if isa == "avx2" else e   # byte e of a plane -> activation index
-    rows = np.asarray(lut, np.int64)[np.asarray(codes, np.int64)][:, entry]          # (R, width)
+           signed: bool = False, by_channel: bool = False) -> np.ndarray:
+    """The ``planes`` operand, uint8: per weight row r (``by_channel``: per activation b) one
+    row of ``RowsLayout.width`` bytes, its planes side by side: ``rows``: low then high byte of
+    ``lut[codes[r], b] + bias``; ``rows8`` (``rowmin`` given): the residual minus ``rowmin[r]``.
+    A plane holds every activation b (``by_channel``: every row r, rounded up with zeros to
+    ``plane_entries``). AVX2 keeps the XOR chain of its 16-entry sub-tables (``_xor_chain``),
+    each twice (both 128-bit lanes of a ``vpshufb``)."""
+    c = np.asarray(codes, np.int64)
+    vals = np.asarray(lut, np.int64)[c]                                        # (R, 256): [r, b]
     if rowmin is not None:
         off = code_offset(signed)
-        a = np.asarray(codes, np.int64)[:, None] - off
-        return (rows - a * (entry[None, :] - off) - np.asarray(rowmin, np.int64)[:, None]).astype(np.uint8)
-    v = rows + bias
-    return np.ascontiguousarray(np.concatenate([v & 255, (v >> 8) & 255], axis=1).astype(np.uint8))
+        vals = vals - (c[:, None] - off) * (np.arange(256)[None, :] - off) - np.asarray(rowmin, np.int64)[:, None]
+        per_plane = [vals & 255]
+    else:
+        per_plane = [(vals + bias) & 255, ((vals + bias) >> 8) & 255]
+    if by_channel:
+        n = plane_entries(isa, len(c))
+        per_plane = [np.concatenate([v.T, np.zeros((256, n - len(c)), np.int64)], axis=1) for v in per_plane]
+    if isa == "avx2":
+        per_plane = [_xor_chain(v) for v in per_plane]
+    return np.ascontiguousarray(np.concatenate(per_plane, axis=1).astype(np.uint8))
 
 
-def _lookup_vbmi(pl: Any, row: Any, plane: int, idx: Any) -> Any:
-    """256-entry byte lookup of 64 indices in plane ``plane`` of row ``row`` (4 registers)."""
-    t = [pl[row, T.ramp(plane * 256 + 64 * i, 1, 64)] for i in range(4)]
-    perm = "llvm.x86.avx512.vpermi2var.qi.512"
-    a = T.call_llvm_pure_intrin("uint8x64", perm, t[0], idx, t[1])
-    b = T.call_llvm_pure_intrin("uint8x64", perm, t[2], idx, t[3])
-    return T.Select(T.reinterpret("int8x64", idx) < T.broadcast(T.int8(0), 64), b, a)
+def _xor_chain(v: np.ndarray) -> np.ndarray:
+    """(rows, 16 S) bytes -> (rows, 32 S): per half of the index range (bit 7) the sub-tables
+    ``D_h = T_h ^ T_(h-1)`` (``D`` = ``T`` at the half's first), so that the XOR of ``D_j``
+    over ``j <= h`` is sub-table ``h`` (``_lookup_avx2``); each stored for both 128-bit lanes."""
+    t = v.reshape(v.shape[0], -1, 16)
+    d = t.copy()
+    for h in range(t.shape[1]):
+        if h % 8:
+            d[:, h] = t[:, h] ^ t[:, h - 1]
+    return np.repeat(d, 2, axis=1).reshape(v.shape[0], -1)
 
 
-def _lookup_neon(pl: Any, row: Any, plane: int, idx: Any) -> Any:
-    """256-entry byte lookup of 16 indices in plane ``plane`` of row ``row`` (16 registers)."""
-    t = [pl[row, T.ramp(plane * 256 + 16 * i, 1, 16)] for i in range(16)]
+def _lookup_vbmi(pl: Any, row: Any, base: int, entries: int, idx: Any) -> Any:
+    """Byte lookup of 64 indices below ``entries`` in the plane at byte ``base`` of row ``row``:
+    ``vpermb`` per 64 entries, ``vpermi2b`` per 128, bit 7 of the index picks the half."""
+    t = [pl[row, T.ramp(base + 64 * i, 1, 64)] for i in range(entries // 64)]
+    perm2, perm1 = "llvm.x86.avx512.vpermi2var.qi.512", "llvm.x86.avx512.permvar.qi.512"
+    halves = [T.call_llvm_pure_intrin("uint8x64", perm2, t[h], idx, t[h + 1]) if h + 1 < len(t)
+              else T.call_llvm_pure_intrin("uint8x64", perm1, t[h], idx) for h in range(0, len(t), 2)]
+    if len(halves) == 1:
+        return halves[0]
+    return T.Select(T.reinterpret("int8x64", idx) < T.broadcast(T.int8(0), 64), halves[1], halves[0])
+
+
+def _lookup_neon(pl: Any, row: Any, base: int, entries: int, idx: Any) -> Any:
+    """Byte lookup of 16 indices below ``entries`` in the plane at byte ``base`` of row ``row``:
+    ``tbl`` over four registers, a ``tbx`` per further 64 entries."""
+    t = [pl[row, T.ramp(base + 16 * i, 1, 16)] for i in range(entries // 16)]
     out = T.call_llvm_pure_intrin("uint8x16", "llvm.aarch64.neon.tbl4", t[0], t[1], t[2], t[3], idx)
-    for q in range(1, 4):
+    for q in range(1, entries // 64):
         iq = idx - T.broadcast(T.uint8(64 * q), 16)
         out = T.call_llvm_pure_intrin("uint8x16", "llvm.aarch64.neon.tbx4", out, t[4 * q], t[4 * q + 1],
                                       t[4 * q + 2], t[4 * q + 3], iq)
     return out
 
 
-def _lookup_avx2(pl: Any, row: Any, nplanes: int, idx: Any) -> list:
-    """256-entry byte lookups of 32 indices in every plane of row ``row``: 16 ``vpshufb`` per plane,
-    the sub-table selectors ``u`` shared by the planes."""
-    outs: list = [None] * nplanes
-    for j in range(16):
-        u = T.min(idx - T.broadcast(T.uint8(16 * j), 32), T.broadcast(T.uint8(0x8F), 32)) + T.broadcast(
-            T.uint8(0x70), 32)
-        for p in range(nplanes):
-            t = pl[row, T.ramp(p * 512 + 32 * j, 1, 32)]
-            hit = T.call_llvm_pure_intrin("uint8x32", "llvm.x86.avx2.pshuf.b", t, u)
-            outs[p] = hit if outs[p] is None else T.bitwise_or(outs[p], hit)
-    return outs
+def _lookup_avx2(pl: Any, row: Any, nplanes: int, entries: int, idx: Any) -> list:
+    """Byte lookups of 32 indices below ``entries`` in every plane of row ``row``. Per half of
+    the indices (bit 7; the upper one looked up at ``idx ^ 0x80``): sub-table ``j`` of the half
+    at ``idx - 16 j``, whose bit 7 is clear (``vpshufb`` reads entry ``idx & 15``) exactly for
+    the indices from ``16 j`` to the half's end, so the XOR of its ``D_j`` (``_xor_chain``) over
+    ``j`` is the entry; then bit 7 of ``idx`` picks the half. The shifted indices are shared by
+    the planes."""
+    subs = entries // 16
+    halves: list = []
+    for half in range(-(-subs // 8)):
+        outs: list = [None] * nplanes
+        cur = idx if half == 0 else T.bitwise_xor(idx, T.broadcast(T.uint8(0x80), 32))
+        for j in range(8 * half, min(subs, 8 * half + 8)):
+            if j % 8:
+                cur = cur - T.broadcast(T.uint8(16), 32)
+            for p in range(nplanes):
+                t = pl[row, T.ramp(p * 2 * entries + 32 * j, 1, 32)]
+                hit = T.call_llvm_pure_intrin("uint8x32", "llvm.x86.avx2.pshuf.b", t, cur)
+                outs[p] = hit if outs[p] is None else T.bitwise_xor(outs[p], hit)
+        halves.append(outs)
+    if len(halves) == 1:
+        return halves[0]
+    upper = T.reinterpret("int8x32", idx) < T.broadcast(T.int8(0), 32)
+    return [T.Select(upper, hi, lo) for lo, hi in zip(*halves)]
 
 
-def _lookups(isa: str, pl: Any, row: Any, nplanes: int, idx: Any) -> list:
+def _lookups(isa: str, pl: Any, row: Any, nplanes: int, entries: int, idx: Any) -> list:
+    """Every plane of row ``row`` (planes of ``entries``) looked up at ``idx``."""
     if isa == "avx2":
-        return _lookup_avx2(pl, row, nplanes, idx)
+        return _lookup_avx2(pl, row, nplanes, entries, idx)
     one = _lookup_vbmi if isa == "avx512vbmi" else _lookup_neon
-    return [one(pl, row, p, idx) for p in range(nplanes)]
+    return [one(pl, row, p * entries, entries, idx) for p in range(nplanes)]
+
+
+def _pair_sums(s_word: Any, s_high: Any) -> tuple[Any, Any]:
+    """The byte sums of the even and odd lane of a word lane, from its word sum and its
+    high-byte sum (both mod 2**16), as int32."""
+    odd = T.Cast("int32", s_high)
+    return T.Cast("int32", T.Cast("uint16", s_word - T.Cast("uint16", odd * 256))), odd
 
 
 def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsLayout, bias: int,
                      name: str | None = None) -> "tvm.tirx.PrimFunc":
-    """PrimFunc ``(taps (N, G, Kg, P_pad) u8, planes (R, planes * PLANE_BYTES) u8, wrow (O, Kg) i32,
-    rowmin (R,) i32, acc (N, O, P_pad) i32)``; ``rowmin`` is read by ``rows8`` only (``rows``: zeros)."""
+    """PrimFunc ``(taps (N, G, Kg, P_pad) u8, planes u8, weights, rowmin (R,) i32, acc (N, O,
+    P_pad) i32)``, planes and weights as ``planes(..., by_channel=layout.by_channel)`` and
+    ``layout.weight_operand()``; ``rowmin`` is read by ``rows8`` only (``rows``: zeros)."""
+    if layout.by_channel:
+        kernel = _channels_microkernel(n, o, kg, r, layout, bias)
+        return kernel.with_attr("global_symbol", name) if name else kernel
     lanes, nv, p_pad, isa = layout.lanes, layout.vectors, layout.p_pad, layout.isa
     tile, words = lanes * nv, lanes // 2
     og = o // groups
     nkc = -(-kg // CHUNK)
     u16v = f"uint16x{words}"
-    npl, width = layout.planes, layout.planes * PLANE_BYTES[isa]
+    npl, width, ent = layout.planes, layout.width, layout.entries
     base = 0 if layout.residual else bias            # what every looked-up value carries on top
 
     @T.prim_func(private=True)
@@ -236,12 +369,12 @@ def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsL
                         row: T.let = wrow[no % o, k]
                         for v in T.unroll(nv):
                             idx: T.let = tp[no // o, (no % o) // og, k, T.ramp(pt * tile + v * lanes, 1, lanes)]
-                            lo: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, idx)[0])
+                            lo: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, ent, idx)[0])
                             s0[T.ramp(v * words, 1, words)] = s0[T.ramp(v * words, 1, words)] + lo
                             s1[T.ramp(v * words, 1, words)] = s1[T.ramp(v * words, 1, words)] + T.shift_right(
                                 lo, T.broadcast(T.uint16(8), words))
                             if npl == 2:
-                                hi: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, idx)[1])
+                                hi: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, ent, idx)[1])
                                 s2[T.ramp(v * words, 1, words)] = s2[T.ramp(v * words, 1, words)] + hi
                                 s3[T.ramp(v * words, 1, words)] = s3[T.ramp(v * words, 1, words)] + T.shift_right(
                                     hi, T.broadcast(T.uint16(8), words))
@@ -249,15 +382,78 @@ def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsL
                     cnt: T.let = T.min(kg, kc * CHUNK + CHUNK) - kc * CHUNK
                     for v in range(nv):
                         for q in range(words):
-                            lodd: T.let = T.Cast("int32", s1[v * words + q])
-                            hodd: T.let = T.Cast("int32", s3[v * words + q])
-                            leven: T.let = T.Cast("int32", T.Cast("uint16", s0[v * words + q] - T.Cast("uint16", lodd * 256)))
-                            heven: T.let = T.Cast("int32", T.Cast("uint16", s2[v * words + q] - T.Cast("uint16", hodd * 256)))
+                            leven, lodd = _pair_sums(s0[v * words + q], s1[v * words + q])
+                            heven, hodd = _pair_sums(s2[v * words + q], s3[v * words + q])
                             pos: T.let = pt * tile + v * lanes + 2 * q
                             acc[no // o, no % o, pos] = acc[no // o, no % o, pos] + leven + heven * 256 - cnt * base
                             acc[no // o, no % o, pos + 1] = acc[no // o, no % o, pos + 1] + lodd + hodd * 256 - cnt * base
 
     return kernel.with_attr("global_symbol", name) if name else kernel
+
+
+def _channels_microkernel(n: int, o: int, kg: int, r: int, layout: RowsLayout, bias: int) -> "tvm.tirx.PrimFunc":
+    """The ``by_channel`` microkernel (ungrouped): per batch and tile of output channels, per
+    position, the column planes of the activation code each tap reads there looked up at the
+    lanes' row numbers ``widx (Kg, o_pad)``; ``planes (256, width)``."""
+    lanes, nv, positions, isa = layout.lanes, layout.vectors, layout.positions, layout.isa
+    tile, words, o_pad = lanes * nv, lanes // 2, layout.o_pad
+    otiles = o_pad // tile
+    nkc = -(-kg // CHUNK)
+    u16v = f"uint16x{words}"
+    npl, width, ent = layout.planes, layout.width, layout.entries
+    base = 0 if layout.residual else bias
+
+    @T.prim_func(private=True)
+    def kernel(tp: T.Buffer((n, 1, kg, positions), "uint8"), pl: T.Buffer((256, width), "uint8"),
+               widx: T.Buffer((kg, o_pad), "uint8"), rowmin: T.Buffer((r,), "int32"),
+               acc: T.Buffer((n, o, positions), "int32")):
+        T.func_attr({"qos_prescheduled": True})
+        for nt in T.parallel(n * otiles):
+            for c in range(tile):
+                if (nt % otiles) * tile + c < o:
+                    corr = T.decl_buffer((1,), "int32", scope="local")
+                    corr[0] = 0
+                    if layout.residual:
+                        for k in range(kg):
+                            corr[0] = corr[0] + rowmin[T.Cast("int32", widx[k, (nt % otiles) * tile + c])]
+                    for p in range(positions):
+                        acc[nt // otiles, (nt % otiles) * tile + c, p] = corr[0]
+            for p in range(positions):
+                for kc in range(nkc):
+                    s0 = T.decl_buffer((nv * words,), "uint16", scope="local")
+                    s1 = T.decl_buffer((nv * words,), "uint16", scope="local")
+                    s2 = T.decl_buffer((nv * words,), "uint16", scope="local")
+                    s3 = T.decl_buffer((nv * words,), "uint16", scope="local")
+                    for q in T.vectorized(nv * words):
+                        s0[q] = T.uint16(0)
+                        s1[q] = T.uint16(0)
+                        s2[q] = T.uint16(0)
+                        s3[q] = T.uint16(0)
+                    for k in range(kc * CHUNK, T.min(kg, kc * CHUNK + CHUNK)):
+                        col: T.let = T.Cast("int32", tp[nt // otiles, 0, k, p])
+                        for v in T.unroll(nv):
+                            idx: T.let = widx[k, T.ramp((nt % otiles) * tile + v * lanes, 1, lanes)]
+                            lo: T.let = T.reinterpret(u16v, _lookups(isa, pl, col, npl, ent, idx)[0])
+                            s0[T.ramp(v * words, 1, words)] = s0[T.ramp(v * words, 1, words)] + lo
+                            s1[T.ramp(v * words, 1, words)] = s1[T.ramp(v * words, 1, words)] + T.shift_right(
+                                lo, T.broadcast(T.uint16(8), words))
+                            if npl == 2:
+                                hi: T.let = T.reinterpret(u16v, _lookups(isa, pl, col, npl, ent, idx)[1])
+                                s2[T.ramp(v * words, 1, words)] = s2[T.ramp(v * words, 1, words)] + hi
+                                s3[T.ramp(v * words, 1, words)] = s3[T.ramp(v * words, 1, words)] + T.shift_right(
+                                    hi, T.broadcast(T.uint16(8), words))
+                    cnt: T.let = T.min(kg, kc * CHUNK + CHUNK) - kc * CHUNK
+                    for v in range(nv):
+                        for q in range(words):
+                            leven, lodd = _pair_sums(s0[v * words + q], s1[v * words + q])
+                            heven, hodd = _pair_sums(s2[v * words + q], s3[v * words + q])
+                            ch: T.let = (nt % otiles) * tile + v * lanes + 2 * q
+                            if ch < o:
+                                acc[nt // otiles, ch, p] = acc[nt // otiles, ch, p] + leven + heven * 256 - cnt * base
+                            if ch + 1 < o:
+                                acc[nt // otiles, ch + 1, p] = acc[nt // otiles, ch + 1, p] + lodd + hodd * 256 - cnt * base
+
+    return kernel
 
 
 def rows_inputs(x: te.Tensor, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int, int, int],
@@ -285,7 +481,7 @@ def rows_stage_funcs(spec: Any, w: np.ndarray, isa: str, bias: int, residual: bo
     builds the same stages through Relax."""
     from .kernels import _finish
 
-    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa, residual)
+    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa, residual, spec.groups)
     xs = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
     tp = rows_inputs(xs, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
                      spec.signed, spec.ho, spec.wo, layout.p_pad)
@@ -312,10 +508,11 @@ def run_rows_conv(built: Any, prefix: str, layout: RowsLayout, x: np.ndarray, lu
     tp = run("taps", x)
     if layout.residual:
         m = row_minima(lut, layout.codes, spec.signed)
-        pl = planes(lut, layout.codes, 0, layout.isa, m, spec.signed)
+        pl = planes(lut, layout.codes, 0, layout.isa, m, spec.signed, layout.by_channel)
     else:
-        m, pl = np.zeros(len(layout.codes), np.int32), planes(lut, layout.codes, bias, layout.isa)
-    acc = run("micro", tp, pl, layout.wrow, m)
+        m = np.zeros(len(layout.codes), np.int32)
+        pl = planes(lut, layout.codes, bias, layout.isa, by_channel=layout.by_channel)
+    acc = run("micro", tp, pl, layout.weight_operand(), m)
     n, o, ho, wo = spec.out_shape
     return acc[:, :, :ho * wo].reshape(n, o, ho, wo), ms
 
@@ -347,7 +544,10 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
 
     spec, wn, sym = ops.spec, ops.weights, low.symbol
     residual = low.variant.kind == "rows8"
-    layout = rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa, residual)
+    if (low.positions, low.groups) != (spec.ho * spec.wo, spec.groups):   # per_op_tensors tiled by them
+        raise QosError(f"internal error: {low.describe()} was chosen for {low.positions} positions in "
+                       f"{low.groups} group(s), the layer has {spec.ho * spec.wo} in {spec.groups}")
+    layout = rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa, residual, spec.groups)
     kg = wn.shape[1] * spec.kh * spec.kw
     tp = bb.call_te(rows_inputs, ops.x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
                     spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad,
@@ -359,7 +559,7 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
         m = relax.const(np.zeros(len(layout.codes), np.int32))
     micro = rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, low.bias)
     gv = bb.add_func(micro, f"{sym}_micro")
-    acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.wrow), m],
+    acc = bb.emit(relax.call_tir(gv, [tp, pl, relax.const(layout.weight_operand()), m],
                                  relax.TensorType((spec.n, spec.o, layout.p_pad), "int32")))
     out = bb.call_te(unpack_positions, acc, spec.ho, spec.wo, primfunc_name_hint=f"{sym}_unpack")
     if not residual:
@@ -386,11 +586,11 @@ def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.nda
     (``variants.Variant.per_op``): its byte planes and (``rows8``) the row minima of its
     residual plane."""
     signed = low.variant.signed
-    if low.variant.kind != "rows8":
-        return {PLANES_SUFFIX: planes(lut, rows_layout(w, signed, 1, low.isa).codes, low.bias, low.isa)}
-    codes = rows_layout(w, signed, 1, low.isa, True).codes
-    m = row_minima(lut, codes, signed)
-    return {PLANES_SUFFIX: planes(lut, codes, 0, low.isa, m, signed), ROWMIN_SUFFIX: m}
+    layout = rows_layout(w, signed, low.positions, low.isa, low.variant.kind == "rows8", low.groups)
+    if not layout.residual:
+        return {PLANES_SUFFIX: planes(lut, layout.codes, low.bias, low.isa, by_channel=layout.by_channel)}
+    m = row_minima(lut, layout.codes, signed)
+    return {PLANES_SUFFIX: planes(lut, layout.codes, 0, low.isa, m, signed, layout.by_channel), ROWMIN_SUFFIX: m}
 
 
 def bench_stages(spec: Any, low: Any, w: np.ndarray, target: Any) -> dict[str, Any]:
@@ -407,7 +607,7 @@ def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: np.ndarra
               threads: int | None = None) -> tuple[np.ndarray, float]:
     """Run a ``rows``/``rows8`` variant built from ``bench_stages``: (acc, summed best ms of the stages or 0)."""
     residual = low.variant.kind == "rows8"
-    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa, residual)
+    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa, residual, spec.groups)
     acc, ms = run_rows_conv(built, prefix, layout, x, np.asarray(lut, np.int32), spec, low.bias, repeat, threads)
     if residual:
         ex = low.exact
