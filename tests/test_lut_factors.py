@@ -101,7 +101,10 @@ def test_choice_follows_the_kernel_costs():
     cost = get_target("x86_64-avx2").kernel_costs
     low = choose_conv_lowering([general], True, avx2, taps=144, costs=cost)
     assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx2-dot-t5", 5)
-    assert choose_conv_lowering([general], True, avx2, taps=144, costs={**cost, "dot": 2.0}).kind == "gather"
+    # priced above the gather (the file's own gather price), the factor and rows kernels lose to it
+    g = cost["gather"]
+    dear = {**cost, "dot": 2.0 * g, "lowrank": g, "pshufb_rows": 2.0 * g, "pshufb_rows8": 2.0 * g}
+    assert choose_conv_lowering([general], True, avx2, taps=144, costs=dear).kind == "gather"
     # ARM by its estimated costs: sdot for int8 factors, the exact circuit too (T = 1); int16 factors
     # have no sdot, forced they take the TE kernel
     a76 = get_target("aarch64-cortex-a76").kernel_costs
