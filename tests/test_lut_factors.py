@@ -99,11 +99,13 @@ def test_choice_follows_the_kernel_costs():
     assert choose_conv_lowering([general], True, vnni, taps=144).describe() == "s8-lutconv-avx512vnni-dot-t5"
     assert choose_conv_lowering([one_term], True, vnni, taps=144).describe() == "s8-lutconv-avx512bw-dot-t1"
     cost = get_target("x86_64-avx2").kernel_costs
-    low = choose_conv_lowering([general], True, avx2, taps=144, costs=cost)
+    low = choose_conv_lowering([general], True, avx2, ("lowrank", "gather"), taps=144, costs=cost)
     assert (low.describe(), low.slot_terms) == ("s8-lutconv-avx2-dot-t5", 5)
+    # but 1KX2's residual takes 16 distinct columns: 1 vpshufb per 32 lookups, cheaper still
+    assert choose_conv_lowering([general], True, avx2, taps=144, costs=cost).describe() == "s8-lutconv-avx2-rows8"
     # priced above the gather (the file's own gather price), the factor and rows kernels lose to it
     g = cost["gather"]
-    dear = {**cost, "dot": 2.0 * g, "lowrank": g, "pshufb_rows": 2.0 * g, "pshufb_rows8": 2.0 * g}
+    dear = {**cost, "dot": 2.0 * g, "lowrank": g, "pshufb_rows": 2.0 * g, "pshufb_rows8": 100.0 * g}
     assert choose_conv_lowering([general], True, avx2, taps=144, costs=dear).kind == "gather"
     # ARM by its estimated costs: sdot for int8 factors, the exact circuit too (T = 1); int16 factors
     # have no sdot, forced they take the TE kernel

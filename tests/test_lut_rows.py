@@ -7,7 +7,7 @@ import pytest
 from qos_compile.errors import QosError
 from qos_compile.multipliers import get
 from qos_compile.multipliers.library import bundled
-from qos_compile.multipliers.structure import fits_rows8, is_masked
+from qos_compile.multipliers.structure import fits_rows8, is_masked, residual_column_classes
 from qos_compile.multipliers.table import exact_table
 from qos_compile.nn.emulation import plan_for
 from qos_compile.reference import approx_conv2d_acc
@@ -76,12 +76,15 @@ def _byte_rows(signed: bool, seed: int) -> np.ndarray:
 def test_rows_kernel_bit_exact(target, isa):
     """Every conv shape, signed and unsigned, both variants: rows (random full-range tables and real
     circuits) and rows8 (the residual part: real circuits whose residual fits a byte per row and
-    random tables at its limit)."""
+    random tables at its limit; and real circuits looked up by residual column class)."""
     rng = np.random.default_rng(3)
     tables = {(False, False): [get("mul8u_2NDH").lut, rng.integers(0, 65536, (256, 256))],
               (True, False): [get("mul8s_1KX2").lut, rng.integers(-32768, 32768, (256, 256))],
               (False, True): [get("mul8u_DG8").lut, get("mul8u_GTR").lut, _byte_rows(False, 1)],
-              (True, True): [get("mul8s_1KX2").lut, get("mul8s_1KVB").lut, _byte_rows(True, 2)]}
+              (True, True): [get("mul8s_1KX2").lut, get("mul8s_1KVB").lut, _byte_rows(True, 2)],
+              # rows8 looking up residual column classes: 53 for DG8 + C67 together, 16 for 1KX2
+              (False, "classes"): [get("mul8u_DG8").lut, get("mul8u_C67").lut],
+              (True, "classes"): [get("mul8s_1KX2").lut]}
     assert not fits_rows8([get("mul8u_2NDH").lut], False)
     funcs, cases = {}, []
     for i, cfg in enumerate(CONVS):
@@ -90,15 +93,22 @@ def test_rows_kernel_bit_exact(target, isa):
             bias = 0
             if residual:
                 assert fits_rows8(luts, signed)
-                assert not fits_rows8([luts[-1] + np.eye(256, dtype=np.int64)], signed)   # a span of 256
+                if residual is True:                       # the random table sits at the limit: a span of 256
+                    assert not fits_rows8([luts[-1] + np.eye(256, dtype=np.int64)], signed)
             else:
                 bias = lut_rows.fits_rows(luts)
                 assert bias == (32768 if signed else 0)
-            layout, stages = lut_rows.rows_stage_funcs(spec, w, isa, bias, residual)
-            assert layout.by_channel == (i >= 4), (i, isa)      # the last shapes put lanes on channels
+            classes = residual_column_classes(luts, signed) if residual == "classes" else ()
+            layout, stages = lut_rows.rows_stage_funcs(spec, w, isa, bias, bool(residual), classes)
+            assert (layout.classes is not None) == (residual == "classes")
+            if layout.classes is not None:
+                assert layout.activations == (53 if not signed else 16) and (layout.by_channel or layout.entries < 256)
+            if layout.classes is None:                             # the last shapes put lanes on channels
+                assert layout.by_channel == (i >= 4), (i, isa)
             assert len(layout.codes) == cfg.get("codes", len(layout.codes))
-            assert (layout.entries < 256) == ("codes" in cfg), (i, isa)     # planes as wide as the rows
-            tag = f"c{i}{'s' if signed else 'u'}{'r' if residual else ''}_"
+            if layout.classes is None or layout.by_channel:   # planes as wide as the rows (or classes)
+                assert (layout.entries < 256) == ("codes" in cfg), (i, isa)
+            tag = f"c{i}{'s' if signed else 'u'}{'r' if residual else ''}{'c' if residual == 'classes' else ''}_"
             funcs.update({tag + k: f for k, f in stages.items()})
             cases.append((tag, spec, x, w, layout, luts, bias))
     built = build_kernels(funcs, get_target(target), system_lib=True)
@@ -177,13 +187,19 @@ def test_lowering_choice_per_layer():
 
 
 def test_rows8_choice_prices_the_exact_part():
-    """rows8 fits where every row of the residual spans at most 255; its price is its own cost
-    plus the cheapest exact kernel's; the 16-bit rows and gather kernels stay where it does not fit."""
+    """rows8 fits where every row of the residual spans at most 255; its price is its own cost,
+    scaled by its residual's column classes, plus the cheapest exact kernel's; the 16-bit rows
+    and gather kernels stay where it does not fit."""
     vbmi, avx2 = frozenset({"avx512f", "avx512bw", "avx512vbmi"}), frozenset({"avx2"})
     dg8, gtr, ndh = get("mul8u_DG8").lut, get("mul8u_GTR").lut, get("mul8u_2NDH").lut
     low = choose_conv_lowering([dg8, gtr], False, vbmi, costs={"rows8": 0.1})
     assert low.describe() == "u8-lutconv-avx512vbmi-rows8" and low.exact is not None
-    assert low.exact.kind in ("masked", "lowrank") and low.cost == pytest.approx(0.1 + low.exact.cost)
+    share = lut_rows.lookup_share("avx512vbmi", residual_column_classes([dg8, gtr], False))
+    assert 0.9 < share < 1.0                                # DG8 + GTR: 152 classes, 3 of 4 steps
+    assert low.exact.kind in ("masked", "lowrank") and low.cost == pytest.approx(0.1 * share + low.exact.cost)
+    # few classes make the AVX2 residual far cheaper: DG8's 29 take 2 of 16 sub-tables
+    assert lut_rows.lookup_share("avx2", residual_column_classes([dg8], False)) < 0.25
+    assert lut_rows.lookup_share("avx2", ()) == 1.0
     assert choose_conv_lowering([dg8, ndh], False, vbmi, costs={"rows8": 0.1}).describe() != \
         "u8-lutconv-avx512vbmi-rows8"                                       # 2NDH needs 16 bits
     assert choose_conv_lowering([dg8], False, avx2, allow=("rows",), costs={"pshufb_rows8": 0.1}).describe() == \

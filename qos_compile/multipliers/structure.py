@@ -289,6 +289,18 @@ def residual_rows(lut: np.ndarray, signed: bool) -> np.ndarray:
     return np.asarray(lut, dtype=np.int64) - exact_table(signed).astype(np.int64)
 
 
+def residual_column_classes(luts: Sequence[np.ndarray], signed: bool) -> np.ndarray:
+    """(256,) uint8: per activation table index b, the class of its residual column
+    (``residual_rows``): b and b' share a class iff their columns are equal in every table.
+    Classes are numbered by first appearance. Evolved circuits often have few: the residual of
+    mul8u_DG8 takes 29 distinct columns, of mul8u_C67 50, so a lookup by class needs a 32- or
+    64-entry table where one by b needs 256."""
+    cols = np.concatenate([residual_rows(t, signed) for t in luts], axis=0).T           # (256, rows)
+    _, first, inv = np.unique(cols, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(np.argsort(first))                       # class ids by first appearance
+    return order[np.asarray(inv).reshape(-1)].astype(np.uint8)
+
+
 def fits_rows8(luts: Sequence[np.ndarray], signed: bool) -> bool:
     """Whether every row of every table's residual (``residual_rows``) spans at most 255: then
     ``residual - min(row)`` is one byte and the table is the exact product plus one byte plane."""

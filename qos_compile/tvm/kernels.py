@@ -173,8 +173,9 @@ def _signed_of(x: te.Tensor, w: te.Tensor, signed: bool | None) -> bool:
 
 
 def _padded_index(x: te.Tensor, pads: tuple[int, int, int, int], pad_code: int, off: int,
-                  name: str) -> te.Tensor:
-    """uint8 table-index tensor ``x + off``, padded with ``pad_code + off`` (one pass over x)."""
+                  name: str, classes: Any = None) -> te.Tensor:
+    """uint8 table-index tensor ``x + off``, padded with ``pad_code + off`` (one pass over x).
+    ``classes``: a (256,) uint8 tensor each index (padding included) is mapped through."""
     n, c, h, w = (int(v) for v in x.shape)
     pt, pl, pb, pr = pads
     pad_idx = tvm.tirx.const(pad_code + off, "uint8")
@@ -182,10 +183,9 @@ def _padded_index(x: te.Tensor, pads: tuple[int, int, int, int], pad_code: int, 
     def f(nn, cc, i, j):
         v = x[nn, cc, i - pt, j - pl]
         v = v.astype("uint8") if off == 0 else (v.astype("int32") + off).astype("uint8")
-        if pt == pl == pb == pr == 0:
-            return v
-        inside = tvm.tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl)
-        return tvm.tirx.if_then_else(inside, v, pad_idx)
+        if pt != 0 or pl != 0 or pb != 0 or pr != 0:
+            v = tvm.tirx.if_then_else(tvm.tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl), v, pad_idx)
+        return v if classes is None else classes[v.astype("int32")]
 
     return te.compute((n, c, h + pt + pb, w + pl + pr), f, name=name,
                       attrs={KERNEL_ATTR: "pad_index"})

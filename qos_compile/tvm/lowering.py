@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import QosError
 from ..multipliers.table import exact_table
 from . import variants as V
+from .lut_rows import lookup_share
 
 #: The ``--lowering`` families (a family forces all its variants; a registry name one).
 LOWERINGS = V.FAMILIES
@@ -113,7 +114,8 @@ def lowering_allow(lowering: str) -> tuple[str, ...]:
 def variant_lowering(v: V.Variant, tables: V.LayerTables, features: frozenset[str],
                      costs: dict[str, float] | None = None) -> ConvLowering | None:
     """``v`` as the lowering of a layer with ``tables`` (None if it does not fit): its fit and
-    price; a ``rows8`` variant with the cheapest kernel of its exact part, priced in."""
+    price; a ``rows8`` variant priced by its residual's column classes (``lut_rows.lookup_share``)
+    plus the cheapest kernel of its exact part."""
     fit = v.fits(tables)
     if fit is None:
         return None
@@ -121,7 +123,7 @@ def variant_lowering(v: V.Variant, tables: V.LayerTables, features: frozenset[st
         return ConvLowering(v, fit, v.cost(costs))
     exact = choose_conv_lowering([exact_table(tables.signed)], tables.signed, features, EXACT_FAMILIES, tables.taps,
                                  costs)
-    return ConvLowering(v, fit, v.cost(costs) + exact.cost, exact)
+    return ConvLowering(v, fit, v.cost(costs) * lookup_share(v.isa, fit.classes) + exact.cost, exact)
 
 
 def choose_conv_lowering(luts: Sequence[np.ndarray], signed: bool, features: frozenset[str],

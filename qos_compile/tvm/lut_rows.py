@@ -49,7 +49,8 @@ by_channel=True)``: one row per activation code ``b``). ``rows_layout`` picks th
 axis by its vectors' price (ungrouped convs only: a vector of channels must read one
 group's taps): each vector costs its lookups plus, on ISAs whose lookups need the table in
 registers (``TABLE_LOADS``), its share of loading them, which a tile of ``nv`` vectors
-shares; ties go to channels. On AMD Zen 5 (``u8``, 1 thread) that rule made the faster
+shares, per permute step of its planes (positions: the activations or their classes;
+channels: the distinct weights); ties go to channels. On AMD Zen 5 (``u8``, 1 thread) that rule made the faster
 choice for all 16 shapes measured on VBMI and AVX2, ResNet-8/20 layers among them: a
 64->64 conv at 4x4 took 108 us on positions and 21 us on channels (VBMI), 300 and 176 us
 (AVX2); a 16->16 conv at 16x16 14 us on positions, 82 us on channels.
@@ -102,6 +103,11 @@ MAX_VECTORS = 4
 #: ``vpermi2b`` and NEON's ``tbl`` take the table in registers, AVX2's ``vpshufb`` as a memory
 #: operand of each shuffle (measured on AMD Zen 5 for VBMI and AVX2; NEON by that analogy).
 TABLE_LOADS = {"avx512vbmi": 1.0, "avx2": 0.0, "neon": 1.0}
+#: A ``rows8`` residual's work besides its permute steps (taps, sums, flushes), in steps:
+#: fitted on AMD Zen 5 to ResNet-20's 19 convs with mul8u_DG8's 29 column classes against
+#: all 256 (``bench.kernels --no-network``, 2026-12-08): VBMI's residual hardly shrinks with
+#: fewer steps (0.88x at 1 of 4), AVX2's does (0.19x at 2 of 16). NEON by VBMI's.
+LOOKUP_FIXED = {"avx512vbmi": 21.0, "avx2": 1.3, "neon": 21.0}
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,14 @@ class RowsLayout:
     residual: bool = False   # rows8: one plane of the residual over the exact product
     by_channel: bool = False  # lanes on output channels (column planes), not on positions
     o_pad: int = 0           # ``by_channel``: output channels rounded up to whole tiles
+    #: rows8: (256,) uint8 class of each activation's residual column (the taps hold classes;
+    #: ``Fit.classes``), None: the activation codes themselves
+    classes: np.ndarray | None = None
+
+    @property
+    def activations(self) -> int:
+        """Distinct activation values the planes answer: the column classes, or 256."""
+        return 256 if self.classes is None else int(self.classes.max()) + 1
 
     @property
     def lanes(self) -> int:
@@ -128,9 +142,9 @@ class RowsLayout:
 
     @property
     def entries(self) -> int:
-        """Entries per plane: the 256 activation codes, or (``by_channel``) the R weight rows
-        rounded up to whole permute steps: fewer distinct weights, fewer permutes."""
-        return plane_entries(self.isa, len(self.codes) if self.by_channel else 256)
+        """Entries per plane: the activations (``activations``), or (``by_channel``) the R weight
+        rows, rounded up to whole permute steps: fewer of them, fewer permutes."""
+        return plane_entries(self.isa, len(self.codes) if self.by_channel else self.activations)
 
     @property
     def width(self) -> int:
@@ -154,6 +168,15 @@ def plane_entries(isa: str, count: int) -> int:
     return max(1, -(-count // step)) * step
 
 
+def lookup_share(isa: str, classes: Any) -> float:
+    """A ``rows8`` residual's price with these column classes (``Fit.classes``) relative to one
+    that looks up all 256 activations: (fixed work + its permute steps) over the same for 256
+    (``LOOKUP_FIXED``)."""
+    n = int(max(classes)) + 1 if len(classes) else 256
+    full, steps = 256 // PLANE_STEP[isa], plane_entries(isa, n) // PLANE_STEP[isa]
+    return (LOOKUP_FIXED[isa] + steps) / (LOOKUP_FIXED[isa] + full)
+
+
 def plane_bytes(isa: str, entries: int) -> int:
     """Bytes a plane of ``entries`` takes (AVX2: each 16-entry sub-table twice)."""
     return 2 * entries if isa == "avx2" else entries
@@ -169,10 +192,11 @@ def _tiling(count: int, lanes: int) -> tuple[int, int]:
 
 
 def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str, residual: bool = False,
-                groups: int = 1) -> RowsLayout:
+                groups: int = 1, classes: Any = ()) -> RowsLayout:
     """Distinct weight rows and the tiling for weights ``w`` (O, Cg, kh, kw) codes of a conv with
     ``positions`` = Ho * Wo outputs per channel: lanes on the cheaper axis (module docstring;
-    channels only for ``groups == 1``)."""
+    channels only for ``groups == 1``). ``classes``: ``rows8``'s residual column classes
+    (``Fit.classes``; used where there are fewer than 256)."""
     if isa not in ROW_ISAS:
         raise QosError(f"no rows microkernel for {isa!r} (have {', '.join(ROW_ISAS)})")
     if positions < 1:
@@ -182,14 +206,25 @@ def rows_layout(w: np.ndarray, signed: bool, positions: int, isa: str, residual:
     lanes, o = ROW_ISAS[isa], int(w.shape[0])
     vectors, p_pad = _tiling(positions, lanes)
     cvectors, o_pad = _tiling(o, lanes)
+    cls = None
+    if residual and len(classes):
+        cls = np.asarray(classes, np.uint8)
+        if cls.shape != (256,):
+            raise QosError(f"internal error: residual column classes need one per activation (256), got {cls.shape}")
+        if int(cls.max()) == 255:              # every column its own class: the codes themselves
+            cls = None
     loads = TABLE_LOADS[isa]
-    price_positions = o * (p_pad // lanes) * (1 + loads / vectors)     # per tap: vectors x their share
-    price_channels = positions * (o_pad // lanes) * (1 + loads / cvectors)
+
+    def price(vecs: int, nv: int, entries: int) -> float:       # per tap: vectors x (steps x table share + sums)
+        return vecs * ((entries // PLANE_STEP[isa]) * (1 + loads / nv) + 1)
+
+    price_positions = price(o * (p_pad // lanes), vectors, plane_entries(isa, 256 if cls is None else int(cls.max()) + 1))
+    price_channels = price(positions * (o_pad // lanes), cvectors, plane_entries(isa, len(codes)))
     by_channel = groups == 1 and price_channels <= price_positions
     if by_channel:
         vectors, p_pad = cvectors, positions
     return RowsLayout(isa, codes.astype(np.int32), inv.reshape(idx.shape).astype(np.int32), positions,
-                      vectors, p_pad, residual, by_channel, o_pad if by_channel else 0)
+                      vectors, p_pad, residual, by_channel, o_pad if by_channel else 0, cls)
 
 
 # --------------------------------------------------------------------------- TE stages
@@ -225,24 +260,32 @@ def row_minima(lut: np.ndarray, codes: np.ndarray, signed: bool) -> np.ndarray:
 
 
 def planes(lut: np.ndarray, codes: np.ndarray, bias: int, isa: str, rowmin: np.ndarray | None = None,
-           signed: bool = False, by_channel: bool = False) -> np.ndarray:
+           signed: bool = False, by_channel: bool = False, classes: np.ndarray | None = None) -> np.ndarray:
     """The ``planes`` operand, uint8: per weight row r (``by_channel``: per activation b) one
     row of ``RowsLayout.width`` bytes, its planes side by side: ``rows``: low then high byte of
     ``lut[codes[r], b] + bias``; ``rows8`` (``rowmin`` given): the residual minus ``rowmin[r]``.
     A plane holds every activation b (``by_channel``: every row r, rounded up with zeros to
-    ``plane_entries``). AVX2 keeps the XOR chain of its 16-entry sub-tables (``_xor_chain``),
-    each twice (both 128-bit lanes of a ``vpshufb``)."""
+    ``plane_entries``). ``classes`` (``rows8``): one activation per residual column class
+    stands for its class, and the planes hold classes instead of activations (rounded up with
+    zeros to ``plane_entries``). AVX2 keeps the XOR chain of its 16-entry sub-tables
+    (``_xor_chain``), each twice (both 128-bit lanes of a ``vpshufb``)."""
     c = np.asarray(codes, np.int64)
     vals = np.asarray(lut, np.int64)[c]                                        # (R, 256): [r, b]
     if rowmin is not None:
         off = code_offset(signed)
         vals = vals - (c[:, None] - off) * (np.arange(256)[None, :] - off) - np.asarray(rowmin, np.int64)[:, None]
         per_plane = [vals & 255]
+        if classes is not None:
+            cls = np.asarray(classes, np.int64)
+            first = np.array([int(np.flatnonzero(cls == k)[0]) for k in range(int(cls.max()) + 1)])
+            v = per_plane[0][:, first]                                          # (R, classes)
+            width = len(first) if by_channel else plane_entries(isa, len(first))
+            per_plane = [np.concatenate([v, np.zeros((len(c), width - len(first)), np.int64)], axis=1)]
     else:
         per_plane = [(vals + bias) & 255, ((vals + bias) >> 8) & 255]
     if by_channel:
         n = plane_entries(isa, len(c))
-        per_plane = [np.concatenate([v.T, np.zeros((256, n - len(c)), np.int64)], axis=1) for v in per_plane]
+        per_plane = [np.concatenate([v.T, np.zeros((v.shape[1], n - len(c)), np.int64)], axis=1) for v in per_plane]
     if isa == "avx2":
         per_plane = [_xor_chain(v) for v in per_plane]
     return np.ascontiguousarray(np.concatenate(per_plane, axis=1).astype(np.uint8))
@@ -418,7 +461,7 @@ def _channels_microkernel(n: int, o: int, kg: int, r: int, layout: RowsLayout, b
     base = 0 if layout.residual else bias
 
     @T.prim_func(private=True)
-    def kernel(tp: T.Buffer((n, 1, kg, positions), "uint8"), pl: T.Buffer((256, width), "uint8"),
+    def kernel(tp: T.Buffer((n, 1, kg, positions), "uint8"), pl: T.Buffer((layout.activations, width), "uint8"),
                widx: T.Buffer((kg, o_pad), "uint8"), rowmin: T.Buffer((r,), "int32"),
                acc: T.Buffer((n, o, positions), "int32")):
         T.func_attr({"qos_prescheduled": True})
@@ -464,11 +507,13 @@ def _channels_microkernel(n: int, o: int, kg: int, r: int, layout: RowsLayout, b
 
 def rows_inputs(x: te.Tensor, kh: int, kw: int, stride: tuple[int, int], padding: tuple[int, int, int, int],
                 dilation: tuple[int, int], groups: int, pad_code: int, signed: bool, ho: int, wo: int,
-                p_pad: int) -> te.Tensor:
-    """TE for ``bb.call_te``: the padded table indices of ``x`` packed by ``taps``."""
+                p_pad: int, classes: te.Tensor | None = None) -> te.Tensor:
+    """TE for ``bb.call_te``: the padded table indices of ``x`` (mapped through ``classes``, a
+    (256,) uint8 tensor, if given: once per input element, before the taps repeat them)
+    packed by ``taps``."""
     from .kernels import _padded_index
 
-    xp = _padded_index(x, padding, pad_code, code_offset(signed), "rows_pad")
+    xp = _padded_index(x, padding, pad_code, code_offset(signed), "rows_pad", classes)
     return taps(xp, groups, kh, kw, stride, dilation, ho, wo, p_pad)
 
 
@@ -478,21 +523,22 @@ def unpack_positions(acc: te.Tensor, ho: int, wo: int) -> te.Tensor:
     return te.compute((n, o, ho, wo), lambda a, b, i, j: acc[a, b, i * wo + j], name="rows_unpack")
 
 
-def rows_stage_funcs(spec: Any, w: np.ndarray, isa: str, bias: int, residual: bool = False
-                     ) -> tuple[RowsLayout, dict[str, Any]]:
+def rows_stage_funcs(spec: Any, w: np.ndarray, isa: str, bias: int, residual: bool = False,
+                     classes: Any = ()) -> tuple[RowsLayout, dict[str, Any]]:
     """Stand-alone PrimFuncs of the stages for one conv ``spec`` (kernels.ConvSpec) with
-    weights ``w``: ``taps(x) -> tp``, ``micro(tp, pl, wrow, m) -> acc`` (N, O, P_pad; ``rows8``:
+    weights ``w``: ``taps(x[, classes]) -> tp``, ``micro(tp, pl, wrow, m) -> acc`` (N, O, P_pad; ``rows8``:
     the residual part only) with ``pl = planes(...)`` and (``rows8``) ``m = row_minima(...)``
     computed ahead like the compiler's per-OP tensors. For benchmarks and tests; the compiler
     builds the same stages through Relax."""
     from .kernels import _finish
 
-    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa, residual, spec.groups)
+    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, isa, residual, spec.groups, classes)
     xs = te.placeholder(spec.x_shape, spec.code_dtype, name="x")
+    cls = None if layout.classes is None else te.placeholder((256,), "uint8", name="classes")
     tp = rows_inputs(xs, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation, spec.groups, spec.pad_code,
-                     spec.signed, spec.ho, spec.wo, layout.p_pad)
+                     spec.signed, spec.ho, spec.wo, layout.p_pad, cls)
     kg = (spec.c // spec.groups) * spec.kh * spec.kw
-    funcs = {"taps": _finish([xs, tp], None, None, True),
+    funcs = {"taps": _finish([xs, tp] if cls is None else [xs, cls, tp], None, None, True),
              "micro": rows_microkernel(spec.n, spec.groups, spec.o, kg, len(layout.codes), layout, bias)}
     return layout, funcs
 
@@ -511,10 +557,10 @@ def run_rows_conv(built: Any, prefix: str, layout: RowsLayout, x: np.ndarray, lu
         return out
 
     lut = np.asarray(lut, np.int32)
-    tp = run("taps", x)
+    tp = run("taps", x) if layout.classes is None else run("taps", x, layout.classes)
     if layout.residual:
         m = row_minima(lut, layout.codes, spec.signed)
-        pl = planes(lut, layout.codes, 0, layout.isa, m, spec.signed, layout.by_channel)
+        pl = planes(lut, layout.codes, 0, layout.isa, m, spec.signed, layout.by_channel, layout.classes)
     else:
         m = np.zeros(len(layout.codes), np.int32)
         pl = planes(lut, layout.codes, bias, layout.isa, by_channel=layout.by_channel)
@@ -553,10 +599,11 @@ def emit_conv(bb: Any, ops: Any, low: Any) -> Any:
     if (low.positions, low.groups) != (spec.ho * spec.wo, spec.groups):   # per_op_tensors tiled by them
         raise QosError(f"internal error: {low.describe()} was chosen for {low.positions} positions in "
                        f"{low.groups} group(s), the layer has {spec.ho * spec.wo} in {spec.groups}")
-    layout = rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa, residual, spec.groups)
+    layout = rows_layout(wn, spec.signed, spec.ho * spec.wo, low.isa, residual, spec.groups, low.fit.classes)
     kg = wn.shape[1] * spec.kh * spec.kw
+    cls = () if layout.classes is None else (relax.const(layout.classes),)
     tp = bb.call_te(rows_inputs, ops.x, spec.kh, spec.kw, spec.stride, spec.padding, spec.dilation,
-                    spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad,
+                    spec.groups, spec.pad_code, spec.signed, spec.ho, spec.wo, layout.p_pad, *cls,
                     primfunc_name_hint=f"{sym}_taps")
     if residual:
         pl, m = ops.slot_inputs((PLANES_SUFFIX, ROWMIN_SUFFIX), "rows8 planes and row minima")
@@ -592,17 +639,18 @@ def per_op_tensors(w: np.ndarray, lut: np.ndarray, low: Any) -> dict[str, np.nda
     (``variants.Variant.per_op``): its byte planes and (``rows8``) the row minima of its
     residual plane."""
     signed = low.variant.signed
-    layout = rows_layout(w, signed, low.positions, low.isa, low.variant.kind == "rows8", low.groups)
+    layout = rows_layout(w, signed, low.positions, low.isa, low.variant.kind == "rows8", low.groups, low.fit.classes)
     if not layout.residual:
         return {PLANES_SUFFIX: planes(lut, layout.codes, low.bias, low.isa, by_channel=layout.by_channel)}
     m = row_minima(lut, layout.codes, signed)
-    return {PLANES_SUFFIX: planes(lut, layout.codes, 0, low.isa, m, signed, layout.by_channel), ROWMIN_SUFFIX: m}
+    return {PLANES_SUFFIX: planes(lut, layout.codes, 0, low.isa, m, signed, layout.by_channel, layout.classes),
+            ROWMIN_SUFFIX: m}
 
 
 def bench_stages(spec: Any, low: Any, w: np.ndarray, target: Any) -> dict[str, Any]:
     """Stand-alone PrimFuncs of a ``rows``/``rows8`` variant for the weights ``w``
     (``rows_stage_funcs``; ``rows8``: the exact part as ``exact_<stage>``)."""
-    funcs = rows_stage_funcs(spec, w, low.isa, low.bias, low.variant.kind == "rows8")[1]
+    funcs = rows_stage_funcs(spec, w, low.isa, low.bias, low.variant.kind == "rows8", low.fit.classes)[1]
     if low.variant.kind == "rows8":
         ex = low.exact
         funcs.update({f"exact_{k}": f for k, f in ex.variant.stages(spec, ex, w, target).items()})
@@ -613,7 +661,7 @@ def bench_run(built: Any, prefix: str, spec: Any, low: Any, x: Any, w: np.ndarra
               threads: int | None = None) -> tuple[np.ndarray, float]:
     """Run a ``rows``/``rows8`` variant built from ``bench_stages``: (acc, summed best ms of the stages or 0)."""
     residual = low.variant.kind == "rows8"
-    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa, residual, spec.groups)
+    layout = rows_layout(w, spec.signed, spec.ho * spec.wo, low.isa, residual, spec.groups, low.fit.classes)
     acc, ms = run_rows_conv(built, prefix, layout, x, np.asarray(lut, np.int32), spec, low.bias, repeat, threads)
     if residual:
         ex = low.exact

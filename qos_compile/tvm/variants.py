@@ -53,7 +53,7 @@ import numpy as np
 
 from ..errors import QosError
 from ..kernel_costs import DEFAULT_COSTS
-from ..multipliers.structure import fits_rows, fits_rows8, is_masked
+from ..multipliers.structure import fits_rows, fits_rows8, is_masked, residual_column_classes
 from . import kernels, lut_dot, lut_factors, lut_rows
 
 #: Registry datatype token -> signed circuits.
@@ -111,6 +111,11 @@ class LayerTables:
         """Every table is the exact product plus one byte per row (``fits_rows8``)."""
         return self._get("rows8", lambda: fits_rows8(self.luts, self.signed))
 
+    def column_classes(self) -> tuple[int, ...]:
+        """The class of each activation's residual column over all the tables
+        (``residual_column_classes``)."""
+        return self._get("classes", lambda: tuple(int(c) for c in residual_column_classes(self.luts, self.signed)))
+
 
 @dataclass(frozen=True)
 class Fit:
@@ -120,6 +125,9 @@ class Fit:
     terms: int = 0                # lowrank / dot: factor terms T
     dtype: str = ""               # lowrank / dot: operand type of the factors
     bias: int = 0                 # rows: the common bias of the 16-bit table planes
+    #: rows8: per activation table index, the class of its residual column (equal columns in
+    #: every table of the layer share one; the kernel looks up classes, not codes)
+    classes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,11 @@ def _fits_rows(isa: str) -> Callable[[LayerTables], "Fit | None"]:
 
 def _fits_rows8(isa: str) -> Callable[[LayerTables], "Fit | None"]:
     def fits(t: LayerTables) -> Fit | None:
-        return Fit(f"exact conv + {isa} byte permute of the residual, every row of it fits 8 bits") if t.rows8() else None
+        if not t.rows8():
+            return None
+        cls = t.column_classes()
+        return Fit(f"exact conv + {isa} byte permute of the residual (every row of it fits 8 bits, "
+                   f"{max(cls) + 1} distinct columns)", classes=cls)
     return fits
 
 
