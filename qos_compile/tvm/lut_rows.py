@@ -12,7 +12,11 @@ permute, one vector of output positions at a time. Two variants (``RowsLayout.re
   plane: ``residual - rowmin[a]`` must fit 8 bits in every row of every table of the layer
   (``fits_rows8``; mul8u_DG8 and mul8u_GTR do, a residual range of 44 and 231). Half the
   lookups; the exact part runs on the cheapest exact kernel of the target (``variants``),
-  and ``rowmin`` comes back in per output channel (``sum_k rowmin[row(k)]``).
+  and ``rowmin`` comes back in per output channel (``sum_k rowmin[row(k)]``). Activations
+  whose residual columns are equal in every table of the layer share a class
+  (``Fit.classes``; mul8u_DG8 has 29, mul8s_1KX2 16): the padded input is mapped to classes
+  once per element and the planes hold one entry per class, so fewer permutes
+  (``lookup_share`` prices it).
 
 Byte permutes per ISA (``ROW_ISAS``: positions per vector):
 
