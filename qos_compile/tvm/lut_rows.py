@@ -372,28 +372,6 @@ def _pair_sums(s_word: Any, s_high: Any) -> tuple[Any, Any]:
     return T.Cast("int32", T.Cast("uint16", s_word - T.Cast("uint16", odd * 256))), odd
 
 
-def _accumulator(isa: str, npl: int, ent: int, words: int) -> Any:
-    """The microkernels' inner step as a TIR macro ``(s0, s1, s2, s3, v, pl, row, idx)``: row
-    ``row`` of the planes ``pl`` looked up at ``idx``, each plane's words and their high bytes added into vector ``v``
-    of its (word sum, high-byte sum) pair, ``s0``/``s1`` (low byte) and ``s2``/``s3`` (high)."""
-    u16v = f"uint16x{words}"
-
-    @T.macro
-    def accumulate(s0, s1, s2, s3, v, pl, row, idx):
-        looked = _lookups(isa, pl, row, npl, ent, idx)
-        lo: T.let = T.reinterpret(u16v, looked[0])
-        s0[T.ramp(v * words, 1, words)] = s0[T.ramp(v * words, 1, words)] + lo
-        s1[T.ramp(v * words, 1, words)] = s1[T.ramp(v * words, 1, words)] + T.shift_right(
-            lo, T.broadcast(T.uint16(8), words))
-        if npl == 2:
-            hi: T.let = T.reinterpret(u16v, looked[1])
-            s2[T.ramp(v * words, 1, words)] = s2[T.ramp(v * words, 1, words)] + hi
-            s3[T.ramp(v * words, 1, words)] = s3[T.ramp(v * words, 1, words)] + T.shift_right(
-                hi, T.broadcast(T.uint16(8), words))
-
-    return accumulate
-
-
 def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsLayout, bias: int,
                      name: str | None = None) -> "tvm.tirx.PrimFunc":
     """PrimFunc ``(taps (N, G, Kg, P_pad) u8, planes u8, weights, rowmin (R,) i32, acc (N, O,
@@ -406,7 +384,8 @@ def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsL
     tile, words = lanes * nv, lanes // 2
     og = o // groups
     nkc = -(-kg // CHUNK)
-    _accumulate = _accumulator(isa, layout.planes, layout.entries, words)
+    u16v = f"uint16x{words}"
+    npl, ent = layout.planes, layout.entries
     width = layout.width
     base = 0 if layout.residual else bias            # what every looked-up value carries on top
 
@@ -437,8 +416,16 @@ def rows_microkernel(n: int, groups: int, o: int, kg: int, r: int, layout: RowsL
                     for k in range(kc * CHUNK, T.min(kg, kc * CHUNK + CHUNK)):
                         row: T.let = wrow[no % o, k]
                         for v in T.unroll(nv):
-                            _accumulate(s0, s1, s2, s3, v, pl, row,
-                                        tp[no // o, (no % o) // og, k, T.ramp(pt * tile + v * lanes, 1, lanes)])
+                            idx: T.let = tp[no // o, (no % o) // og, k, T.ramp(pt * tile + v * lanes, 1, lanes)]
+                            lo: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, ent, idx)[0])
+                            s0[T.ramp(v * words, 1, words)] = s0[T.ramp(v * words, 1, words)] + lo
+                            s1[T.ramp(v * words, 1, words)] = s1[T.ramp(v * words, 1, words)] + T.shift_right(
+                                lo, T.broadcast(T.uint16(8), words))
+                            if npl == 2:
+                                hi: T.let = T.reinterpret(u16v, _lookups(isa, pl, row, npl, ent, idx)[1])
+                                s2[T.ramp(v * words, 1, words)] = s2[T.ramp(v * words, 1, words)] + hi
+                                s3[T.ramp(v * words, 1, words)] = s3[T.ramp(v * words, 1, words)] + T.shift_right(
+                                    hi, T.broadcast(T.uint16(8), words))
                     # flush: the two positions of each word lane from (word sum, high-byte sum)
                     cnt: T.let = T.min(kg, kc * CHUNK + CHUNK) - kc * CHUNK
                     for v in range(nv):
@@ -460,7 +447,8 @@ def _channels_microkernel(n: int, o: int, kg: int, r: int, layout: RowsLayout, b
     tile, words, o_pad = lanes * nv, lanes // 2, layout.o_pad
     otiles = o_pad // tile
     nkc = -(-kg // CHUNK)
-    _accumulate = _accumulator(isa, layout.planes, layout.entries, words)
+    u16v = f"uint16x{words}"
+    npl, ent = layout.planes, layout.entries
     width = layout.width
     base = 0 if layout.residual else bias
 
@@ -493,8 +481,16 @@ def _channels_microkernel(n: int, o: int, kg: int, r: int, layout: RowsLayout, b
                     for k in range(kc * CHUNK, T.min(kg, kc * CHUNK + CHUNK)):
                         col: T.let = T.Cast("int32", tp[nt // otiles, 0, k, p])
                         for v in T.unroll(nv):
-                            _accumulate(s0, s1, s2, s3, v, pl, col,
-                                        widx[k, T.ramp((nt % otiles) * tile + v * lanes, 1, lanes)])
+                            idx: T.let = widx[k, T.ramp((nt % otiles) * tile + v * lanes, 1, lanes)]
+                            lo: T.let = T.reinterpret(u16v, _lookups(isa, pl, col, npl, ent, idx)[0])
+                            s0[T.ramp(v * words, 1, words)] = s0[T.ramp(v * words, 1, words)] + lo
+                            s1[T.ramp(v * words, 1, words)] = s1[T.ramp(v * words, 1, words)] + T.shift_right(
+                                lo, T.broadcast(T.uint16(8), words))
+                            if npl == 2:
+                                hi: T.let = T.reinterpret(u16v, _lookups(isa, pl, col, npl, ent, idx)[1])
+                                s2[T.ramp(v * words, 1, words)] = s2[T.ramp(v * words, 1, words)] + hi
+                                s3[T.ramp(v * words, 1, words)] = s3[T.ramp(v * words, 1, words)] + T.shift_right(
+                                    hi, T.broadcast(T.uint16(8), words))
                     cnt: T.let = T.min(kg, kc * CHUNK + CHUNK) - kc * CHUNK
                     for v in range(nv):
                         for q in range(words):
