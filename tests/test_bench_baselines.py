@@ -127,3 +127,22 @@ def test_plain_float_replaces_approx_layers(resnet8):
     assert convs and all(type(m) is torch.nn.Conv2d for m in convs)
     assert all(type(m) is torch.nn.Linear for m in plain.modules() if isinstance(m, torch.nn.Linear))
     assert torch.equal(convs[0].weight, net.conv1.weight)
+
+
+# ------------------------------------------------------------------ onnxruntime as on an AVX2 CPU
+def test_cpuid_mask_shows_a_child_an_avx2_cpu(tmp_path):
+    """The preload makes CPUID trap and clears AVX-512 and AVX-VNNI: NumPy in the child sees
+    AVX2 + FMA and neither, and onnxruntime runs there (its own CPUID dispatch picks AVX2 code)."""
+    from qos_compile.bench import cpuid_mask
+    from qos_compile.bench.kernels import _ort_int8_us_masked
+
+    why = cpuid_mask.unavailable()
+    if why:
+        pytest.skip(why)
+    lib = cpuid_mask.build(tmp_path)
+    cpuid_mask.check(lib)
+    seen = cpuid_mask.run_python(lib, cpuid_mask.PROBE + "; print(_f['FMA3'], _f.get('AVX512VNNI'))").split()
+    assert seen[:3] == ["cpuid", "avx2", "-"] and seen[3] == "True" and seen[4] != "True", seen
+    with pytest.raises(QosError, match="CPUID-masked child failed"):
+        cpuid_mask.run_python(lib, "raise SystemExit('boom')")
+    assert _ort_int8_us_masked(tmp_path, 3) > 0

@@ -64,6 +64,18 @@ def test_blocks_are_priced_per_model():
     assert 0 < fast[(0x20, 1)] <= 1.1 and fast[(0x10, 3)] < slow[(0x10, 3)]   # out-of-order vs in-order
 
 
+def test_rows8_cost_is_its_residual_over_all_activations():
+    """A rows8 kernel's cycles include its exact part; its cost key prices the residual alone,
+    per 256 activations, as the lowering adds it to the exact part's price."""
+    rows8, masked, gather = "s8-lutconv-neon-rows8", "s8-lutconv-masked", "s8-lutconv-gather"
+    la = E.LayerEstimate("stem 3->16 @32", 1, 100.0, {rows8: ("general", 150.0), masked: ("exact", 100.0),
+                                                     gather: ("exact", 300.0)},
+                         parts={rows8: (masked, 0.5)})
+    ratios, costs = E.fit_costs([la])
+    assert ratios[rows8] == 1.5 and costs["masked"] == 1.0 and costs["gather"] == 3.0
+    assert costs["rows8"] == pytest.approx(1.0)      # (1.5 - 1.0) / 0.5
+
+
 def test_costs_are_written_with_their_method(tmp_path):
     src = get_target("aarch64-cortex-a72").source
     tgt = tmp_path / src.name

@@ -80,15 +80,16 @@ def test_isa_by_features_and_factor_type():
     assert D.dot_isa(laptop, "int8") == D.dot_isa(laptop, "uint8") == "avxvnni"
     assert D.dot_isa(laptop, "int16") == "avx2"
     assert D.dot_isa(frozenset({"avx2"}), "uint8") == "avx2"
-    assert D.dot_isa(frozenset({"neon", "dotprod"}), "uint8") is None  # sdot: signed bytes only
+    assert D.dot_isa(frozenset({"neon", "dotprod"}), "uint8") == "neondot"   # udot: unsigned bytes
+    assert not D.needs_bias("neondot", "uint8") and D.DOT_ISAS["neondot"].intrinsic("uint8", 4).endswith("udot.v4i32.v16i8")
     assert D.DOT_ISAS["avx512vnni"].staging["uint8"] == ("int8", -128, True)
     w = np.array([[[[0, 255]]]], np.uint8)                             # one channel, two taps
     wt = np.arange(256, dtype=np.uint8)[None]                          # the exact product's weight factor
     assert D.dot_bias(w, wt, "avx512vnni", False).tolist() == [128 * 255]   # -(-128) * (0 + 255)
     assert D.dot_bias(w, wt.astype(np.int16), "avx512bw", False).tolist() == [0] and \
         not D.needs_bias("avx512bw", "int16")
-    with pytest.raises(QosError, match="does not multiply uint8"):
-        D.dot_layout(K.ConvSpec.make((1, 4, 8, 8), (4, 4, 3, 3), padding=1), "neondot", 1, "uint8")
+    with pytest.raises(QosError, match="does not multiply int16"):
+        D.dot_layout(K.ConvSpec.make((1, 4, 8, 8), (4, 4, 3, 3), padding=1), "neondot", 1, "int16")
 
 
 @pytest.mark.parametrize("target,isa", ISAS)

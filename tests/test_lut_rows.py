@@ -1,6 +1,8 @@
 """Structure-aware lowering and the byte-permute table-row kernels: bit-exact on both targets."""
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -147,7 +149,7 @@ def test_is_masked_agrees_with_the_emulation_strategies():
 def test_lowering_choice_per_layer():
     # (no avx2 / avx512bw: their multiply-add would take the low-rank tables, lut_dot)
     vbmi, neon, plain = frozenset({"avx512f", "avx512vbmi"}), frozenset({"neon"}), frozenset({"sse2"})
-    arm = get_target("aarch64").kernel_costs                     # ESTIMATED (llvm-mca): gather below rows
+    arm = get_target("aarch64").kernel_costs          # ESTIMATED (llvm-mca): rows8 < gather < rows
     masked = [get("mul8s_1KTY").lut, get("mul8s_1KR3").lut, get("master:mul8s_1KV8").lut]
     general = get("mul8s_1KX2").lut
     # cost decides, masked layers too: they are one int8 factor term, and the x86 defaults price
@@ -159,9 +161,11 @@ def test_lowering_choice_per_layer():
     low = choose_conv_lowering(masked + [general], True, vbmi)                 # one OP is not masked
     assert (low.kind, low.isa) == ("rows", "avx512vbmi")
     assert low.bias == -min(int(t.min()) for t in masked + [general])          # smallest bias that fits
-    assert choose_conv_lowering([general], True, neon, costs=arm).kind == "gather"    # cheapest by its costs
+    # cheapest by its costs: 1KX2's residual fits a byte per row, its 16 column classes one tbl step
+    assert choose_conv_lowering([general], True, neon, costs=arm).describe() == "s8-lutconv-neon-rows8"
+    assert choose_conv_lowering([general, get("mul8s_1KR6").lut], True, neon, costs=arm).kind == "gather"
     assert choose_conv_lowering([general], True, neon, allow=("rows", "gather"), costs=arm).describe() == \
-        "s8-lutconv-neon-rows"
+        "s8-lutconv-neon-rows8"
     assert choose_conv_lowering([general], True, plain, allow=("rows", "gather")).kind == "gather"   # no permute
     wide = np.full((256, 256), 70000, np.int64)                                # does not fit 16 bits
     assert choose_conv_lowering([wide], False, vbmi, allow=("rows", "gather")).kind == "gather"
@@ -208,12 +212,22 @@ def test_rows8_choice_prices_the_exact_part():
     assert choose_conv_lowering([ndh], False, frozenset({"sse2"}), allow=lowering_allow("rows")).kind == "gather"
 
 
-@pytest.mark.parametrize("target,variant", [
-    pytest.param("x86_64-avx2", "u8-lutconv-avx2-rows8", marks=pytest.mark.skipif("avx2" not in HOST, reason="no AVX2")),
-    pytest.param("x86_64", "u8-lutconv-avx512vbmi-rows8", marks=pytest.mark.skipif(not HAS_VBMI, reason="no VBMI"))])
-def test_compiled_model_on_the_rows8_kernel(target, variant, tmp_path):
+HAVE_ARM = shutil.which("aarch64-linux-gnu-gcc") is not None and shutil.which("qemu-aarch64-static") is not None
+NO_ARM = pytest.mark.skipif(not HAVE_ARM, reason="needs aarch64-linux-gnu-gcc and qemu-aarch64-static")
+
+
+@pytest.mark.parametrize("target,variant,lowering", [
+    pytest.param("x86_64-avx2", "u8-lutconv-avx2-rows8", "forced",
+                 marks=pytest.mark.skipif("avx2" not in HOST, reason="no AVX2")),
+    pytest.param("x86_64", "u8-lutconv-avx512vbmi-rows8", "forced",
+                 marks=pytest.mark.skipif(not HAS_VBMI, reason="no VBMI")),
+    # on ARM the estimated costs choose it over gather by themselves (A76: with sdot, A72: without)
+    pytest.param("aarch64-cortex-a76", "u8-lutconv-neon-rows8", "auto", marks=NO_ARM),
+    pytest.param("aarch64-cortex-a72", "u8-lutconv-neon-rows8", "auto", marks=NO_ARM)])
+def test_compiled_model_on_the_rows8_kernel(target, variant, lowering, tmp_path):
     """Three OPs of unsigned circuits that do not factor (DG8, GTR, 2P7): the rows8 kernel compiled
-    into the model, the per-OP row minima in the manifest, bit-exact with onnxruntime on every OP."""
+    into the model, the per-OP row minima in the manifest, bit-exact with onnxruntime on every OP
+    (aarch64 under qemu)."""
     import json
     import sys
     from pathlib import Path
@@ -227,7 +241,8 @@ def test_compiled_model_on_the_rows8_kernel(target, variant, tmp_path):
     circuits = ["mul8u_DG8", "mul8u_GTR", "mul8u_2P7"]
     qnet = _small_qnet(circuits, lambda op, i: op, "lenet5", 28)          # 2 convs: quick to build
     lines: list[str] = []
-    res = compile_qnet(qnet, target, tmp_path / "out", lowering=variant, progress=lines.append)
+    res = compile_qnet(qnet, target, tmp_path / "out", lowering=variant if lowering == "forced" else "auto",
+                       progress=lines.append)
     assert any(f"conv kernels: {variant} x2" in ln for ln in lines), lines
     report = json.loads((res.out_dir / "report.json").read_text())
     assert report["verification"]["ran"] and report["verification"]["bit_exact"], report["verification"]

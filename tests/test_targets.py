@@ -170,7 +170,8 @@ def test_malformed_target_file(tmp_path, monkeypatch, text, match):
 
 def test_kernel_costs_follow_the_targets_cpu(tmp_path):
     """A target file's [kernel_costs_by_mcpu.<cpu>] replaces its [kernel_costs] where the resolved
-    mcpu is <cpu>; on Zen 5's measured costs a table that fits rows8 runs it, not rows."""
+    mcpu is <cpu>; on Zen 5's measured costs a table that fits rows8 runs it, where the general
+    costs price rows cheaper."""
     from qos_compile.multipliers import get
     from qos_compile.targets import _parse
     from qos_compile.tvm.lowering import choose_conv_lowering
@@ -178,12 +179,14 @@ def test_kernel_costs_follow_the_targets_cpu(tmp_path):
     text = get_target("x86_64").source.read_text()
     assert "[kernel_costs_by_mcpu.znver5]" in text and "2026-12-07" in text
     path = tmp_path / "x86_64.toml"
+    # a general [kernel_costs] that makes rows the cheapest; Zen 5's own costs replace it there
+    text = text.replace("[tvm]", "[kernel_costs]\nrows = 1.0\n\n[tvm]", 1)
     path.write_text(text.replace('mcpu = "native"', 'mcpu = "znver5"'))
     zen5 = _parse(path)
     assert zen5.costs_mcpu == "znver5" and zen5.kernel_costs["gather"] == 22.0 and zen5.kernel_costs["rows8"] == 1.3
     path.write_text(text.replace('mcpu = "native"', 'mcpu = "icelake-server"'))
     other = _parse(path)
-    assert other.costs_mcpu is None and other.kernel_costs == {}
+    assert other.costs_mcpu is None and other.kernel_costs == {"rows": 1.0}
     vbmi = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512vbmi"})
     dg8 = [get("mul8u_DG8").lut]
     assert choose_conv_lowering(dg8, False, vbmi, taps=144, costs=zen5.kernel_costs).describe() == \

@@ -263,11 +263,14 @@ class LayerEstimate:
     variants: dict[str, tuple[str, float]]    # registry name -> (circuit kind, cycles)
     blocks: int = 0                           # distinct translation blocks priced
     skipped: int = 0                          # instructions llvm-mca could not price (left out)
+    #: rows8 variant -> (the variant of its exact part, its residual's ``lut_rows.lookup_share``)
+    parts: dict[str, tuple[str, float]] = field(default_factory=dict)
 
 
 def estimate_layer(target: Target, conv: tuple, model: str, work: Path) -> LayerEstimate:
     """Build every fitting variant for one conv shape, count its blocks under qemu, price them."""
     from ..reference import approx_conv2d_acc
+    from ..tvm.lut_rows import lookup_share
 
     name, c, h, o, s, k, count = conv
     spec, x, w = layer_case(c, h, o, s, k)
@@ -291,6 +294,7 @@ def estimate_layer(target: Target, conv: tuple, model: str, work: Path) -> Layer
         return got, total
 
     per: dict[str, tuple[str, Counts]] = {}
+    parts: dict[str, tuple[str, float]] = {}
     got, exact = counted(lambda: built.run("exact", x, w, threads=1))
     want = approx_conv2d_acc(x, w, luts["exact"], stride=s, padding=k // 2, pad_code=0, signed=True)
     if not np.array_equal(got, want):
@@ -301,6 +305,8 @@ def estimate_layer(target: Target, conv: tuple, model: str, work: Path) -> Layer
         if not np.array_equal(acc, want):
             raise QosError(f"{name}: {low.describe()} is not bit-exact under qemu")
         per[low.describe()] = (kind, cnt)
+        if low.exact is not None:               # rows8: its residual is priced apart from its exact part
+            parts[low.describe()] = (low.exact.describe(), lookup_share(low.isa, low.fit.classes))
     blocks: dict[tuple[int, int], Block] = dict(exact.blocks)
     for _, cnt in per.values():
         blocks.update(cnt.blocks)
@@ -313,11 +319,16 @@ def estimate_layer(target: Target, conv: tuple, model: str, work: Path) -> Layer
         return float(sum(cycles[key] * n for key, n in cnt.execs.items()))
 
     return LayerEstimate(name, count, total(exact), {v: (kind, total(cnt)) for v, (kind, cnt) in per.items()},
-                         len(blocks), skipped)
+                         len(blocks), skipped, parts)
 
 
 def fit_costs(layers: Sequence[LayerEstimate]) -> tuple[dict[str, float], dict[str, float]]:
-    """(ratio over the layers per variant, cost per unit per cost key: least squares through the origin)."""
+    """(ratio over the layers per variant, cost per unit per cost key: least squares through the origin).
+
+    A ``rows8`` variant's ratio is its whole kernel; its cost key prices the residual alone, over
+    all 256 activations, as the lowering reads it (``lowering.variant_lowering``: the cost times
+    the layer's ``lookup_share`` plus the exact part's own price): so its residual is the ratio
+    less its exact part's, divided by the share of the circuit it ran on."""
     from ..tvm.variants import get_variant
 
     exact = sum(la.count * la.exact_cycles for la in layers)
@@ -326,6 +337,9 @@ def fit_costs(layers: Sequence[LayerEstimate]) -> tuple[dict[str, float], dict[s
     den: Counter = Counter()
     for v, r in ratios.items():
         var = get_variant(v)
+        if v in layers[0].parts:
+            part, share = layers[0].parts[v]
+            r = max(r - ratios[part], 0.0) / share
         num[var.cost_key] += r * var.units
         den[var.cost_key] += var.units ** 2
     return ratios, {key: num[key] / den[key] for key in num}

@@ -1,7 +1,8 @@
 """Approximate conv kernels vs the exact int8 conv, per ResNet-20 layer and whole network.
 
     python -m qos_compile.bench.kernels [--target x86_64|aarch64] [--repeats 20] [--threads 1]
-                                        [--no-network | --no-layers] [--kinds exact,table] [--json F]
+                                        [--no-network | --no-layers] [--kinds exact,table]
+                                        [--ort-isa native|avx2] [--json F]
 
 Part 1, layers: every distinct conv shape of ResNet-20 (CIFAR, 32x32) is compiled for the
 target as TVM's exact int8 conv (signed and unsigned) and as EVERY kernel variant of the
@@ -25,7 +26,10 @@ low-rank, general and ``table``, an unsigned circuit whose table does not factor
 ``qos-run --bench`` times each whole inference; the ratios are against the exact-circuit
 build and, on the host, against onnxruntime's exact int8 model (QLinearConv, same float
 network) timed in the same run. The first line printed (and ``host`` in the JSON) names the
-CPU and its ISA extensions.
+CPU and its ISA extensions. onnxruntime picks its kernels by CPUID, so on an AVX-512 host it
+runs AVX-512 VNNI code; ``--ort-isa avx2`` times it in a child process whose CPUID reports no
+AVX-512 and no AVX-VNNI (``cpuid_mask``: Linux CPUID faulting), onnxruntime's AVX2 code on
+this same core, the baseline to hold an ``x86_64-avx2`` build against.
 
 On a non-host target everything runs under qemu: the times are EMULATED (qemu user-mode
 translation of the guest instructions), and only their ratios mean anything.
@@ -222,8 +226,9 @@ def _qos_run_median_us(target: Target, out: Path, runs: int, threads: int | None
 
 
 def bench_network(target: Target, runs: int, threads: int | None, tmp: Path,
-                  kinds: Sequence[str] = tuple(CIRCUITS)) -> dict[str, Any]:
-    """Whole ResNet-20 per circuit kind (see the module docstring)."""
+                  kinds: Sequence[str] = tuple(CIRCUITS), ort_isa: str = "native") -> dict[str, Any]:
+    """Whole ResNet-20 per circuit kind (see the module docstring); ``ort_isa`` "avx2": time
+    onnxruntime in a child whose CPUID shows no AVX-512 or AVX-VNNI (``cpuid_mask``)."""
     res: dict[str, Any] = {}
     for kind in kinds:
         circuit = CIRCUITS[kind]
@@ -237,8 +242,22 @@ def bench_network(target: Target, runs: int, threads: int | None, tmp: Path,
         res[kind] = {"circuit": circuit, "us": _qos_run_median_us(target, out, runs, threads),
                      "kernels": kernels.group(1).strip().rstrip(";") if kernels else "?"}
     if target.is_host:
-        res["ort_int8"] = {"us": _ort_int8_us(tmp, runs)}
+        if ort_isa == "native":
+            res["ort_int8"] = {"us": _ort_int8_us(tmp, runs), "isa": "native"}
+        else:
+            res["ort_int8"] = {"us": _ort_int8_us_masked(tmp, runs), "isa": f"{ort_isa}, CPUID masked"}
     return res
+
+
+def _ort_int8_us_masked(tmp: Path, runs: int) -> float:
+    """``_ort_int8_us`` in a child that sees an AVX2 CPU (``cpuid_mask``): onnxruntime's AVX2 code."""
+    from . import cpuid_mask
+
+    lib = cpuid_mask.build(tmp)
+    cpuid_mask.check(lib)
+    code = ("import sys; from pathlib import Path; from qos_compile.bench.kernels import _ort_int8_us; "
+            "print(_ort_int8_us(Path(sys.argv[1]), int(sys.argv[2])))")
+    return float(cpuid_mask.run_python(lib, code, [str(tmp), str(runs)]).split()[-1])
 
 
 def _ort_int8_us(tmp: Path, runs: int) -> float:
@@ -265,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-layers", action="store_true", help="only the whole-network table")
     ap.add_argument("--kinds", default=",".join(CIRCUITS),
                     help=f"whole-network kinds, comma-separated (default {','.join(CIRCUITS)}; exact always runs)")
+    ap.add_argument("--ort-isa", choices=("native", "avx2"), default="native",
+                    help="onnxruntime's code path: native, or avx2 (a child process whose CPUID shows no "
+                         "AVX-512 or AVX-VNNI, for a baseline as an AVX2-only CPU runs it; needs CPUID faulting)")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     kinds = ["exact"] + [k for k in a.kinds.split(",") if k and k != "exact"]
@@ -317,7 +339,7 @@ def _run(a: argparse.Namespace, target: Target, kinds: list[str]) -> int:
                    conv_totals_ms={"exact": exact_tot, "exact_u8": exact_u8_tot, **tot})
     if not a.no_network:
         with tempfile.TemporaryDirectory() as d:
-            net = bench_network(target, a.runs, a.threads, Path(d), kinds)
+            net = bench_network(target, a.runs, a.threads, Path(d), kinds, a.ort_isa)
         out["network_us"] = net
         base = net["exact"]["us"]
         ort = net.get("ort_int8", {}).get("us")
@@ -330,7 +352,9 @@ def _run(a: argparse.Namespace, target: Target, kinds: list[str]) -> int:
             print(f"| {kind} | {r['circuit']} | {r['kernels']} | {r['us']:.1f} | {r['us'] / base:.2f}x |"
                   + (f" {r['us'] / ort:.2f}x |" if ort else ""))
         if ort:
-            print(f"| onnxruntime int8 (QLinearConv) | exact | - | {ort:.1f} | {ort / base:.2f}x | 1.00x |")
+            isa = net["ort_int8"]["isa"]
+            label = "" if isa == "native" else f", {isa}"
+            print(f"| onnxruntime int8 (QLinearConv{label}) | exact | - | {ort:.1f} | {ort / base:.2f}x | 1.00x |")
     if a.json:
         a.json.write_text(json.dumps(out, indent=1, default=str))
     return 0

@@ -18,7 +18,8 @@ channel is zero-filled):
   cores): the same ``vpdpbusd`` in its VEX form, on 256-bit vectors;
 * ``avx512bw`` / ``avx2``: ``vpmaddwd``, 2 int16 products per lane (G = 2);
 * ``neondot`` (aarch64, ARMv8.2-A feature ``dotprod``): ``sdot``, 4 int8 products per lane,
-  accumulated (G = 4).
+  accumulated (G = 4); factors in 0..255 on ``udot`` (the same extension, unsigned bytes),
+  no offset.
 
 A ``T``-term layer then costs ``T/G`` ``vpdpbusd``/``sdot`` (``T/2`` ``vpmaddwd``) per
 channel, tap and vector, against one ``vpmulld`` (2 micro-ops) of the plain exact conv.
@@ -45,7 +46,7 @@ Stages (each its own PrimFunc):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,12 @@ class DotIsa:
     intrinsics: dict              # int32 lanes per vector -> LLVM intrinsic
     accumulators: int             # accumulator vectors one tile keeps in registers
     requires: frozenset           # target features every width of it needs
+    #: factor type -> its own intrinsics where they differ (NEON: ``udot`` for unsigned bytes)
+    dtype_intrinsics: dict = field(default_factory=dict)
+
+    def intrinsic(self, dtype: str, lanes: int) -> str:
+        """The LLVM intrinsic multiplying ``dtype`` factors on ``lanes`` int32 lanes."""
+        return self.dtype_intrinsics.get(dtype, self.intrinsics)[lanes]
 
 
 #: Dot-product ISAs (keys: the ISA tokens of the registry names, ``variants``) in order of
@@ -97,8 +104,10 @@ DOT_ISAS = {
     "avx2": DotIsa(2, "int16", dict.fromkeys(("int8", "uint8", "int16"), ("int16", 0, False)), False,
                    {8: "llvm.x86.avx2.pmadd.wd", 4: "llvm.x86.sse2.pmadd.wd"}, 8,
                    frozenset({"avx2"})),
-    "neondot": DotIsa(4, "int8", {"int8": ("int8", 0, False)}, True, {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16,
-                      frozenset({"dotprod"})),
+    # sdot for int8 factors; udot (the same extension) for factors in 0..255, both operands unsigned
+    "neondot": DotIsa(4, "int8", {"int8": ("int8", 0, False), "uint8": ("uint8", 0, True)}, True,
+                      {4: "llvm.aarch64.neon.sdot.v4i32.v16i8"}, 16, frozenset({"dotprod"}),
+                      {"uint8": {4: "llvm.aarch64.neon.udot.v4i32.v16i8"}}),
 }
 
 
@@ -261,7 +270,7 @@ def dot_microkernel(spec: Any, layout: DotLayout, name: str | None = None) -> "t
     tiles, span = o // ot_, v_ * lanes
     xdtype, _, weights_first = layout.staging
     wvt, ivt = f"{('u' if weights_first else '') + d.dtype}x{lanes * g}", f"int32x{lanes}"
-    intrin = d.intrinsics[lanes]
+    intrin = d.intrinsic(layout.dtype, lanes)
     size = n * spec.groups * k_ * hp * wst * g
 
     def lane(z):                      # accumulator vector z of the tile

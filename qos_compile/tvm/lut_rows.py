@@ -110,8 +110,11 @@ TABLE_LOADS = {"avx512vbmi": 1.0, "avx2": 0.0, "neon": 1.0}
 #: A ``rows8`` residual's work besides its permute steps (taps, sums, flushes), in steps:
 #: fitted on AMD Zen 5 to ResNet-20's 19 convs with mul8u_DG8's 29 column classes against
 #: all 256 (``bench.kernels --no-network``, 2026-12-08): VBMI's residual hardly shrinks with
-#: fewer steps (0.88x at 1 of 4), AVX2's does (0.19x at 2 of 16). NEON by VBMI's.
-LOOKUP_FIXED = {"avx512vbmi": 21.0, "avx2": 1.3, "neon": 21.0}
+#: fewer steps (0.88x at 1 of 4), AVX2's does (0.19x at 2 of 16). NEON: ESTIMATED with
+#: ``bench.estimate``'s method (1 against 256 classes, mul8s_1KV8 / mul8s_1KR8, ResNet-20's
+#: 16->16 @32 and 64->64 @8 convs, 2026-12-08): 0.0-0.1 steps on the neoverse-n1 model,
+#: 0.25-0.4 on cortex-a72's, 0.4-0.8 on cortex-a55's: its ``tbl``/``tbx`` chain is the work.
+LOOKUP_FIXED = {"avx512vbmi": 21.0, "avx2": 1.3, "neon": 0.5}
 
 
 @dataclass(frozen=True)

@@ -62,17 +62,10 @@ OP = "lutconv"
 #: ``--lowering`` family names: a family forces every variant of its kind (``lowrank``: the
 #: TE and the dot-product kernels).
 FAMILIES = ("masked", "lowrank", "rows", "gather")
-#: Kernel time / exact int8 conv time per cost unit (``Variant.units``) over ResNet-20's
-#: convs, measured on an x86-64 host with AVX-512 VBMI + VNNI (Xeon "emeraldrapids"), 1
-#: thread (``python -m qos_compile.bench.kernels``; the README's table). A target file's
-#: ``[kernel_costs]`` replaces any of them (``targets.Target.kernel_costs``), measured or
-#: estimated (``python -m qos_compile.bench.estimate``).
 #: ISA token in the registry name -> the family module's key for it (the same string).
 DOT_ISA_ORDER = ("avx512vnni", "avxvnni", "avx512bw", "avx2", "neondot")
 ROWS_ISA_ORDER = ("avx512vbmi", "avx2", "neon")
-#: rows8 is registered where its cost is measured (x86-64); the NEON kernel is built and tested
-#: (``lut_rows``) but has no cost estimate for the ARM cores yet (``bench.estimate``).
-ROWS8_ISA_ORDER = ("avx512vbmi", "avx2")
+ROWS8_ISA_ORDER = ("avx512vbmi", "avx2", "neon")
 _ROWS_REQUIRES = {"avx512vbmi": frozenset({"avx512vbmi"}), "avx2": frozenset({"avx2"}), "neon": frozenset({"neon"})}
 #: Cost key of a rows variant per ISA: ``vpshufb`` (16 shuffles per 32 lookups and plane) is
 #: priced apart from the 128/64-entry permutes of VBMI and NEON.
