@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Iterator
 
 from .errors import QosError
 
-__all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text"]
+__all__ = ["atomic_path", "atomic_open", "fresh_name", "write_bytes", "write_text"]
+
+
+def fresh_name(parent: str | os.PathLike[str], prefix: str, suffix: str = "") -> Path:
+    """A path in ``parent`` that does not exist: ``prefix`` + 16 random hex digits + ``suffix``.
+
+    Temporary files and folders are made by this name (``os.open`` with ``O_EXCL``,
+    ``os.mkdir``) inside the ``try`` that removes them: ``tempfile.mkstemp``/``mkdtemp`` are
+    Python code, so a SIGINT/SIGTERM handler (``cli.run_cli`` raises in it) could fire inside
+    them after the file exists and before its name reaches anyone who could remove it."""
+    for _ in range(16):
+        p = Path(parent) / f"{prefix}{secrets.token_hex(8)}{suffix}"
+        if not os.path.lexists(p):
+            return p
+    raise QosError(f"cannot find a free temporary name {prefix}*{suffix} in {parent}")
 
 
 def _umask() -> int:
@@ -38,13 +52,14 @@ def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
         raise QosError(f"cannot write {path}: folder {folder} does not exist")
     if target.is_dir():
         raise QosError(f"cannot write {path}: it is a folder")
+    tmp = fresh_name(folder, f".{target.name}.", ".tmp")
+    made = True
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as e:
-        raise QosError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except OSError as e:
+            made = False              # nothing made (or the name was taken meanwhile: not ours)
+            raise QosError(f"cannot write {path}: {e.strerror or e}") from None
         yield tmp
         if mode is None:
             mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
@@ -53,8 +68,9 @@ def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterat
     except OSError as e:
         raise QosError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if made:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 @contextlib.contextmanager

@@ -34,9 +34,7 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .atomic import fresh_name
 from .errors import QosError
 from .model_schema import ModelMeta, Records, records_of
 from .numerics import code_range
@@ -187,11 +186,19 @@ def _check_output_dir(out: Path) -> None:
     parent = out.parent
     if not parent.is_dir():
         raise QosError(f"cannot create output folder {out}: its parent {parent} does not exist")
-    try:      # the folder qos-compile will build OUT in, next to it: can we make one?
-        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
-    except OSError as e:
-        raise QosError(f"cannot create output folder {out}: {e.strerror or e} in {parent}") from None
-    os.rmdir(probe)
+    probe = fresh_name(parent, f".{out.name}.probe-")   # can OUT's temporary folder be made next to it?
+    made = True
+    try:
+        try:
+            os.mkdir(probe, 0o700)
+        except OSError as e:
+            made = False
+            raise QosError(f"cannot create output folder {out}: {e.strerror or e} in {parent}") from None
+    finally:          # a signal landing anywhere after the mkdir still removes it
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(probe)
+
 
 
 def _umask() -> int:
@@ -224,8 +231,7 @@ def _finalize(tmp: Path, out: Path) -> None:
                        "choose another -o or remove it")
     old = None
     if out.exists() or out.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
+        old = fresh_name(out.parent, f".{out.name}.old-")
         try:
             os.rename(out, old)
         except OSError as e:
@@ -671,17 +677,18 @@ def _compile(qnet: Any, meta: Records, t: Any, out_dir: Path, source: dict[str, 
         raise QosError(f"expected a QoSNet, got {type(qnet).__name__}")
     if input_shape is None:  # the file's (any rank, non-square too), else what wrap_model was given
         input_shape = meta.input_shape if isinstance(meta, ModelMeta) else qnet.input_shape
-    # SIGINT/SIGTERM wait while the folder is created, so one landing there is raised inside the
-    # try that removes it (it left the folder behind when it hit between mkdtemp and the try)
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    except OSError as e:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        raise QosError(f"cannot create output folder {out_dir}: {e.strerror or e} in {out_dir.parent}") from None
+    # made by name inside the try that removes it, so that a SIGINT/SIGTERM landing anywhere
+    # after the mkdir removes it too (``atomic.fresh_name``)
+    tmp = fresh_name(out_dir.parent, f".{out_dir.name}.tmp-")
     build = tmp / "_build"
+    ours = True
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        try:
+            os.mkdir(tmp, 0o700)
+        except OSError as e:
+            ours = False                 # nothing was made (or the name was taken meanwhile: not ours)
+            raise QosError(f"cannot create output folder {out_dir}: {e.strerror or e} in {out_dir.parent}") \
+                from None
         build.mkdir()
         result = _run_stages(qnet, meta, t, out_dir, tmp, build, source, threads, batch, verify, pr, input_shape,
                              lowering, keep_mismatch)
@@ -689,7 +696,8 @@ def _compile(qnet: Any, meta: Records, t: Any, out_dir: Path, source: dict[str, 
         _finalize(tmp, out_dir)
         return CompileResult(out_dir, result)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if ours:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -531,6 +531,49 @@ def test_replacing_a_previous_output(tmp_path):
     _check_output_dir(empty)                                 # an empty folder is fine too
 
 
+@pytest.mark.parametrize("which", [".out.probe-", ".out.tmp-"])
+def test_a_signal_right_after_a_temporary_folder_is_made_removes_it(tmp_path, monkeypatch, which):
+    """A SIGINT/SIGTERM handler raises at the first bytecode after the folder's mkdir returns
+    (the run of the CLI under load left ``.out.tmp-*`` behind when tempfile.mkdtemp made it):
+    simulated here by a mkdir that raises KeyboardInterrupt once the folder exists."""
+    from qos_compile import compiler as C
+
+    real = os.mkdir
+
+    def mkdir_then_interrupt(path, mode=0o777, **kw):
+        real(path, mode, **kw)
+        if Path(path).name.startswith(which):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(C.os, "mkdir", mkdir_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        C.compile_model(_base().model_pt, "x86_64", tmp_path / "out")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_right_after_an_atomic_writes_temporary_file_is_made_removes_it(tmp_path, monkeypatch):
+    """The same for ``atomic.atomic_path``: the temporary file is made by name inside the try
+    that removes it; the old file is kept."""
+    from qos_compile import atomic
+
+    (tmp_path / "f.bin").write_bytes(b"old")
+    real = os.open
+
+    def open_then_interrupt(path, flags, mode=0o777, **kw):
+        fd = real(path, flags, mode, **kw)
+        if Path(path).name.startswith(".f.bin."):
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+    monkeypatch.setattr(atomic.os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_bytes(tmp_path / "f.bin", b"new")
+    monkeypatch.undo()
+    assert [q.name for q in tmp_path.iterdir()] == ["f.bin"] and (tmp_path / "f.bin").read_bytes() == b"old"
+    atomic.write_bytes(tmp_path / "f.bin", b"new")
+    assert [q.name for q in tmp_path.iterdir()] == ["f.bin"] and (tmp_path / "f.bin").read_bytes() == b"new"
+
+
 @pytest.mark.parametrize("extra", ["notes.txt", "folder", "link", "model.qosm-folder"])
 def test_previous_output_with_anything_else_is_not_ours(tmp_path, extra):
     """Replacing OUT needs exactly qos-compile's artefacts: one more file, a folder or a link

@@ -107,13 +107,18 @@ def test_avx512_targets_are_refused(tmp_path):
 
 @pytest.mark.skipif(not (HAVE_MCA and HAVE_ARM), reason="needs llvm-19 and the aarch64 toolchain + qemu")
 def test_one_shape_end_to_end_under_qemu(tmp_path):
-    """The stem shape on the A72 model: every variant counted, bit-exact, priced; the exact
-    conv's cycles are plausible for its multiply-adds."""
-    t = get_target("aarch64-cortex-a72")
-    la = E.estimate_layer(t, ("stem 3->16 @32", 3, 32, 16, 1, 3, 1), "cortex-a72", tmp_path)
-    assert {"s8-lutconv-masked", "s8-lutconv-lowrank-t3", "s8-lutconv-neon-rows", "s8-lutconv-gather"} <= set(
-        la.variants)
+    """The stem shape on the A76 (N1) model: every variant of both datatypes counted, bit-exact,
+    priced; the exact convs' cycles are plausible for their multiply-adds; udot (4 unsigned
+    products per lane) runs the unsigned exact product, and rows8 knows its exact part."""
+    t = get_target("aarch64-cortex-a76")
+    la = E.estimate_layer(t, ("stem 3->16 @32", 3, 32, 16, 1, 3, 1), "neoverse-n1", tmp_path)
+    assert {"s8-lutconv-masked", "s8-lutconv-lowrank-t3", "s8-lutconv-neon-rows", "s8-lutconv-gather",
+            "u8-lutconv-neondot-dot-t1", "u8-lutconv-neon-rows8", "u8-lutconv-gather"} <= set(la.variants)
     macs = 16 * 32 * 32 * 3 * 9
-    assert macs / 16 < la.exact_cycles < macs * 4 and la.skipped == 0
-    ratios = {v: c / la.exact_cycles for v, (_, c) in la.variants.items()}
+    assert macs / 16 < la.exact_cycles < macs * 4 and macs / 16 < la.exact_u8_cycles < macs * 4
+    assert la.skipped == 0
+    ratios = {v: c / la.reference(v) for v, (_, c) in la.variants.items()}
     assert ratios["s8-lutconv-lowrank-t3"] > ratios["s8-lutconv-lowrank-t1"] > 0.5
+    assert ratios["u8-lutconv-neondot-dot-t1"] < 0.5 < ratios["u8-lutconv-masked"]
+    assert la.parts["u8-lutconv-neon-rows8"] == ("u8-lutconv-neondot-dot-t1", pytest.approx(1.5 / 4.5))
+    assert ratios["u8-lutconv-neon-rows8"] > ratios["u8-lutconv-neondot-dot-t1"]

@@ -6,10 +6,11 @@
 For a target without a board to measure on, this estimates what ``python -m
 qos_compile.bench.kernels`` would measure there (kernel time / exact int8 conv time):
 
-1. Every signed kernel variant of the registry (``tvm.variants``) the target runs is built
-   for ResNet-20's six conv shapes (``bench.kernels.RESNET20_CONVS``; ``--layers`` picks a
-   subset), on the first bundled circuit it fits (``bench.kernels.LAYER_CIRCUITS``), next
-   to TVM's exact int8 conv, into one statically linked kernel driver per shape.
+1. Every kernel variant of the registry (``tvm.variants``) the target runs is built for
+   ResNet-20's six conv shapes (``bench.kernels.RESNET20_CONVS``; ``--layers`` picks a
+   subset), on the first bundled circuit it fits (signed: ``bench.kernels.LAYER_CIRCUITS``;
+   unsigned: ``TABLE_CIRCUITS``, then the unsigned exact product), next to TVM's exact int8
+   conv of each datatype, into one statically linked kernel driver per shape.
 2. Each kernel (every stage of a multi-stage one) runs ONCE, one thread, under qemu user
    mode with ``-d in_asm,exec,nochain``: ``in_asm`` logs every translation block (TB) once
    with the address of each guest instruction, ``exec`` logs every execution of a TB with
@@ -24,7 +25,7 @@ qos_compile.bench.kernels`` would measure there (kernel time / exact int8 conv t
    one code region: cycles per execution = total cycles / iterations of the region
    repeated (its steady-state throughput, with loop-carried dependencies). A kernel's
    cycles are sum(TB cycles x executions).
-4. Ratios: kernel cycles / exact int8 conv cycles per layer and over the 19 convs
+4. Ratios: kernel cycles / exact int8 conv cycles (of the variant's datatype) per layer and over the 19 convs
    (weighted by each shape's count in the network); per cost key (``Variant.cost_key``)
    the cost per unit (``Variant.units``: factor terms for lowrank, term groups for dot)
    is the least-squares fit through the origin of the variants' 19-conv ratios against
@@ -61,7 +62,7 @@ from ..errors import QosError
 from ..multipliers import get
 from ..targets import Target, get_target
 from .host import host_line
-from .kernels import LAYER_CIRCUITS, RESNET20_CONVS, build_layer, layer_case, variant_cases
+from .kernels import LAYER_CIRCUITS, RESNET20_CONVS, layer_case, variant_cases
 
 #: llvm-mca scheduling model per LLVM -mcpu of a target (others: the mcpu itself).
 MCA_MODELS = {"cortex-a76": "neoverse-n1", "native": "znver4"}
@@ -259,24 +260,39 @@ def price_blocks(blocks: dict[tuple[int, int], Block], insns: dict[int, str], ar
 class LayerEstimate:
     layer: str
     count: int
-    exact_cycles: float
+    exact_cycles: float                       # TVM's exact int8 conv, signed codes
     variants: dict[str, tuple[str, float]]    # registry name -> (circuit kind, cycles)
     blocks: int = 0                           # distinct translation blocks priced
     skipped: int = 0                          # instructions llvm-mca could not price (left out)
     #: rows8 variant -> (the variant of its exact part, its residual's ``lut_rows.lookup_share``)
     parts: dict[str, tuple[str, float]] = field(default_factory=dict)
+    exact_u8_cycles: float = 0.0              # the exact int8 conv on unsigned codes (the u8 variants' reference)
+
+    def reference(self, variant: str) -> float:
+        """The exact conv cycles a variant's ratio divides by: that of its datatype."""
+        return self.exact_u8_cycles if variant.startswith("u8-") else self.exact_cycles
 
 
 def estimate_layer(target: Target, conv: tuple, model: str, work: Path) -> LayerEstimate:
-    """Build every fitting variant for one conv shape, count its blocks under qemu, price them."""
+    """Build every fitting variant for one conv shape (signed ones on ``LAYER_CIRCUITS``, unsigned
+    ones on ``TABLE_CIRCUITS``, next to the exact int8 conv of each datatype), count its blocks
+    under qemu, price them."""
     from ..reference import approx_conv2d_acc
+    from ..tvm.build import build_kernels
     from ..tvm.lut_rows import lookup_share
+    from .kernels import TABLE_CIRCUITS, _exact_lut, layer_funcs
 
     name, c, h, o, s, k, count = conv
-    spec, x, w = layer_case(c, h, o, s, k)
-    luts = {kind: get(cname).lut.astype(np.int32) for kind, cname in LAYER_CIRCUITS.items()}
-    cases = variant_cases(target, luts, c * k * k)
-    built = build_layer(target, spec, w, cases)
+    runs, funcs = [], {}
+    for signed, circuits in ((True, LAYER_CIRCUITS), (False, TABLE_CIRCUITS)):
+        dt = "s8" if signed else "u8"
+        spec, x, w = layer_case(c, h, o, s, k, signed=signed)
+        luts = {kind: get(cname).lut.astype(np.int32) for kind, cname in circuits.items()}
+        luts.setdefault("exact", _exact_lut(signed))
+        cases = variant_cases(target, luts, c * k * k, signed)
+        funcs.update(layer_funcs(target, spec, w, cases, dt, f"{dt}_exact"))
+        runs.append((dt, spec, x, w, luts, cases))
+    built = build_kernels(funcs, target, system_lib=True)
     exe = built.executable()
     ranges = kernel_ranges(built.path, exe)
     log_dir = work / "logs"
@@ -295,31 +311,34 @@ def estimate_layer(target: Target, conv: tuple, model: str, work: Path) -> Layer
 
     per: dict[str, tuple[str, Counts]] = {}
     parts: dict[str, tuple[str, float]] = {}
-    got, exact = counted(lambda: built.run("exact", x, w, threads=1))
-    want = approx_conv2d_acc(x, w, luts["exact"], stride=s, padding=k // 2, pad_code=0, signed=True)
-    if not np.array_equal(got, want):
-        raise QosError(f"{name}: exact conv is not bit-exact under qemu")
-    for i, (low, kind) in enumerate(cases):
-        (acc, _), cnt = counted(lambda: low.variant.run(built, f"v{i}_", spec, low, x, w, luts[kind], 0, 1))
-        want = approx_conv2d_acc(x, w, luts[kind], stride=s, padding=k // 2, pad_code=0, signed=True)
-        if not np.array_equal(acc, want):
-            raise QosError(f"{name}: {low.describe()} is not bit-exact under qemu")
-        per[low.describe()] = (kind, cnt)
-        if low.exact is not None:               # rows8: its residual is priced apart from its exact part
-            parts[low.describe()] = (low.exact.describe(), lookup_share(low.isa, low.fit.classes))
-    blocks: dict[tuple[int, int], Block] = dict(exact.blocks)
-    for _, cnt in per.values():
+    exact: dict[str, Counts] = {}
+    for dt, spec, x, w, luts, cases in runs:
+        def want(lut: np.ndarray) -> np.ndarray:
+            return approx_conv2d_acc(x, w, lut, stride=s, padding=k // 2, pad_code=0, signed=spec.signed)
+
+        got, exact[dt] = counted(lambda: built.run(f"{dt}_exact", x, w, threads=1))
+        if not np.array_equal(got, want(luts["exact"])):
+            raise QosError(f"{name}: the {dt} exact conv is not bit-exact under qemu")
+        if not exact[dt].execs:
+            raise QosError(f"{name}: qemu logged no execution of the kernel's code (is -d exec supported?)")
+        for i, (low, kind) in enumerate(cases):
+            (acc, _), cnt = counted(lambda: low.variant.run(built, f"{dt}{i}_", spec, low, x, w, luts[kind], 0, 1))
+            if not np.array_equal(acc, want(luts[kind])):
+                raise QosError(f"{name}: {low.describe()} is not bit-exact under qemu")
+            per[low.describe()] = (kind, cnt)
+            if low.exact is not None:           # rows8: its residual is priced apart from its exact part
+                parts[low.describe()] = (low.exact.describe(), lookup_share(low.isa, low.fit.classes))
+    blocks: dict[tuple[int, int], Block] = {}
+    for cnt in [*exact.values(), *(cnt for _, cnt in per.values())]:
         blocks.update(cnt.blocks)
-    if not exact.execs:
-        raise QosError(f"{name}: qemu logged no execution of the kernel's code (is -d exec supported?)")
     cycles, skipped = price_blocks(blocks, disassemble(exe, target.arch), target.arch, model,
                                    target.tvm.get("mattr", ()))
 
     def total(cnt: Counts) -> float:
         return float(sum(cycles[key] * n for key, n in cnt.execs.items()))
 
-    return LayerEstimate(name, count, total(exact), {v: (kind, total(cnt)) for v, (kind, cnt) in per.items()},
-                         len(blocks), skipped, parts)
+    return LayerEstimate(name, count, total(exact["s8"]), {v: (kind, total(cnt)) for v, (kind, cnt) in per.items()},
+                         len(blocks), skipped, parts, total(exact["u8"]))
 
 
 def fit_costs(layers: Sequence[LayerEstimate]) -> tuple[dict[str, float], dict[str, float]]:
@@ -331,8 +350,8 @@ def fit_costs(layers: Sequence[LayerEstimate]) -> tuple[dict[str, float], dict[s
     less its exact part's, divided by the share of the circuit it ran on."""
     from ..tvm.variants import get_variant
 
-    exact = sum(la.count * la.exact_cycles for la in layers)
-    ratios = {v: sum(la.count * la.variants[v][1] for la in layers) / exact for v in layers[0].variants}
+    ratios = {v: sum(la.count * la.variants[v][1] for la in layers) / sum(la.count * la.reference(v) for la in layers)
+              for v in layers[0].variants}
     num: Counter = Counter()
     den: Counter = Counter()
     for v, r in ratios.items():
@@ -393,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             la = layers[-1]
             print(f"{la.layer} (x{la.count}): {la.blocks} blocks, {la.skipped} instructions unpriced; exact int8 "
                   f"conv {la.exact_cycles:,.0f} cycles; " + ", ".join(
-                f"{v} {cyc / la.exact_cycles:.2f}x" for v, (_, cyc) in la.variants.items()), flush=True)
+                f"{v} {cyc / la.reference(v):.2f}x" for v, (_, cyc) in la.variants.items()), flush=True)
     ratios, costs = fit_costs(layers)
     from ..tvm.variants import get_variant
 
@@ -403,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for v, r in ratios.items():
         var = get_variant(v)
         print(f"| `{v}` ({layers[0].variants[v][0]}) | "
-              + " | ".join(f"{la.variants[v][1] / la.exact_cycles:.2f}x" for la in layers)
+              + " | ".join(f"{la.variants[v][1] / la.reference(v):.2f}x" for la in layers)
               + f" | {r:.2f}x | {var.units} | {costs[var.cost_key] * var.units:.2f}x |")
     print("\n[kernel_costs]  # ESTIMATED (llvm-mca " + model + ")\n"
           + "\n".join(f"{k} = {v:.3g}" for k, v in costs.items()))
