@@ -14,11 +14,14 @@ run (``Variant.requires``) and that compute its tables (``Variant.fits``):
   terms (``lut_factors``), or, where the target has a multiply-add that sums several
   products per lane (``vpdpbusd``, ``vpmaddwd``, ``sdot``), the terms sharing its lanes
   (``lut_dot``); the per-OP (T, 256) factor tables are extra slots.
-* ``ISA-rows`` - a byte permute (AVX-512 VBMI, NEON) and every table fits 16 bits after one
+* ``ISA-rows`` - a byte permute (AVX-512 VBMI, AVX2, NEON) and every table fits 16 bits after one
   common bias (``multipliers.structure.fits_rows``): the per-weight table-row kernel (``lut_rows``).
+* ``ISA-rows8`` - the same permutes (VBMI, AVX2's ``vpshufb``, NEON) where every table is the
+  exact product plus a byte per row (``fits_rows8``): the exact conv on the target's cheapest
+  exact kernel plus one byte plane of the residual, looked up by residual column class.
 * ``gather``  - the fallback that always works: the scheduled TE lookup conv.
 
-Cost decides, always: the cheapest candidate by ``Variant.cost`` (``variants.DEFAULT_COSTS``
+Cost decides, always: the cheapest candidate by ``Variant.cost`` (``kernel_costs.DEFAULT_COSTS``
 updated by the target file's ``[kernel_costs]``, measured with ``python -m
 qos_compile.bench.kernels`` or estimated with ``python -m qos_compile.bench.estimate``);
 among equal costs the earlier registry entry (masked before the factor kernels).
