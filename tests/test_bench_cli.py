@@ -117,12 +117,18 @@ def test_host_line_names_the_cpu_and_its_isa():
 
 
 def test_bench_x86(tiny, tmp_path):
+    from qos_compile.bench import cpuid_mask
+
     _, outs = tiny
+    masked = cpuid_mask.unavailable() is None            # onnxruntime's AVX2 code as well, where CPUID traps
     rc, out, err = nets("bench", str(outs["x86_64"]), "--repeats", "2", "--samples", "40", "--json",
-                        str(tmp_path / "r.json"), "--plot", str(tmp_path / "p"), "--markdown", str(tmp_path / "r.md"))
+                        str(tmp_path / "r.json"), "--plot", str(tmp_path / "p"), "--markdown", str(tmp_path / "r.md"),
+                        *(["--ort-isa", "avx2"] if masked else []))
     assert rc == 0, err
     res = json.loads((tmp_path / "r.json").read_text())
     _check(res, False)
+    alone = [b for b in res["baselines"] if "AVX2 code (CPUID masked" in b["baseline"]]
+    assert len(alone) == int(masked) and all(b["latency"]["median_ms"] > 0 for b in alone)
     assert res["samples"] == 40
     assert res["switch_cost"]["ns_per_select"] > 0 and not res["switch_cost"]["emulated"]
     for b in res["baselines"]:
@@ -188,6 +194,8 @@ def test_bench_bad_inputs(tiny, tmp_path):
     assert "qos-nets: error" in line
     assert "together" in _one_line(*nets("bench", str(outs["x86_64"]), "--rpc-tracker", "127.0.0.1:9")[::2])
     assert "repeats" in _one_line(*nets("bench", str(outs["x86_64"]), "--repeats", "0")[::2])
+    line = _one_line(*nets("bench", str(outs["x86_64"]), "--ort-isa", "avx2", "--no-baselines")[::2])
+    assert "--ort-isa avx2" in line
 
 
 @pytest.mark.skipif(not HAVE_ARM, reason="aarch64 cross compiler or qemu-aarch64-static missing")

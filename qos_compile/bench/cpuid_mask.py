@@ -71,6 +71,24 @@ PROBE = ("import numpy as _np; _f = _np._core._multiarray_umath.__cpu_features__
          "print('cpuid', 'avx2' if _f['AVX2'] else '-', 'avx512f' if _f['AVX512F'] else '-')")
 
 
+#: The child that times an ONNX model in onnxruntime: argv model, input .npy, threads, repeats.
+_ORT_TIMER = ("import sys, json, numpy as np; from qos_compile.bench.baselines import ort_latency; "
+              "t = ort_latency(sys.argv[1], np.load(sys.argv[2]), repeats=int(sys.argv[4]), threads=int(sys.argv[3])); "
+              "print(json.dumps([t.median_ms, t.p25_ms, t.p75_ms, t.n, t.min_ms, t.max_ms]))")
+
+
+def ort_latency_masked(lib: Path, model: Path, x_npy: Path, threads: int, repeats: int) -> "Timing":
+    """onnxruntime's latency for ``model`` on the input saved in ``x_npy``, in a child that sees an
+    AVX2 CPU (its own process: not interleaved with anything)."""
+    import json
+
+    from .timing import Timing
+
+    out = run_python(lib, _ORT_TIMER, [str(model), str(x_npy), str(threads), str(repeats)])
+    med, p25, p75, n, lo, hi = json.loads(out.strip().splitlines()[-1])
+    return Timing(med, p25, p75, int(n), lo, hi)
+
+
 def check(lib: Path) -> None:
     """QosError unless a masked child sees AVX2 and no AVX-512F."""
     seen = run_python(lib, PROBE).split()

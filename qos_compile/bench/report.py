@@ -10,6 +10,10 @@ Emulated targets (aarch64 under qemu): every time is labelled *emulated*; only r
 are reported, never a device latency, and the host-native baselines are not divided by emulated
 times. ``qos_select`` is timed by ``qos-run --switch-bench`` in C on the target (emulated under
 qemu for aarch64, labelled so).
+
+``--ort-isa avx2`` adds onnxruntime's int8 model run by its AVX2 code (``cpuid_mask``: a child
+process whose CPUID shows no AVX-512 or AVX-VNNI), the baseline for an ``x86_64-avx2`` build
+on an AVX-512 host; it runs in a process of its own after the interleaved run, and says so.
 """
 from __future__ import annotations
 
@@ -121,8 +125,10 @@ class _QosRun:
 def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int | None = None,
               rpc_tracker: str | None = None, rpc_key: str | None = None, dataset: str | None = None,
               data_dir: str | None = None, threads: int | None = None, baselines: bool = True,
-              log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Measure everything (see the module doc); returns the JSON-ready result."""
+              ort_isa: str = "native", log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Measure everything (see the module doc); returns the JSON-ready result. ``ort_isa``
+    "avx2": also time onnxruntime's int8 model in a child whose CPUID shows no AVX-512 or
+    AVX-VNNI (``cpuid_mask``: its AVX2 code), in its own process, after the interleaved run."""
     t_start = time.perf_counter()
     out = Path(out_dir)
     rep = load_out(out)
@@ -138,6 +144,14 @@ def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int |
 
     target = get_target(rep["target"]["name"])
     host = target.is_host
+    if ort_isa not in ("native", "avx2"):
+        raise QosError(f"--ort-isa must be native or avx2, got {ort_isa!r}")
+    if ort_isa == "avx2":
+        from . import cpuid_mask
+
+        why = cpuid_mask.unavailable() or (None if baselines else "--ort-isa avx2 needs the baselines")
+        if why:
+            raise QosError(f"--ort-isa avx2: {why}")
     prefix = [] if host else target.run_prefix()
     emulated = bool(prefix)
     ckpt = _checkpoint(out, rep)
@@ -236,6 +250,19 @@ def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int |
             for op in range(num_ops):
                 timings[f"op{op}"] = Timing.from_samples(samples_ms[op], emulated=True)
 
+        alone: list[str] = []              # baselines timed in a process of their own, not interleaved
+        if baselines and ort_isa == "avx2":
+            from . import cpuid_mask
+
+            log("timing onnxruntime int8 with its AVX2 code (CPUID masked, own process)")
+            lib = cpuid_mask.build(work)
+            cpuid_mask.check(lib)
+            np.save(work / "bench_in.npy", xb0)
+            name = "ort int8 (QLinearConv), AVX2 code (CPUID masked, own process)"
+            alone.append(name)
+            timings[name] = cpuid_mask.ort_latency_masked(lib, Path(int8), work / "bench_in.npy", threads or 1,
+                                                          repeats)
+
         # per inference = per batch / batch
         def per_inf(t: Timing) -> Timing:
             return t.scaled(1.0 / batch)
@@ -247,7 +274,7 @@ def run_bench(out_dir: "str | os.PathLike", *, repeats: int = 10, samples: int |
             row["latency_ratio_vs_op0"] = t.median_ms / ref if ref > 0 else None
 
         base_rows = []
-        for name in base_fns:
+        for name in [*base_fns, *alone]:
             t = per_inf(timings[name])
             base_rows.append({"baseline": name, "latency": _timing_json(t), "host_native": True,
                               "ratio_to_ops": None if emulated else

@@ -25,7 +25,7 @@ def _bench(args: argparse.Namespace) -> int:
     threads = setup_threads(args)
     res = run_bench(args.out, repeats=args.repeats, samples=args.samples, rpc_tracker=args.rpc_tracker,
                     rpc_key=args.rpc_key, dataset=args.dataset, data_dir=args.data_dir, threads=threads,
-                    baselines=not args.no_baselines, log=log)
+                    baselines=not args.no_baselines, ort_isa=args.ort_isa, log=log)
     if args.plot:
         res["plots"] = write_plots(res, args.plot)
         for p in res["plots"]:
@@ -61,4 +61,8 @@ def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     p.add_argument("--data-dir", help="folder holding the dataset")
     p.add_argument("--no-baselines", action="store_true", help="skip the float/int8/TVM baselines")
     p.add_argument("--threads", type=int, help="CPU threads for our runtime and every baseline (default 1)")
+    p.add_argument("--ort-isa", choices=("native", "avx2"), default="native",
+                   help="avx2: also time onnxruntime's int8 model with its AVX2 code, in a child process whose "
+                        "CPUID shows no AVX-512 or AVX-VNNI (for an x86_64-avx2 build on an AVX-512 host; "
+                        "needs CPUID faulting)")
     p.set_defaults(func=_bench)
