@@ -11,6 +11,8 @@
  *
  * The setting is per thread and inherited by threads the process starts; execve resets it.
  * Dynamic-linker work done before this constructor (glibc's ifunc choices) saw the real CPU.
+ * A library that later installs a SIGSEGV handler of its own would take the traps instead, so
+ * the benchmark checks what its child sees (cpuid_mask.check).
  */
 #define _GNU_SOURCE
 #include <asm/prctl.h>

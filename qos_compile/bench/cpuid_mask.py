@@ -38,14 +38,17 @@ def unavailable() -> str | None:
 
 
 def build(out_dir: Path) -> Path:
-    """Compile the preload library into ``out_dir``; QosError where the host cannot use it."""
+    """Compile the preload library into ``out_dir`` and check that a child under it sees an AVX2
+    CPU (``check``); QosError where the host cannot use it."""
     from ..cbuild import compile_c, find_compiler
 
     why = unavailable()
     if why:
         raise QosError(why)
-    return compile_c(find_compiler(), [_SOURCE], Path(out_dir) / "qos_cpuid_mask.so",
-                     flags=["-O2", "-shared", "-fPIC"], what="the CPUID mask preload")
+    lib = compile_c(find_compiler(), [_SOURCE], Path(out_dir) / "qos_cpuid_mask.so",
+                    flags=["-O2", "-shared", "-fPIC"], what="the CPUID mask preload")
+    check(lib)
+    return lib
 
 
 def masked_env(lib: Path, env: dict[str, str] | None = None) -> dict[str, str]:

@@ -132,14 +132,6 @@ def layer_case(c: int, h: int, o: int, stride: int, k: int, seed: int = 0,
     return spec, rng.integers(lo, hi + 1, spec.x_shape).astype(dt), rng.integers(lo, hi + 1, spec.w_shape).astype(dt)
 
 
-def build_layer(target: Target, spec: Any, w: np.ndarray, cases: Sequence[tuple[Any, str]]) -> Any:
-    """One system-lib build of the exact int8 conv (``exact``) and every case's stages
-    (``v<i>_<stage>``) for one datatype: the deployed runtime (C shim + its thread pool)."""
-    from ..tvm.build import build_kernels
-
-    return build_kernels(layer_funcs(target, spec, w, cases, "v", "exact"), target, system_lib=True)
-
-
 def layer_funcs(target: Target, spec: Any, w: np.ndarray, cases: Sequence[tuple[Any, str]], prefix: str,
                 exact: str) -> dict[str, Any]:
     """The exact int8 conv (named ``exact``) and every case's stages (``<prefix><i>_<stage>``)."""
@@ -254,7 +246,6 @@ def _ort_int8_us_masked(tmp: Path, runs: int) -> float:
     from . import cpuid_mask
 
     lib = cpuid_mask.build(tmp)
-    cpuid_mask.check(lib)
     model, x = _ort_int8_resnet20(tmp)
     np.save(tmp / "resnet20_in.npy", x)
     return cpuid_mask.ort_latency_masked(lib, model, tmp / "resnet20_in.npy", 1, runs).median_ms * 1e3
